@@ -1,0 +1,33 @@
+# The two commands: `make run` (set-up if needed + the pipeline on the embedded default data)
+# and `make test`. Everything installs into .venv from constraints.txt (exact versions verified here).
+VENV ?= .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: run test env repro mlflow-ui clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[pipeline,dev]'
+	touch $@
+
+env: $(VENV)/.installed
+
+run: env
+	$(BIN)/python -m flows.pipeline
+
+test: env
+	$(BIN)/python -m pytest -q
+
+repro: env
+	PATH="$(BIN):$$PATH" dvc repro
+
+mlflow-ui: env
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf data/sets data/victim data/capture data/labels data/invert data/eval .prefect mlflow.db mlartifacts

@@ -1,0 +1,190 @@
+"""params.yaml: one validated config object per stage. Bad values fail before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from gradinv.errors import UserError
+
+
+def _positive(x) -> bool:
+    return x > 0
+
+
+def _non_negative(x) -> bool:
+    return x >= 0
+
+
+def _probability(x) -> bool:
+    return 0 <= x <= 1
+
+
+def _one_of(*choices):
+    def check(x) -> bool:
+        return x in choices
+
+    check.description = "one of " + ", ".join(repr(c) for c in choices)
+    return check
+
+
+_positive.description = "positive"
+_non_negative.description = "non-negative"
+_probability.description = "between 0 and 1"
+
+
+def rule(default, check=None, **kwargs):
+    """A dataclass field with a default and an optional value check."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"check": check}, **kwargs)
+    return field(default=default, metadata={"check": check}, **kwargs)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = rule("photos", _one_of("photos", "imagefolder"))
+    resolution: int = rule(32, lambda x: x >= 16)
+    train_per_class: int = rule(160, _positive)
+    pool_per_class: int = rule(24, _positive)
+    seed: int = rule(0)
+    # imagefolder source only: ImageNet layout, one sub-folder per class.
+    train_dir: str | None = rule(None)
+    pool_dir: str | None = rule(None)
+    mean: list = rule([0.485, 0.456, 0.406])
+    std: list = rule([0.229, 0.224, 0.225])
+
+
+@dataclass(frozen=True)
+class VictimConfig:
+    arch: str = rule("resnet18")
+    weights: str | None = rule(None)
+    epochs: int = rule(8, _non_negative)
+    batch_size: int = rule(64, _positive)
+    lr: float = rule(0.05, _positive)
+    weight_decay: float = rule(5e-4, _non_negative)
+    seed: int = rule(0)
+    device: str = rule("auto")
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    batch_size: int = rule(8, _positive)
+    distinct_labels: bool = rule(True)
+    bn_leak: str = rule("exact", _one_of("exact", "none"))
+    seed: int = rule(0)
+
+
+@dataclass(frozen=True)
+class LabelsConfig:
+    strategy: str = rule("yin", _one_of("yin"))
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    iterations: int = rule(400, _positive)
+    seeds: int = rule(4, _positive)
+    lr: float = rule(0.1, _positive)
+    warmup: int = rule(50, _non_negative)
+    alpha_grad: float = rule(1e-3, _non_negative)
+    alpha_tv: float = rule(1e-4, _non_negative)
+    alpha_l2: float = rule(1e-6, _non_negative)
+    alpha_bn: float = rule(0.1, _non_negative)
+    first_bn_multiplier: float = rule(10.0, _non_negative)
+    bn_prior: str = rule("exact", _one_of("exact", "approx", "none"))
+    log_every: int = rule(25, _positive)
+    seed: int = rule(0)
+    device: str = rule("auto")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    match_distance: str = rule("mse", _one_of("mse"))
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "victim": VictimConfig,
+    "capture": CaptureConfig,
+    "labels": LabelsConfig,
+    "inversion": InversionConfig,
+    "evaluation": EvaluationConfig,
+}
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    text = str(hint)
+    if value is None:
+        return "None" in text
+    if "bool" in text:
+        return isinstance(value, bool)
+    if "int" in text:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if "float" in text:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if "str" in text:
+        return isinstance(value, str)
+    if "list" in text:
+        return isinstance(value, list)
+    return True
+
+
+def build_section(name: str, values: dict | None):
+    """Validate one params.yaml section and return its frozen config object."""
+    cls = SECTIONS[name]
+    values = values or {}
+    if not isinstance(values, dict):
+        raise UserError(f"params: '{name}' must be a mapping of keys to values.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = get_type_hints(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserError(f"params: unknown key '{name}.{unknown[0]}' (known: {', '.join(fields)}).")
+    for key, value in values.items():
+        if not _type_ok(value, hints[key]):
+            raise UserError(f"params: '{name}.{key}' must be of type {hints[key]}, got {value!r}.")
+        if isinstance(hints[key], type) and hints[key] is float and isinstance(value, int):
+            values = {**values, key: float(value)}
+        check = fields[key].metadata.get("check")
+        if check is not None and value is not None and not check(value):
+            expected = getattr(check, "description", "valid")
+            raise UserError(f"params: '{name}.{key}' must be {expected}, got {value!r}.")
+    config = cls(**values)
+    _check_cross_field(name, config)
+    return config
+
+
+def _check_cross_field(name: str, config) -> None:
+    if name == "data":
+        for key in ("mean", "std"):
+            values = getattr(config, key)
+            if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+                raise UserError(f"params: 'data.{key}' must be a list of 3 numbers, got {values!r}.")
+        if any(s <= 0 for s in config.std):
+            raise UserError(f"params: 'data.std' must be positive, got {config.std!r}.")
+        if config.source == "imagefolder" and not (config.train_dir and config.pool_dir):
+            raise UserError("params: 'data.train_dir' and 'data.pool_dir' are required when data.source is 'imagefolder'.")
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read params.yaml and validate every section; returns {section: config object}."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"params file {path} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"params file {path} is not valid YAML ({str(err).splitlines()[0]}).") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"params file {path} must be a mapping of sections.")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise UserError(f"params: unknown section '{unknown[0]}' (known: {', '.join(SECTIONS)}).")
+    return {name: build_section(name, raw.get(name)) for name in SECTIONS}
+
+
+def as_dict(config) -> dict[str, Any]:
+    return dataclasses.asdict(config)

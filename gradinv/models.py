@@ -1,0 +1,73 @@
+"""Building models by name and moving their weights in and out of safetensors files."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from gradinv.errors import UserError
+from gradinv.io import read_tensors, write_tensors
+
+
+def build_model(arch: str, num_classes: int) -> nn.Module:
+    """A torchvision classifier by name (random weights), or `package.module:callable(num_classes=...)`."""
+    if ":" in arch:
+        module_name, _, attr = arch.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise UserError(f"model '{arch}' cannot be imported ({err}).") from None
+        return factory(num_classes=num_classes)
+    try:
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    except ValueError:
+        raise UserError(f"model '{arch}' is neither a torchvision model name nor 'package.module:callable'.") from None
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a safetensors file or a plain state dict (never unpickling arbitrary objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist.")
+    if path.suffix == ".safetensors":
+        state = read_tensors(path, "weights file")
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure here means the file is unusable
+            raise UserError(f"weights file {path} cannot be read as a state dict ({err}).") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise UserError(f"weights file {path} does not fit the model ({first}).") from None
+    return model
+
+
+def save_weights(model: nn.Module, path: str | Path) -> Path:
+    return write_tensors(path, dict(model.state_dict()))
+
+
+def batchnorm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def final_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The last nn.Linear in registration order: the classifier head label recovery needs."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError("label recovery needs a final nn.Linear layer, and the model has none.")
+    return linears[-1]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device '{name}' is not a torch device name (auto, cpu, cuda, cuda:0, ...).") from None

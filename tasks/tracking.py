@@ -1,0 +1,82 @@
+"""MLflow logging of pipeline runs: params, per-stage metrics, the loss curve and the images.
+
+The backend is a SQLite file in the project (MLflow 3 no longer accepts the plain file store)."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+import pyarrow.parquet as pq
+from mlflow.tracking import MlflowClient
+
+from gradinv.stages import EVAL, INVERT, LABELS, VICTIM
+
+EXPERIMENT = "gradinv"
+
+
+def tracking_uri(root: str | Path) -> str:
+    return f"sqlite:///{(Path(root).resolve() / 'mlflow.db')}"
+
+
+class Tracker:
+    """Logs to one MLflow run by id (explicit ids keep task threads from sharing global state)."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def params(self, values: dict[str, object]) -> None:
+        for key, value in values.items():
+            self.client.log_param(self.run_id, key, json.dumps(value) if isinstance(value, (list, dict)) else value)
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        for key, value in values.items():
+            self.client.log_metric(self.run_id, key, float(value), step=step or 0)
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def log_stage(self, stage_name: str, root: str | Path, live_curve_logged: bool) -> None:
+        """Summary metrics and files of a finished stage, read back from its outputs."""
+        root = Path(root)
+        if stage_name == "train":
+            info = json.loads((root / VICTIM / "model.json").read_text())
+            self.metrics({"victim_train_accuracy": info["train_accuracy"], "victim_pool_accuracy": info["pool_accuracy"]})
+        elif stage_name == "labels":
+            self.artifact(root / LABELS / "labels.json", "labels")
+        elif stage_name == "invert":
+            info = json.loads((root / INVERT / "invert.json").read_text())
+            self.metrics({"seconds_per_iteration": info["seconds_per_iteration"], "chosen_seed": info["chosen_seed"]})
+            if not live_curve_logged:
+                for row in pq.read_table(root / INVERT / "loss.parquet").to_pylist():
+                    self.metrics({f"seed{row['seed']}_{k}": row[k] for k in ("total", "grad", "tv", "l2", "bn")},
+                                 step=row["iteration"])
+        elif stage_name == "evaluate":
+            summary = json.loads((root / EVAL / "metrics.json").read_text())
+            self.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            for name in ("grid.png", "metrics.json", "per_image.parquet"):
+                self.artifact(root / EVAL / name, "evaluation")
+
+
+@contextmanager
+def tracked_run(root: str | Path, run_name: str, tags: dict[str, str] | None = None) -> Iterator[Tracker]:
+    client = MlflowClient(tracking_uri=tracking_uri(root))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+    status = "FAILED"
+    try:
+        yield Tracker(client, run.info.run_id)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run.info.run_id, status)
+
+
+def run_url(root: str | Path, run_id: str) -> str:
+    return f"{tracking_uri(root)} (run {run_id})"
+
+
+__all__ = ["Tracker", "tracked_run", "tracking_uri", "mlflow"]

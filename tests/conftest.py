@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny project (16 px images, a one-epoch victim) built once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# Prefect keeps results and cache records under PREFECT_HOME: a fresh one per test session.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="gradinv-prefect-")
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_PARAMS = {
+    "data": {"resolution": 16, "train_per_class": 12, "pool_per_class": 4, "seed": 0},
+    "victim": {"epochs": 2, "batch_size": 32, "lr": 0.05, "seed": 0, "device": "cpu"},
+    "capture": {"batch_size": 4, "seed": 1},
+    "labels": {"strategy": "yin"},
+    "inversion": {"iterations": 6, "seeds": 2, "warmup": 2, "log_every": 2, "device": "cpu"},
+    "evaluation": {"match_distance": "mse"},
+}
+
+
+def write_params(path: Path, overrides: dict | None = None) -> Path:
+    params = {section: dict(values) for section, values in TINY_PARAMS.items()}
+    for section, values in (overrides or {}).items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory) -> Path:
+    """A project folder whose data/ holds every stage's output, made by the library alone."""
+    from gradinv.config import load_params
+    from gradinv.stages import STAGES
+
+    root = tmp_path_factory.mktemp("tiny")
+    params = load_params(write_params(root / "params.yaml"))
+    for stage in STAGES.values():
+        stage.run(params[stage.section], root, None)
+    return root
+
+
+@pytest.fixture
+def project_copy(tiny_project, tmp_path) -> Path:
+    """A private copy of the tiny project, for tests that break or rewrite its files."""
+    root = tmp_path / "project"
+    shutil.copytree(tiny_project, root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url():
+    """A Prefect server for the whole session (started once: it takes several seconds)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield PREFECT_API_URL.value()
