@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-import yaml
-
 from gradinv.errors import UserError
 
 
@@ -171,6 +169,8 @@ def _check_cross_field(name: str, config) -> None:
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     """Read params.yaml and validate every section; returns {section: config object}."""
+    import yaml  # imported here so that the library runs where only torch is installed
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"params file {path} does not exist.")

@@ -15,7 +15,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from gradinv.artifacts import GradientArtifact, load_gradient
 from gradinv.client import parameter_gradients, recorded_bn_statistics, train_mode_copy
@@ -24,6 +23,7 @@ from gradinv.data import denormalize
 from gradinv.errors import UserError
 from gradinv.io import read_json, write_json, write_table, write_tensors
 from gradinv.models import batchnorm_layers, resolve_device
+from gradinv.progress import progress
 from gradinv.victim import load_victim
 
 LOSS_TERMS = ("total", "grad", "tv", "l2", "bn")
@@ -120,7 +120,7 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
 
     log: list[dict] = []
     start = time.perf_counter()
-    for step in tqdm(range(config.iterations), desc="invert", unit="it", mininterval=2.0):
+    for step in progress(range(config.iterations), "invert", unit="it"):
         lr = learning_rate(step, config)
         for g, (x, optimizer) in enumerate(zip(seeds, optimizers)):
             for group in optimizer.param_groups:

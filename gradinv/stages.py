@@ -61,7 +61,7 @@ def _evaluate(config, root: Path, on_log=None):
     return evaluate.evaluate(config, root / INVERT, root / LABELS, root / TRUTH, root / EVAL)
 
 
-_MODEL_MODULES = ("gradinv/models.py", "gradinv/victim.py", "gradinv/data.py")
+_MODEL_MODULES = ("gradinv/models.py", "gradinv/victim.py", "gradinv/data.py", "gradinv/progress.py")
 _ATTACK_MODULES = _MODEL_MODULES + ("gradinv/artifacts.py",)
 
 STAGES: dict[str, Stage] = {s.name: s for s in (

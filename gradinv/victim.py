@@ -10,7 +10,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from gradinv import __version__
 from gradinv.config import VictimConfig, as_dict
@@ -18,6 +17,7 @@ from gradinv.data import ImageSet, load_meta, load_set, normalize
 from gradinv.errors import UserError
 from gradinv.io import read_json, write_json
 from gradinv.models import build_model, load_weights, resolve_device, save_weights
+from gradinv.progress import progress
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def train_model(model: nn.Module, train: torch.Tensor, labels: torch.Tensor, con
         model.train()
         order = torch.randperm(len(labels), generator=generator)
         total_loss = 0.0
-        for start in tqdm(range(0, len(labels), config.batch_size), desc=f"train epoch {epoch + 1}/{config.epochs}", leave=False, mininterval=2.0):
+        for start in progress(range(0, len(labels), config.batch_size), f"train epoch {epoch + 1}/{config.epochs}", leave=False):
             index = order[start:start + config.batch_size]
             batch = train[index]
             flip = torch.rand(len(index), generator=generator) < 0.5

@@ -23,7 +23,7 @@ def test_dvc_yaml_declares_exactly_the_registry():
         assert entry["deps"] == [*stage.inputs, *stage.sources, *TASK_SOURCES]
         assert entry["params"] == [stage.section]
         assert entry["outs"] == list(stage.outputs)
-        for dep in entry["deps"]:
+        for dep in entry["deps"]:  # regenerate with: python scripts/write_dvc_yaml.py > dvc.yaml
             assert dep.startswith("data/") or (REPO / dep).is_file(), dep
 
 
