@@ -15,7 +15,7 @@ from prefect import flow
 from gradinv.config import as_dict, load_params
 from gradinv.errors import UserError
 from gradinv.stages import EVAL, STAGES
-from tasks.stages import stage_task
+from tasks.stages import run_cached_stage
 from tasks.tracking import tracked_run, tracking_uri
 
 
@@ -36,9 +36,7 @@ def pipeline(params_path: str = "params.yaml", root: str = ".", stages: list[str
             tracker.params({f"{section}.{k}": v for k, v in as_dict(params[section]).items()})
         for name in names:
             section_params = as_dict(params[STAGES[name].section])
-            state = stage_task(name, root)(name, root, section_params, tracker, return_state=True)
-            paths = state.result()
-            cached = state.name == "Cached"
+            paths, cached = run_cached_stage(name, root, section_params, tracker)
             tracker.log_stage(name, root, live_curve_logged=not cached)
             results[name] = {"paths": paths, "cached": cached}
             print(f"{name}: {'cached' if cached else 'done'} -> {', '.join(STAGES[name].outputs)}")

@@ -100,7 +100,14 @@ class InversionConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    match_distance: str = rule("mse", _one_of("mse"))
+    match_distance: str = rule("mse", _one_of("mse", "lpips"))
+    lpips_net: str = rule("alex", _one_of("alex", "vgg"))
+    lpips_weights: str | None = rule(None)
+    registration_max_shift: int = rule(2, _non_negative)
+    iip_model: str = rule("victim")
+    iip_weights: str | None = rule(None)
+    gallery_size: int = rule(0, _non_negative)
+    seed: int = rule(0)
 
 
 SECTIONS: dict[str, type] = {
@@ -156,6 +163,11 @@ def build_section(name: str, values: dict | None):
 
 
 def _check_cross_field(name: str, config) -> None:
+    if name == "evaluation":
+        if config.match_distance == "lpips" and not config.lpips_weights:
+            raise UserError("params: 'evaluation.match_distance' lpips needs 'evaluation.lpips_weights' (a local backbone weights file).")
+        if config.iip_model != "victim" and not config.iip_weights:
+            raise UserError("params: 'evaluation.iip_model' other than 'victim' needs 'evaluation.iip_weights' (a local weights file).")
     if name == "data":
         for key in ("mean", "std"):
             values = getattr(config, key)

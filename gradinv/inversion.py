@@ -167,7 +167,10 @@ def run_inversion(config: InversionConfig, victim_dir: str | Path, gradient_dir:
                "seconds": result.seconds, "seconds_per_iteration": result.seconds / config.iterations,
                "params": as_dict(config)}
     return [
+        # Every seed gives slot i the same label, so the slots already correspond across seeds
+        # and their plain pixel mean is the (unregistered, "lazy") consensus.
         write_tensors(out_dir / RECONSTRUCTION_FILE, {"seeds": images, "chosen": images[result.chosen_seed],
+                                                      "consensus": images.mean(0),
                                                       "initial": to_pixels(result.initial),
                                                       "labels": torch.tensor(labels)}),
         write_table(out_dir / "loss.parquet", columns),

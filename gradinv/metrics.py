@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from skimage.metrics import structural_similarity
 
@@ -28,10 +29,12 @@ def pairwise_mse(reconstructions: torch.Tensor, originals: torch.Tensor) -> torc
     return torch.cdist(reconstructions.flatten(1).double(), originals.flatten(1).double()).pow(2) / reconstructions[0].numel()
 
 
-def match(reconstructions: torch.Tensor, originals: torch.Tensor) -> np.ndarray:
-    """Hungarian assignment minimising total MSE: order[i] is the reconstruction matched to original i."""
-    cost = pairwise_mse(reconstructions, originals).numpy()
-    rows, cols = linear_sum_assignment(cost)
+def match(reconstructions: torch.Tensor, originals: torch.Tensor, cost: torch.Tensor | None = None) -> np.ndarray:
+    """Hungarian assignment minimising the total cost (default: MSE), a (reconstruction, original)
+    matrix: order[i] is the reconstruction matched to original i."""
+    if cost is None:
+        cost = pairwise_mse(reconstructions, originals)
+    rows, cols = linear_sum_assignment(cost.numpy())
     order = np.empty(len(cols), dtype=np.int64)
     order[cols] = rows
     return order
@@ -46,3 +49,35 @@ def label_accuracy(recovered: list[int], true: list[int]) -> float:
             remaining.remove(label)
             hits += 1
     return hits / len(true)
+
+
+def fft2d_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image distance of 2-D Fourier spectra: mean absolute difference of the log
+    magnitudes (orthonormal FFT per channel). 0 for identical images."""
+    spectrum = lambda x: torch.log1p(torch.fft.fft2(x.double(), norm="ortho").abs())  # noqa: E731
+    return (spectrum(a) - spectrum(b)).abs().flatten(1).mean(1)
+
+
+def registered_psnr(reconstruction: torch.Tensor, original: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Per-image PSNR after the best integer translation within ±max_shift pixels (compared on
+    the overlap): forgives the small misplacements that gradient inversion is blind to."""
+    best = psnr(reconstruction, original)
+    size = original.shape[-1]
+    for dy in range(-max_shift, max_shift + 1):
+        for dx in range(-max_shift, max_shift + 1):
+            if (dy, dx) == (0, 0):
+                continue
+            r = reconstruction[..., max(dy, 0):size + min(dy, 0), max(dx, 0):size + min(dx, 0)]
+            o = original[..., max(-dy, 0):size + min(-dy, 0), max(-dx, 0):size + min(-dx, 0)]
+            best = torch.maximum(best, psnr(r, o))
+    return best
+
+
+def iip_hits(reconstruction_features: torch.Tensor, gallery_features: torch.Tensor,
+             original_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image identifiability (Yin et al.): reconstruction i hits when its nearest gallery image by
+    cosine similarity of features is exactly its own original (gallery row original_index[i]).
+    Returns (hits as bool, nearest gallery index)."""
+    similarity = F.normalize(reconstruction_features.double(), dim=1) @ F.normalize(gallery_features.double(), dim=1).T
+    nearest = similarity.argmax(1)
+    return nearest == original_index, nearest

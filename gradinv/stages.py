@@ -58,7 +58,7 @@ def _invert(config, root: Path, on_log=None):
 
 
 def _evaluate(config, root: Path, on_log=None):
-    return evaluate.evaluate(config, root / INVERT, root / LABELS, root / TRUTH, root / EVAL)
+    return evaluate.evaluate(config, root / INVERT, root / LABELS, root / TRUTH, root / SETS, root / VICTIM, root / EVAL)
 
 
 _MODEL_MODULES = ("gradinv/models.py", "gradinv/victim.py", "gradinv/data.py", "gradinv/progress.py")
@@ -72,7 +72,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("labels", "labels", (VICTIM, GRADIENT), (LABELS,), _ATTACK_MODULES + ("gradinv/labels.py",), _labels),
     Stage("invert", "inversion", (VICTIM, GRADIENT, LABELS), (INVERT,),
           _ATTACK_MODULES + ("gradinv/client.py", "gradinv/inversion.py"), _invert),
-    Stage("evaluate", "evaluation", (INVERT, LABELS, TRUTH), (EVAL,),
-          ("gradinv/metrics.py", "gradinv/report.py", "gradinv/evaluate.py", "gradinv/capture.py",
-           "gradinv/inversion.py"), _evaluate),
+    Stage("evaluate", "evaluation", (INVERT, LABELS, TRUTH, SETS, VICTIM), (EVAL,),
+          _MODEL_MODULES + ("gradinv/metrics.py", "gradinv/perceptual.py", "gradinv/report.py",
+                            "gradinv/evaluate.py", "gradinv/capture.py", "gradinv/inversion.py"), _evaluate),
 )}

@@ -41,9 +41,3 @@ def stage_key(stage_name: str, root: str | Path, params: dict) -> str:
 def stage_cache_key(_context, parameters: dict) -> str:
     """Prefect `cache_key_fn` for tasks called as (stage_name, root, params, ...)."""
     return stage_key(parameters["stage_name"], parameters["root"], parameters["params"])
-
-
-def outputs_present(stage_name: str, root: str | Path) -> bool:
-    """A cached result is only usable while the files it points to are still there."""
-    root = Path(root)
-    return all((root / out).is_dir() and any((root / out).iterdir()) for out in STAGES[stage_name].outputs)

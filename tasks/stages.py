@@ -8,7 +8,7 @@ from prefect import task
 
 from gradinv.config import build_section
 from gradinv.stages import STAGES
-from tasks.caching import outputs_present, stage_cache_key
+from tasks.caching import stage_cache_key
 from tasks.tracking import Tracker
 
 
@@ -21,6 +21,13 @@ def run_stage(stage_name: str, root: str, params: dict, tracker: Tracker | None 
     return [str(p) for p in stage.run(config, Path(root), on_log)]
 
 
-def stage_task(stage_name: str, root: str):
-    """The task for one stage, named after it; a cached result whose files are gone is recomputed."""
-    return run_stage.with_options(name=stage_name, refresh_cache=not outputs_present(stage_name, root))
+def run_cached_stage(stage_name: str, root: str, params: dict, tracker: Tracker | None = None) -> tuple[list[str], bool]:
+    """Run the stage's task; a cached result whose files are no longer all there is recomputed.
+    Returns (paths written, whether they came from the cache)."""
+    task_for_stage = run_stage.with_options(name=stage_name)
+    state = task_for_stage(stage_name, root, params, tracker, return_state=True)
+    paths = state.result()
+    if state.name == "Cached" and not all(Path(p).exists() for p in paths):
+        state = task_for_stage.with_options(refresh_cache=True)(stage_name, root, params, tracker, return_state=True)
+        paths = state.result()
+    return paths, state.name == "Cached"

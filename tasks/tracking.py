@@ -56,8 +56,9 @@ class Tracker:
                                  step=row["iteration"])
         elif stage_name == "evaluate":
             summary = json.loads((root / EVAL / "metrics.json").read_text())
-            self.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            for name in ("grid.png", "metrics.json", "per_image.parquet"):
+            flat = {**summary, **{f"consensus_{k}": v for k, v in summary.get("consensus", {}).items()}}
+            self.metrics({k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            for name in ("grid.png", "metrics.json", "per_image.parquet", "report.html"):
                 self.artifact(root / EVAL / name, "evaluation")
 
 

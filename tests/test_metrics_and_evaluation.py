@@ -40,5 +40,6 @@ def test_evaluation_outputs(tiny_project):
     assert summary["label_accuracy"] == 1.0
     assert len(table["psnr"]) == 4 and summary["psnr"] == pytest.approx(np.mean(table["psnr"]))
     assert sorted(table["matched_reconstruction"]) == [0, 1, 2, 3]
-    assert len(summary["psnr_per_seed"]) == 2
+    assert len(summary["per_seed"]["psnr"]) == 2
     assert (tiny_project / EVAL / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(table) >= {"lpips", "fft2d", "registered_psnr", "iip_hit", "consensus_psnr"}

@@ -38,7 +38,8 @@ def test_flow_runs_every_stage_then_caches_and_reruns_only_what_changed(tmp_path
     latest = max(runs, key=lambda run: run.info.start_time)
     assert latest.data.metrics["psnr"] == pytest.approx(json.loads((tmp_path / EVAL / "metrics.json").read_text())["psnr"])
     assert latest.data.params["inversion.iterations"] == "4"
-    assert {a.path for a in client.list_artifacts(latest.info.run_id, "evaluation")} >= {"evaluation/grid.png"}
+    assert {a.path for a in client.list_artifacts(latest.info.run_id, "evaluation")} >= {"evaluation/grid.png", "evaluation/report.html"}
+    assert "iip" in latest.data.metrics and "consensus_psnr" in latest.data.metrics
     curve = client.get_metric_history(runs[-1].info.run_id, "seed0_total")
     assert len(curve) >= 3  # the first run logged the loss curve while it inverted
 

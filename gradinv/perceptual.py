@@ -1,0 +1,66 @@
+"""Learned perceptual measures: LPIPS (backbone weights from a local file, never random) and the
+penultimate features that image identifiability (IIP) compares."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from gradinv.errors import UserError
+from gradinv.models import final_linear, load_weights
+
+LPIPS_BACKBONES = {"alex": "alexnet", "vgg": "vgg16"}
+Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def load_lpips(net: str, backbone_weights: str) -> Distance:
+    """LPIPS v0.1 (the lpips package's calibrated linear layers) on a torchvision backbone whose
+    weights come from `backbone_weights` (e.g. alexnet-owt-7be5be79.pth from a torch cache).
+    Returns d(a, b) -> per-pair distances for images in [0, 1]."""
+    try:
+        import lpips
+    except ImportError:
+        raise UserError("LPIPS needs the 'lpips' package (pip install lpips).") from None
+    backbone = torchvision.models.get_model(LPIPS_BACKBONES[net], weights=None)
+    load_weights(backbone, backbone_weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lpips asks torchvision for an untrained backbone the old way
+        model = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
+    features = backbone.features.state_dict()
+    state = model.state_dict()
+    for key in state:
+        if key.startswith("net.slice"):  # net.slice<k>.<index in features>.<weight|bias>
+            state[key] = features[key.split(".", 2)[2]]
+    model.load_state_dict(state)
+    model.eval()
+
+    @torch.no_grad()
+    def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return model(a.float(), b.float(), normalize=True).flatten().double()
+
+    return distance
+
+
+def pairwise(distance: Distance, reconstructions: torch.Tensor, originals: torch.Tensor) -> torch.Tensor:
+    """(R, O) matrix of a pairwise image distance."""
+    rows = [distance(r.expand_as(originals), originals) for r in reconstructions.unsqueeze(1)]
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def penultimate_features(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The input of the model's final Linear layer (ResNet: the avgpool output), in eval mode."""
+    _, head = final_linear(model)
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0].flatten(1)))
+    try:
+        model.eval()
+        for start in range(0, len(images), batch_size):
+            model(images[start:start + batch_size])
+    finally:
+        handle.remove()
+    return torch.cat(captured)
