@@ -41,7 +41,10 @@ def client_update(model, images: torch.Tensor, labels: torch.Tensor, bn_leak: st
     """The client's shared gradient (train-mode BN) plus what leaked with it."""
     client = train_mode_copy(model)
     with recorded_bn_statistics(client) as stats:
-        grads = parameter_gradients(client, images, labels)
+        try:
+            grads = parameter_gradients(client, images, labels)
+        except ValueError as err:  # train-mode BN over a single value per channel
+            raise UserError(f"the client's train-mode forward fails for this batch ({err}); use a larger batch or resolution.") from None
     artifact = GradientArtifact(grads={n: g.detach() for n, g in grads.items()},
                                 meta=gradient_meta(batch_size=len(labels), bn_leak=bn_leak, **meta_fields))
     if bn_leak == "exact":

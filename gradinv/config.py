@@ -78,7 +78,7 @@ class CaptureConfig:
 
 @dataclass(frozen=True)
 class LabelsConfig:
-    strategy: str = rule("yin", _one_of("yin"))
+    strategy: str = rule("yin", _one_of("yin", "idlg", "counts"))
 
 
 @dataclass(frozen=True)

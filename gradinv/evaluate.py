@@ -18,8 +18,8 @@ from gradinv.errors import UserError
 from gradinv.inversion import RECONSTRUCTION_FILE
 from gradinv.io import read_json, read_table, read_tensors, write_json, write_table
 from gradinv.metrics import fft2d_distance, iip_hits, label_accuracy, match, psnr, registered_psnr, ssim
-from gradinv.models import load_weights
-from gradinv.perceptual import Distance, load_lpips, pairwise, penultimate_features
+from gradinv.models import load_weights, penultimate_features
+from gradinv.perceptual import Distance, load_lpips, pairwise
 from gradinv.report import save_comparison, write_html
 from gradinv.victim import load_victim
 

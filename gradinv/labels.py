@@ -1,4 +1,12 @@
-"""Stage `labels` (attacker side): recover the batch's labels from the gradient alone."""
+"""Stage `labels` (attacker side): recover the batch's labels from the gradient and the model.
+
+Strategies (params.yaml `labels.strategy`):
+- `yin`:    Yin et al. Eq. 8. With non-negative penultimate features, a class present in the batch
+            has negative entries in its row of ∂L/∂W_FC; score_n = min_m ∂L/∂W_FC[n, m] and the K
+            most negative scores are the labels. Assumes K distinct labels.
+- `idlg`:   iDLG, batch of one: the only row whose bias gradient is negative.
+- `counts`: labels with multiplicities, for batches that repeat labels (see `count_labels`).
+"""
 
 from __future__ import annotations
 
@@ -11,24 +19,108 @@ from gradinv.artifacts import GradientArtifact
 from gradinv.config import LabelsConfig
 from gradinv.errors import UserError
 from gradinv.io import write_json
-from gradinv.models import final_linear
+from gradinv.models import final_linear, penultimate_features
+
+
+def _head_gradients(model: nn.Module, artifact: GradientArtifact, strategy: str, need_bias: bool):
+    name, fc = final_linear(model)
+    weight_grad = artifact.grads[f"{name}.weight"]
+    if not need_bias:
+        return fc, weight_grad, None
+    if fc.bias is None:
+        raise UserError(f"label strategy '{strategy}' needs a bias in the final Linear layer '{name}', and it has none.")
+    return fc, weight_grad, artifact.grads[f"{name}.bias"]
+
+
+def check_nonnegative_features(model: nn.Module, input_shape: list[int], strategy: str, probes: int = 4) -> None:
+    """The sign argument behind `yin` needs features ≥ 0 entering the final Linear (ReLU then
+    pooling). Probe the model with random inputs and refuse when a feature comes out negative."""
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn((probes, *input_shape), generator=generator)
+    features = penultimate_features(model, probe.to(next(model.parameters()).device))
+    if (features < 0).any():
+        raise UserError(f"label strategy '{strategy}' needs non-negative features before the final Linear layer, "
+                        "and this model produces negative ones.")
 
 
 def yin_labels(model: nn.Module, artifact: GradientArtifact) -> tuple[list[int], torch.Tensor]:
-    """Yin et al. Eq. 8: with non-negative penultimate features, a class in the batch has a
-    negative row in ∂L/∂W_FC; score_n = min_m ∂L/∂W_FC[n, m], take the K most negative.
-    Assumes distinct labels. Returns (sorted labels, per-class scores)."""
-    name, fc = final_linear(model)
-    grad = artifact.grads[f"{name}.weight"]
+    """Returns (sorted labels, per-class scores)."""
+    fc, weight_grad, _ = _head_gradients(model, artifact, "yin", need_bias=False)
     k = artifact.batch_size
     if k > fc.out_features:
         raise UserError(f"label strategy 'yin' assumes distinct labels, but the batch size {k} exceeds the {fc.out_features} classes.")
-    scores = grad.min(dim=1).values
-    labels = sorted(torch.topk(-scores, k).indices.tolist())
-    return labels, scores
+    check_nonnegative_features(model, artifact.meta["input_shape"], "yin")
+    scores = weight_grad.min(dim=1).values
+    return sorted(torch.topk(-scores, k).indices.tolist()), scores
+
+
+def idlg_label(model: nn.Module, artifact: GradientArtifact) -> tuple[list[int], torch.Tensor]:
+    """Batch of one: ∂L/∂b = softmax − onehot is negative exactly at the true class."""
+    if artifact.batch_size != 1:
+        raise UserError(f"label strategy 'idlg' needs a batch of one, and the gradient's batch size is {artifact.batch_size}.")
+    _, _, bias_grad = _head_gradients(model, artifact, "idlg", need_bias=True)
+    return [int(bias_grad.argmin())], bias_grad
+
+
+def round_to_total(values: torch.Tensor, total: int, minimum: torch.Tensor) -> torch.Tensor:
+    """Non-negative integers close to `values` that sum to `total` (largest remainders), with
+    at least `minimum` each."""
+    values = values.clamp_min(0).double()
+    counts = torch.maximum(values.floor(), minimum.double())
+    while counts.sum() > total:  # take back from the most over-rounded
+        excess = torch.where(counts > minimum, counts - values, torch.full_like(values, -float("inf")))
+        counts[excess.argmax()] -= 1
+    while counts.sum() < total:
+        counts[(values - counts).argmax()] += 1
+    return counts.long()
+
+
+def dummy_posterior(model: nn.Module, artifact: GradientArtifact, batches: int = 4, seed: int = 0) -> torch.Tensor:
+    """Mean softmax of the model on N(0, 1) inputs, in the client's BN mode (train: batch
+    statistics over a dummy batch of the same size): the attacker's stand-in for p̄."""
+    from gradinv.client import train_mode_copy
+
+    client = train_mode_copy(model)
+    device = next(client.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    shape = (max(artifact.batch_size, 2), *artifact.meta["input_shape"])
+    with torch.no_grad():
+        means = [torch.softmax(client(torch.randn(shape, generator=generator).to(device)), 1).mean(0).double().cpu()
+                 for _ in range(batches)]
+    return torch.stack(means).mean(0)
+
+
+def count_labels(model: nn.Module, artifact: GradientArtifact,
+                 posterior: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor]:
+    """Labels with multiplicities from the last layer's bias gradient (impact estimation).
+
+    For mean cross-entropy over B samples, ∂L/∂b = p̄ − n/B, with p̄ the batch's mean softmax
+    and n the label counts, so n = B (p̄ − ∂L/∂b) exactly. p̄ is estimated by the model's mean
+    softmax on dummy batches (`dummy_posterior`): accurate when the posteriors depend little on
+    the input (untrained or early models, many classes), poor for confident trained models.
+    The estimate is rounded to integers summing to B; a class with a negative bias gradient
+    (certainly present) keeps at least one label. `posterior` replaces the dummy estimate of p̄
+    (it depends only on the model and the batch size, so callers may reuse it).
+    Returns (labels, real-valued counts)."""
+    fc, _, bias_grad = _head_gradients(model, artifact, "counts", need_bias=True)
+    batch = artifact.batch_size
+    bias_grad = bias_grad.double()
+    if posterior is None:
+        posterior = dummy_posterior(model, artifact)
+    estimate = batch * (posterior.double() - bias_grad)
+    counts = round_to_total(estimate, batch, (bias_grad < 0).double())
+    labels = sorted(int(c) for c, n in enumerate(counts.tolist()) for _ in range(n))
+    return labels, estimate
+
+
+STRATEGIES = {"yin": yin_labels, "idlg": idlg_label, "counts": count_labels}
+
+
+def recover(strategy: str, model: nn.Module, artifact: GradientArtifact) -> tuple[list[int], torch.Tensor]:
+    return STRATEGIES[strategy](model, artifact)
 
 
 def recover_labels(config: LabelsConfig, model: nn.Module, artifact: GradientArtifact, out_dir: str | Path) -> list[Path]:
-    labels, scores = yin_labels(model, artifact)
+    labels, scores = recover(config.strategy, model, artifact)
     return [write_json(Path(out_dir) / "labels.json",
                        {"strategy": config.strategy, "labels": labels, "scores": scores.tolist()})]

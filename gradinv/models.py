@@ -71,3 +71,18 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise UserError(f"device '{name}' is not a torch device name (auto, cpu, cuda, cuda:0, ...).") from None
+
+
+@torch.no_grad()
+def penultimate_features(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The input of the model's final Linear layer (ResNet: the avgpool output), in eval mode."""
+    _, head = final_linear(model)
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0].flatten(1)))
+    try:
+        model.eval()
+        for start in range(0, len(images), batch_size):
+            model(images[start:start + batch_size])
+    finally:
+        handle.remove()
+    return torch.cat(captured)

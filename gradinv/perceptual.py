@@ -1,5 +1,4 @@
-"""Learned perceptual measures: LPIPS (backbone weights from a local file, never random) and the
-penultimate features that image identifiability (IIP) compares."""
+"""LPIPS, the learned perceptual distance, with backbone weights from a local file (never random)."""
 
 from __future__ import annotations
 
@@ -8,10 +7,8 @@ from typing import Callable
 
 import torch
 import torchvision
-from torch import nn
-
 from gradinv.errors import UserError
-from gradinv.models import final_linear, load_weights
+from gradinv.models import load_weights
 
 LPIPS_BACKBONES = {"alex": "alexnet", "vgg": "vgg16"}
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,18 +46,3 @@ def pairwise(distance: Distance, reconstructions: torch.Tensor, originals: torch
     """(R, O) matrix of a pairwise image distance."""
     rows = [distance(r.expand_as(originals), originals) for r in reconstructions.unsqueeze(1)]
     return torch.stack(rows)
-
-
-@torch.no_grad()
-def penultimate_features(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """The input of the model's final Linear layer (ResNet: the avgpool output), in eval mode."""
-    _, head = final_linear(model)
-    captured: list[torch.Tensor] = []
-    handle = head.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0].flatten(1)))
-    try:
-        model.eval()
-        for start in range(0, len(images), batch_size):
-            model(images[start:start + batch_size])
-    finally:
-        handle.remove()
-    return torch.cat(captured)

@@ -13,7 +13,7 @@ from torch import nn
 
 from gradinv import __version__
 from gradinv.config import VictimConfig, as_dict
-from gradinv.data import ImageSet, load_meta, load_set, normalize
+from gradinv.data import load_meta, load_set, normalize
 from gradinv.errors import UserError
 from gradinv.io import read_json, write_json
 from gradinv.models import build_model, load_weights, resolve_device, save_weights

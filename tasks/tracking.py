@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import mlflow
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
@@ -74,10 +73,3 @@ def tracked_run(root: str | Path, run_name: str, tags: dict[str, str] | None = N
         status = "FINISHED"
     finally:
         client.set_terminated(run.info.run_id, status)
-
-
-def run_url(root: str | Path, run_id: str) -> str:
-    return f"{tracking_uri(root)} (run {run_id})"
-
-
-__all__ = ["Tracker", "tracked_run", "tracking_uri", "mlflow"]

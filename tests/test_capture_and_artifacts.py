@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from gradinv.artifacts import META_FILE, TENSOR_FILE, load_gradient, save_gradient
 from gradinv.capture import TRUTH_FILE, draw_batch
 from gradinv.cli import main
-from gradinv.data import ImageSet, load_meta, normalize
+from gradinv.data import ImageSet, normalize
 from gradinv.errors import UserError
 from gradinv.io import read_tensors, write_tensors
 from gradinv.models import batchnorm_layers

@@ -14,7 +14,8 @@ from gradinv.errors import UserError
 from gradinv.evaluate import LPIPS_MISSING, Scorer
 from gradinv.io import read_tensors, write_tensors
 from gradinv.metrics import fft2d_distance, iip_hits, match, psnr, registered_psnr
-from gradinv.perceptual import load_lpips, pairwise, penultimate_features
+from gradinv.models import penultimate_features
+from gradinv.perceptual import load_lpips, pairwise
 from gradinv.stages import EVAL, SETS, TRUTH, VICTIM
 from gradinv.victim import load_victim
 

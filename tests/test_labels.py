@@ -5,11 +5,26 @@ from torch import nn
 
 from gradinv.artifacts import GradientArtifact, gradient_meta, load_gradient
 from gradinv.capture import client_update
+from gradinv.config import build_section
 from gradinv.errors import UserError
 from gradinv.io import read_json
-from gradinv.labels import yin_labels
+from gradinv.labels import count_labels, idlg_label, recover, round_to_total, yin_labels
+from gradinv.metrics import label_accuracy
 from gradinv.stages import GRADIENT, LABELS, TRUTH, VICTIM
 from gradinv.victim import load_victim
+
+META = dict(arch="resnet18", input_shape=[3, 32, 32], mean=[0.5] * 3, std=[0.5] * 3)
+
+
+def _untrained(classes: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return torchvision.models.resnet18(num_classes=classes).eval()
+
+
+def _capture(model, labels: torch.Tensor, seed: int = 0, size: int = 32) -> GradientArtifact:
+    images = torch.rand(len(labels), 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    classes = model.fc.out_features
+    return client_update(model, images, labels, "none", {**META, "num_classes": classes, "input_shape": [3, size, size]})
 
 
 def test_pipeline_labels_match_the_truth(tiny_project):
@@ -18,16 +33,57 @@ def test_pipeline_labels_match_the_truth(tiny_project):
     assert sorted(recovered) == sorted(truth)
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(4))
 def test_yin_rule_recovers_distinct_labels_on_an_untrained_resnet(seed):
-    torch.manual_seed(seed)
-    model = torchvision.models.resnet18(num_classes=20).eval()
-    labels = torch.randperm(20)[:8]
-    meta = dict(arch="resnet18", num_classes=20, input_shape=[3, 32, 32], mean=[0.5] * 3, std=[0.5] * 3)
-    artifact = client_update(model, torch.randn(8, 3, 32, 32), labels, "none", meta)
-    recovered, scores = yin_labels(model, artifact)
+    model = _untrained(20, seed)
+    labels = torch.randperm(20, generator=torch.Generator().manual_seed(seed))[:8]
+    recovered, scores = yin_labels(model, _capture(model, labels, seed))
+    assert recovered == sorted(labels.tolist()) and scores.shape == (20,)
+
+
+def test_idlg_recovers_the_label_of_a_batch_of_one():
+    model = _untrained(30)  # 64 px: a batch of one passes train-mode BN (last feature map 2×2)
+    for label in (0, 7, 29):
+        assert idlg_label(model, _capture(model, torch.tensor([label]), label, size=64))[0] == [label]
+
+
+def test_idlg_refuses_a_batch_of_several():
+    model = _untrained(10)
+    with pytest.raises(UserError, match="'idlg' needs a batch of one"):
+        idlg_label(model, _capture(model, torch.tensor([1, 2])))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_counts_recover_repeated_labels_where_yin_cannot(seed):
+    model = _untrained(12, seed)
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (16,), generator=generator)  # heavy repeats over 4 of 12 classes
+    artifact = _capture(model, labels, seed)
+    recovered, estimate = count_labels(model, artifact)
+    assert len(recovered) == 16
+    assert label_accuracy(recovered, labels.tolist()) >= 0.9
+    assert torch.allclose(estimate[:4].sum(), torch.tensor(16.0, dtype=torch.float64), atol=1.0)
+    yin_cut = yin_labels(model, GradientArtifact(artifact.grads, {**artifact.meta, "batch_size": 4}))[0]
+    assert label_accuracy(yin_cut, labels.tolist()) <= 0.25  # yin can name each class only once
+
+
+def test_counts_use_the_exact_identity_when_the_posterior_is_known():
+    model = _untrained(12)
+    labels = torch.tensor([3, 3, 3, 5, 5, 9, 9, 9, 9, 11])
+    artifact = _capture(model, labels)
+    from gradinv.client import train_mode_copy
+
+    images = torch.rand(len(labels), 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        true_posterior = torch.softmax(train_mode_copy(model)(images), 1).mean(0)
+    recovered, estimate = count_labels(model, artifact, posterior=true_posterior)
     assert recovered == sorted(labels.tolist())
-    assert scores.shape == (20,)
+    assert torch.allclose(estimate, torch.bincount(labels, minlength=12).double(), atol=1e-4)
+
+
+def test_round_to_total_keeps_the_sum_and_the_minimum():
+    counts = round_to_total(torch.tensor([2.6, 0.2, 0.1, 4.9]), 8, torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    assert counts.sum() == 8 and counts[1] >= 1 and counts.tolist() == [2, 1, 0, 5]  # largest remainders: 4.9 before 2.6
 
 
 def test_yin_rule_refuses_a_batch_larger_than_the_class_count(tiny_project):
@@ -43,3 +99,59 @@ def test_label_recovery_needs_a_final_linear_layer():
     artifact = GradientArtifact(grads={}, meta=gradient_meta("x", 4, [3, 8, 8], [0] * 3, [1] * 3, 2, "none"))
     with pytest.raises(UserError, match="needs a final nn.Linear layer"):
         yin_labels(model, artifact)
+
+
+def _linear_model(bias: bool, negative_features: bool) -> nn.Module:
+    layers = [nn.Flatten(), nn.Linear(12, 6)]
+    if not negative_features:
+        layers.append(nn.ReLU())
+    return nn.Sequential(*layers, nn.Linear(6, 5, bias=bias))
+
+
+def _plain_artifact(model, labels):
+    grads = dict(zip([n for n, _ in model.named_parameters()],
+                     torch.autograd.grad(nn.functional.cross_entropy(model(torch.randn(len(labels), 3, 2, 2)), labels),
+                                         list(model.parameters()))))
+    return GradientArtifact(grads, gradient_meta("custom", 5, [3, 2, 2], [0] * 3, [1] * 3, len(labels), "none"))
+
+
+def test_yin_refuses_features_that_can_be_negative():
+    torch.manual_seed(0)
+    model = _linear_model(bias=True, negative_features=True)
+    with pytest.raises(UserError, match="'yin' needs non-negative features"):
+        yin_labels(model, _plain_artifact(model, torch.tensor([0, 1])))
+    relu_model = _linear_model(bias=True, negative_features=False)
+    assert len(yin_labels(relu_model, _plain_artifact(relu_model, torch.tensor([0, 1])))[0]) == 2
+
+
+@pytest.mark.parametrize("strategy", ["idlg", "counts"])
+def test_bias_strategies_need_a_bias(strategy):
+    torch.manual_seed(0)
+    model = _linear_model(bias=False, negative_features=False)
+    labels = torch.tensor([2]) if strategy == "idlg" else torch.tensor([2, 2, 4])
+    with pytest.raises(UserError, match=f"'{strategy}' needs a bias in the final Linear layer"):
+        recover(strategy, model, _plain_artifact(model, labels))
+
+
+def test_strategy_is_a_validated_param():
+    assert build_section("labels", {"strategy": "counts"}).strategy == "counts"
+    with pytest.raises(UserError, match="'labels.strategy' must be one of"):
+        build_section("labels", {"strategy": "guess"})
+
+
+def test_benchmarks_head_only_gradient_equals_the_full_capture():
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from label_accuracy import head_artifact
+
+    model = _untrained(12)
+    labels = torch.tensor([1, 1, 4, 7])
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    full = client_update(model, images, labels, "none", {**META, "num_classes": 12})
+    head = head_artifact(model, images, labels, "resnet18", META["mean"], META["std"])
+    assert set(head.grads) == {"fc.weight", "fc.bias"}
+    for name in head.grads:
+        assert torch.allclose(head.grads[name], full.grads[name], atol=1e-7)
