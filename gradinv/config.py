@@ -93,6 +93,16 @@ class InversionConfig:
     alpha_bn: float = rule(0.1, _non_negative)
     first_bn_multiplier: float = rule(10.0, _non_negative)
     bn_prior: str = rule("exact", _one_of("exact", "approx", "none"))
+    gradient_distance: str = rule("l2", _one_of("l2", "squared_l2", "cosine"))
+    layer_weights: dict = rule({})
+    alpha_group: float = rule(0.0, _non_negative)
+    group_start: int = rule(0, _non_negative)
+    group_refresh: int = rule(100, _positive)
+    registration: str = rule("tvl1", _one_of("none", "translation", "ilk", "tvl1"))
+    langevin: float = rule(0.0, _non_negative)
+    jitter: int = rule(0, _non_negative)
+    flip: bool = rule(False)
+    checkpoint_every: int = rule(100, _non_negative)
     log_every: int = rule(25, _positive)
     seed: int = rule(0)
     device: str = rule("auto")
@@ -134,6 +144,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return isinstance(value, str)
     if "list" in text:
         return isinstance(value, list)
+    if "dict" in text:
+        return isinstance(value, dict)
     return True
 
 
@@ -163,6 +175,10 @@ def build_section(name: str, values: dict | None):
 
 
 def _check_cross_field(name: str, config) -> None:
+    if name == "inversion":
+        for prefix, weight in config.layer_weights.items():
+            if not isinstance(prefix, str) or isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+                raise UserError(f"params: 'inversion.layer_weights' maps parameter-name prefixes to non-negative numbers, got {prefix!r}: {weight!r}.")
     if name == "evaluation":
         if config.match_distance == "lpips" and not config.lpips_weights:
             raise UserError("params: 'evaluation.match_distance' lpips needs 'evaluation.lpips_weights' (a local backbone weights file).")
@@ -192,10 +208,31 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         raise UserError(f"params file {path} is not valid YAML ({str(err).splitlines()[0]}).") from None
     if not isinstance(raw, dict):
         raise UserError(f"params file {path} must be a mapping of sections.")
+    raw = apply_preset(raw)
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise UserError(f"params: unknown section '{unknown[0]}' (known: {', '.join(SECTIONS)}).")
     return {name: build_section(name, raw.get(name)) for name in SECTIONS}
+
+
+def apply_preset(raw: dict) -> dict:
+    """`preset: NAME` picks an entry of `presets`, whose sections override the ones written
+    out; `preset: null` (or none) leaves the sections as they are."""
+    raw = dict(raw)
+    name, presets = raw.pop("preset", None), raw.pop("presets", None) or {}
+    if not isinstance(presets, dict) or not all(isinstance(v, dict) or v is None for v in presets.values()):
+        raise UserError("params: 'presets' must map preset names to sections of overrides.")
+    if name is None:
+        return raw
+    if name not in presets:
+        raise UserError(f"params: 'preset' {name!r} is not one of the presets ({', '.join(map(str, presets)) or 'none defined'}).")
+    for section, values in (presets[name] or {}).items():
+        if section not in SECTIONS:
+            raise UserError(f"params: preset {name!r} has the unknown section '{section}' (known: {', '.join(SECTIONS)}).")
+        if not isinstance(values, dict):
+            raise UserError(f"params: preset {name!r} section '{section}' must be a mapping of keys to values.")
+        raw[section] = {**(raw.get(section) or {}), **values}
+    return raw
 
 
 def as_dict(config) -> dict[str, Any]:

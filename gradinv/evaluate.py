@@ -106,6 +106,7 @@ def evaluate(config: EvaluationConfig, invert_dir: str | Path, labels_dir: str |
                     penultimate_features(feature_model, normalize(pool.images[rows], mean, std)), original_rows)
 
     chosen, consensus = scorer.score(recon["chosen"]), scorer.score(recon["consensus"])
+    unregistered = scorer.score(recon.get("consensus_unregistered", recon["seeds"].mean(0)))
     per_seed = [scorer.score(images) for images in recon["seeds"]]
     noise = [psnr(images[torch.from_numpy(match(images, originals))], originals).mean().item() for images in recon["initial"]]
     true_labels = truth["labels"].tolist()
@@ -115,6 +116,7 @@ def evaluate(config: EvaluationConfig, invert_dir: str | Path, labels_dir: str |
         "iip": mean_of(chosen, "iip_hit"),
         "consensus": {key: mean_of(consensus, key) for key in ("psnr", "ssim", "lpips", "fft2d", "registered_psnr")}
                      | {"iip": mean_of(consensus, "iip_hit")},
+        "consensus_unregistered": {key: mean_of(unregistered, key) for key in ("psnr", "ssim")},
         "per_seed": {key: [mean_of(s, key) for s in per_seed] for key in ("psnr", "ssim", "registered_psnr")}
                     | {"iip": [mean_of(s, "iip_hit") for s in per_seed]},
         "psnr_initial_noise": sum(noise) / len(noise),

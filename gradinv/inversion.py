@@ -1,12 +1,12 @@
 """Stage `invert` (attacker side): GradInversion. G seeds of images start as N(0, 1) noise in
-normalised space and descend the gradient-matching objective under image priors:
-
-    α_G Σ_l ‖∇_{W_l} L(x̂, ŷ) − ΔW_l‖₂ + α_tv TV(x̂) + α_l2 ‖x̂‖₂ + α_BN Σ_l (‖μ_l − μ*_l‖₂ + ‖σ²_l − σ²*_l‖₂)
-
-through the client's own train-mode forward (see gradinv.client)."""
+normalised space and descend the objective (gradinv.objective) with Adam, a warm-up then cosine
+learning rate, optional Langevin noise, random jitter and flips, and the group-consistency pull
+towards the seeds' consensus; images stay in the valid pixel box. Long runs checkpoint."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -16,17 +16,19 @@ from typing import Callable
 import torch
 from torch import nn
 
-from gradinv.artifacts import GradientArtifact, load_gradient
-from gradinv.client import parameter_gradients, recorded_bn_statistics, train_mode_copy
+from gradinv.artifacts import TENSOR_FILE, GradientArtifact, load_gradient
+from gradinv.checkpoint import InversionState, load_checkpoint, save_checkpoint
+from gradinv.client import train_mode_copy
 from gradinv.config import InversionConfig, as_dict
+from gradinv.consensus import consensus as fuse
 from gradinv.data import denormalize
 from gradinv.errors import UserError
 from gradinv.io import read_json, write_json, write_table, write_tensors
-from gradinv.models import batchnorm_layers, resolve_device
+from gradinv.models import resolve_device
+from gradinv.objective import LOSS_TERMS, Objective
 from gradinv.progress import progress
 from gradinv.victim import load_victim
 
-LOSS_TERMS = ("total", "grad", "tv", "l2", "bn")
 RECONSTRUCTION_FILE = "reconstruction.safetensors"
 LogCallback = Callable[[int, dict[str, float]], None]
 
@@ -35,7 +37,7 @@ LogCallback = Callable[[int, dict[str, float]], None]
 class InversionResult:
     images: torch.Tensor          # (G, B, 3, H, W), normalised space
     initial: torch.Tensor         # (G, B, 3, H, W), the starting noise
-    final_grad_loss: list[float]  # per seed: unweighted gradient distance at the end
+    final_grad_loss: list[float]  # per seed: gradient distance at the end
     chosen_seed: int              # the seed with the lowest final gradient distance
     log: list[dict]               # rows: iteration, seed, lr and each loss term
     seconds: float
@@ -49,49 +51,6 @@ def learning_rate(step: int, config: InversionConfig) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * (step - config.warmup) / span))
 
 
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x[..., 1:, :] - x[..., :-1, :]) + torch.linalg.vector_norm(x[..., :, 1:] - x[..., :, :-1])
-
-
-class Objective:
-    """The GradInversion objective for one batch, against one gradient artifact."""
-
-    def __init__(self, model: nn.Module, artifact: GradientArtifact, labels: torch.Tensor, config: InversionConfig):
-        self.model = model
-        self.labels = labels
-        self.config = config
-        device = labels.device
-        self.target = {n: g.to(device) for n, g in artifact.grads.items()}
-        self.bn_targets = self._bn_targets(model, artifact, config.bn_prior, device)
-
-    @staticmethod
-    def _bn_targets(model, artifact, prior: str, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        if prior == "none" or not artifact:
-            return {}
-        layers = batchnorm_layers(model)
-        if not layers:
-            raise UserError(f"the BN prior (inversion.bn_prior: {prior}) needs BatchNorm layers, and the model has none.")
-        if prior == "exact":
-            if not artifact.has_bn_statistics:
-                raise UserError("inversion.bn_prior 'exact' needs the batch's BN statistics, but the gradient artifact has none (use 'approx').")
-            return {n: (artifact.bn_mean[n].to(device), artifact.bn_var[n].to(device)) for n in layers}
-        return {n: (bn.running_mean.detach().clone(), bn.running_var.detach().clone()) for n, bn in layers.items()}
-
-    def terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with recorded_bn_statistics(self.model) as stats:
-            grads = parameter_gradients(self.model, x, self.labels, create_graph=True)
-        grad = sum(torch.linalg.vector_norm(grads[n] - t) for n, t in self.target.items())
-        bn = x.new_zeros(())
-        for index, (name, (mean, var)) in enumerate(self.bn_targets.items()):
-            weight = self.config.first_bn_multiplier if index == 0 else 1.0
-            batch_mean, batch_var = stats[name]
-            bn = bn + weight * (torch.linalg.vector_norm(batch_mean - mean) + torch.linalg.vector_norm(batch_var - var))
-        terms = {"grad": grad, "tv": total_variation(x), "l2": torch.linalg.vector_norm(x), "bn": bn}
-        c = self.config
-        terms["total"] = c.alpha_grad * grad + c.alpha_tv * terms["tv"] + c.alpha_l2 * terms["l2"] + c.alpha_bn * bn
-        return terms
-
-
 def pixel_box(mean: list[float], std: list[float], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds of valid pixels [0, 1] in normalised space, shaped (1, 3, 1, 1)."""
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
@@ -99,42 +58,79 @@ def pixel_box(mean: list[float], std: list[float], device) -> tuple[torch.Tensor
     return (0 - m) / s, (1 - m) / s
 
 
+def random_view(config: InversionConfig, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A random shift (within ±jitter pixels, wrapping) and horizontal flip, drawn from `generator`."""
+    shift = torch.randint(-config.jitter, config.jitter + 1, (2,), generator=generator).tolist() if config.jitter else [0, 0]
+    flip = bool(torch.rand((), generator=generator) < 0.5) if config.flip else False
+
+    def view(x: torch.Tensor) -> torch.Tensor:
+        if shift != [0, 0]:
+            x = torch.roll(x, shifts=shift, dims=(-2, -1))
+        return x.flip(-1) if flip else x
+
+    return view
+
+
+def _group_refresh_due(step: int, config: InversionConfig) -> bool:
+    return config.alpha_group > 0 and step >= config.group_start and (step - config.group_start) % config.group_refresh == 0
+
+
 def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], config: InversionConfig,
-           on_log: LogCallback | None = None) -> InversionResult:
-    """Reconstruct the batch behind `artifact`. Reads only the model, the artifact and the labels."""
+           on_log: LogCallback | None = None, checkpoint: Path | None = None, checkpoint_key: str = "") -> InversionResult:
+    """Reconstruct the batch behind `artifact`. Reads only the model, the artifact and the labels.
+    With `checkpoint`, state is saved there every `checkpoint_every` iterations and a matching
+    checkpoint found there is resumed (same final images as an uninterrupted run)."""
     if len(labels) != artifact.batch_size:
         raise UserError(f"{len(labels)} labels were given for a gradient of batch size {artifact.batch_size}.")
     device = resolve_device(config.device)
     attacker = train_mode_copy(model).to(device)
-    y = torch.tensor(labels, dtype=torch.int64, device=device)
-    objective = Objective(attacker, artifact, y, config)
+    objective = Objective(attacker, artifact, torch.tensor(labels, dtype=torch.int64, device=device), config)
     shape = (artifact.batch_size, *artifact.meta["input_shape"])
     low, high = pixel_box(artifact.meta["mean"], artifact.meta["std"], device)
 
-    seeds = []
-    for g in range(config.seeds):
-        generator = torch.Generator().manual_seed(config.seed * 1000 + g)
-        seeds.append(torch.randn(shape, generator=generator).to(device).requires_grad_(True))
+    generators = [torch.Generator().manual_seed(config.seed * 1000 + g) for g in range(config.seeds)]
+    seeds = [torch.randn(shape, generator=gen).to(device).requires_grad_(True) for gen in generators]
     initial = torch.stack([x.detach().clone() for x in seeds]).cpu()
     optimizers = [torch.optim.Adam([x], lr=config.lr) for x in seeds]
-
+    consensus: torch.Tensor | None = None
     log: list[dict] = []
+    first_step = 0
+    resumed = load_checkpoint(checkpoint, checkpoint_key, optimizers[0].state_dict()) if checkpoint else None
+    if resumed is not None:
+        first_step, log = resumed.step, resumed.log
+        consensus = resumed.consensus.to(device) if resumed.consensus is not None else None
+        for x, optimizer, generator, g in zip(seeds, optimizers, generators, range(config.seeds)):
+            with torch.no_grad():
+                x.copy_(resumed.images[g])
+            optimizer.load_state_dict(resumed.optimizers[g])
+            generator.set_state(resumed.generators[g])
+
     start = time.perf_counter()
-    for step in progress(range(config.iterations), "invert", unit="it"):
+    for step in progress(range(first_step, config.iterations), "invert", unit="it", initial=first_step,
+                         total=config.iterations):
         lr = learning_rate(step, config)
-        for g, (x, optimizer) in enumerate(zip(seeds, optimizers)):
+        if _group_refresh_due(step, config):
+            consensus = fuse(torch.stack([x.detach() for x in seeds]), config.registration)
+        for g, (x, optimizer, generator) in enumerate(zip(seeds, optimizers, generators)):
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            terms = objective.terms(x)
+            terms = objective.terms(x, consensus, random_view(config, generator))
             (x.grad,) = torch.autograd.grad(terms["total"], x)
             optimizer.step()
             with torch.no_grad():
+                if config.langevin:
+                    x.add_(torch.randn(shape, generator=generator).to(device), alpha=lr * config.langevin)
                 x.copy_(torch.maximum(torch.minimum(x, high), low))
             if step % config.log_every == 0 or step == config.iterations - 1:
                 row = {"iteration": step, "seed": g, "lr": lr, **{k: float(terms[k].detach()) for k in LOSS_TERMS}}
                 log.append(row)
                 if on_log is not None:
                     on_log(step, {f"seed{g}_{k}": row[k] for k in LOSS_TERMS})
+        done = step + 1
+        if checkpoint and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.iterations:
+            save_checkpoint(checkpoint, checkpoint_key, InversionState(
+                done, [x.detach() for x in seeds], [o.state_dict() for o in optimizers],
+                [gen.get_state() for gen in generators], consensus, log))
     seconds = time.perf_counter() - start
 
     final = [float(objective.terms(x)["grad"].detach()) for x in seeds]
@@ -150,29 +146,45 @@ def read_labels(labels_dir: str | Path, num_classes: int) -> list[int]:
     return labels
 
 
+def run_key(gradient_file: Path, labels: list[int], config: InversionConfig) -> str:
+    """What a checkpoint must match to be resumed: the gradient, the labels and every setting
+    that changes the result."""
+    digest = hashlib.sha256(gradient_file.read_bytes())
+    settings = {k: v for k, v in as_dict(config).items() if k not in ("log_every", "checkpoint_every", "device")}
+    digest.update(json.dumps([labels, settings], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
 def run_inversion(config: InversionConfig, victim_dir: str | Path, gradient_dir: str | Path,
-                  labels_dir: str | Path, out_dir: str | Path, on_log: LogCallback | None = None) -> list[Path]:
-    """Stage `invert`: reconstruction.safetensors (pixel space), invert.json, loss.parquet."""
+                  labels_dir: str | Path, out_dir: str | Path, on_log: LogCallback | None = None,
+                  checkpoint_dir: str | Path | None = None) -> list[Path]:
+    """Stage `invert`: reconstruction.safetensors (pixel space), invert.json, loss.parquet.
+    Checkpoints live in `checkpoint_dir` (default: beside out_dir, outside the stage's output,
+    which DVC clears before a rerun) and are removed once the outputs are written."""
     model, victim = load_victim(victim_dir)
     artifact = load_gradient(gradient_dir, model, expected={"arch": victim.arch, "num_classes": victim.num_classes,
                                                             "input_shape": victim.input_shape})
     labels = read_labels(labels_dir, victim.num_classes)
-    result = invert(model, artifact, labels, config, on_log)
+    out_dir = Path(out_dir)
+    key = run_key(Path(gradient_dir) / TENSOR_FILE, labels, config)
+    checkpoint = Path(checkpoint_dir or out_dir.parent / ".checkpoints") / f"invert-{key[:16]}.safetensors"
+    result = invert(model, artifact, labels, config, on_log, checkpoint, key)
     mean, std = artifact.meta["mean"], artifact.meta["std"]
     to_pixels = lambda t: denormalize(t.flatten(0, 1), mean, std).clamp(0, 1).view_as(t)  # noqa: E731
-    out_dir = Path(out_dir)
     images = to_pixels(result.images)
     columns = {k: [row[k] for row in result.log] for k in ("iteration", "seed", "lr", *LOSS_TERMS)}
     summary = {"labels": labels, "chosen_seed": result.chosen_seed, "final_grad_loss": result.final_grad_loss,
                "seconds": result.seconds, "seconds_per_iteration": result.seconds / config.iterations,
                "params": as_dict(config)}
-    return [
-        # Every seed gives slot i the same label, so the slots already correspond across seeds
-        # and their plain pixel mean is the (unregistered, "lazy") consensus.
+    written = [
+        # Every seed gives slot i the same label, so the slots already correspond across seeds.
         write_tensors(out_dir / RECONSTRUCTION_FILE, {"seeds": images, "chosen": images[result.chosen_seed],
-                                                      "consensus": images.mean(0),
+                                                      "consensus": fuse(images, config.registration),
+                                                      "consensus_unregistered": images.mean(0),
                                                       "initial": to_pixels(result.initial),
                                                       "labels": torch.tensor(labels)}),
         write_table(out_dir / "loss.parquet", columns),
         write_json(out_dir / "invert.json", summary),
     ]
+    checkpoint.unlink(missing_ok=True)
+    return written

@@ -17,7 +17,7 @@ def dvc_stages() -> dict:
         stage.name: {
             "cmd": f"python -m flows.pipeline --stage {stage.name}",
             "deps": [*stage.inputs, *stage.sources, *TASK_SOURCES],
-            "params": [stage.section],
+            "params": [stage.section, "preset", "presets"],
             "outs": list(stage.outputs),
         }
         for stage in STAGES.values()

@@ -12,6 +12,7 @@ from typing import Iterator
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
+from gradinv.objective import LOSS_TERMS
 from gradinv.stages import EVAL, INVERT, LABELS, VICTIM
 
 EXPERIMENT = "gradinv"
@@ -51,7 +52,7 @@ class Tracker:
             self.metrics({"seconds_per_iteration": info["seconds_per_iteration"], "chosen_seed": info["chosen_seed"]})
             if not live_curve_logged:
                 for row in pq.read_table(root / INVERT / "loss.parquet").to_pylist():
-                    self.metrics({f"seed{row['seed']}_{k}": row[k] for k in ("total", "grad", "tv", "l2", "bn")},
+                    self.metrics({f"seed{row['seed']}_{k}": row[k] for k in LOSS_TERMS},
                                  step=row["iteration"])
         elif stage_name == "evaluate":
             summary = json.loads((root / EVAL / "metrics.json").read_text())

@@ -41,3 +41,36 @@ def test_cli_rejects_bad_params_with_exit_2_and_writes_nothing(tmp_path, capsys)
 def test_missing_params_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_params(tmp_path / "nope.yaml")
+
+
+def _with_preset(tmp_path, preset, presets):
+    import yaml
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw.update({"preset": preset, "presets": presets})
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_paper_preset_overrides_the_sections():
+    import yaml
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert raw["preset"] == "fast" and raw["presets"]["fast"] == {}
+    from gradinv.config import apply_preset
+
+    paper = {name: build_section(name, values) for name, values in apply_preset({**raw, "preset": "paper"}).items()}
+    assert (paper["victim"].arch, paper["data"].resolution, paper["capture"].batch_size) == ("resnet50", 224, 8)
+    assert (paper["inversion"].seeds, paper["inversion"].iterations, paper["inversion"].langevin) == (8, 20000, 0.2)
+    assert paper["inversion"].alpha_bn == raw["inversion"]["alpha_bn"]  # untouched keys keep the section's value
+
+
+@pytest.mark.parametrize("preset, presets, fragment", [
+    ("huge", {"fast": {}}, "'preset' 'huge' is not one of the presets (fast)"),
+    ("odd", {"odd": {"optimizer": {"lr": 1}}}, "unknown section 'optimizer'"),
+    ("odd", {"odd": {"inversion": {"seeds": 0}}}, "'inversion.seeds' must be positive"),
+])
+def test_bad_presets_are_named(tmp_path, preset, presets, fragment):
+    with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        load_params(_with_preset(tmp_path, preset, presets))

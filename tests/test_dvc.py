@@ -21,7 +21,7 @@ def test_dvc_yaml_declares_exactly_the_registry():
         entry = declared[name]
         assert entry["cmd"] == f"python -m flows.pipeline --stage {name}"
         assert entry["deps"] == [*stage.inputs, *stage.sources, *TASK_SOURCES]
-        assert entry["params"] == [stage.section]
+        assert entry["params"] == [stage.section, "preset", "presets"]
         assert entry["outs"] == list(stage.outputs)
         for dep in entry["deps"]:  # regenerate with: python scripts/write_dvc_yaml.py > dvc.yaml
             assert dep.startswith("data/") or (REPO / dep).is_file(), dep

@@ -9,7 +9,8 @@ from gradinv.client import train_mode_copy
 from gradinv.config import build_section
 from gradinv.data import normalize
 from gradinv.errors import UserError
-from gradinv.inversion import Objective, invert, learning_rate, pixel_box
+from gradinv.inversion import invert, learning_rate, pixel_box
+from gradinv.objective import Objective
 from gradinv.io import read_tensors
 from gradinv.stages import GRADIENT, TRUTH, VICTIM
 from gradinv.victim import load_victim
@@ -69,3 +70,73 @@ def test_wrong_number_of_labels_is_refused(attack):
     model, _, artifact, _, _ = attack
     with pytest.raises(UserError, match="3 labels were given for a gradient of batch size 4"):
         invert(model, artifact, [0, 1, 2], build_section("inversion", {"iterations": 1}))
+
+
+def _config(**values):
+    return build_section("inversion", {"iterations": 10, "seeds": 2, "warmup": 2, "log_every": 1, "device": "cpu", **values})
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_images(attack, tmp_path):
+    model, _, artifact, _, labels = attack
+    labels = sorted(labels.tolist())
+    config = _config(checkpoint_every=3, langevin=0.2, jitter=1, flip=True, alpha_group=0.01, group_start=2,
+                     group_refresh=2)
+    uninterrupted = invert(model, artifact, labels, config)
+
+    def crash_at_step_7(step, _values):
+        if step == 7:
+            raise Interrupted
+
+    checkpoint = tmp_path / "run.safetensors"
+    with pytest.raises(Interrupted):
+        invert(model, artifact, labels, config, crash_at_step_7, checkpoint, "key")
+    assert checkpoint.is_file()  # saved after iteration 6
+    resumed = invert(model, artifact, labels, config, None, checkpoint, "key")
+    assert torch.equal(resumed.images, uninterrupted.images)
+    assert resumed.log == uninterrupted.log
+
+    other = invert(model, artifact, labels, config, None, checkpoint, "another run")  # key mismatch: start over
+    assert torch.equal(other.images, uninterrupted.images)
+
+
+def test_langevin_jitter_and_flips_are_seeded_and_change_the_path(attack):
+    model, _, artifact, _, labels = attack
+    labels = sorted(labels.tolist())
+    plain = invert(model, artifact, labels, _config(iterations=4))
+    noisy = invert(model, artifact, labels, _config(iterations=4, langevin=0.2, jitter=2, flip=True))
+    again = invert(model, artifact, labels, _config(iterations=4, langevin=0.2, jitter=2, flip=True))
+    assert torch.equal(noisy.images, again.images)
+    assert not torch.equal(noisy.images, plain.images)
+
+
+def test_group_term_pulls_the_seeds_together(attack):
+    model, _, artifact, _, labels = attack
+    labels = sorted(labels.tolist())
+    spread = lambda result: (result.images[0] - result.images[1]).norm().item()  # noqa: E731
+    free = invert(model, artifact, labels, _config(iterations=8, lr=0.05))
+    pulled = invert(model, artifact, labels, _config(iterations=8, lr=0.05, alpha_group=50.0, group_refresh=1))
+    assert spread(pulled) < spread(free)
+    assert all(row["group"] == 0.0 for row in free.log) and any(row["group"] > 0 for row in pulled.log)
+
+
+@pytest.mark.parametrize("kind", ["l2", "squared_l2", "cosine"])
+def test_every_gradient_distance_vanishes_at_the_true_batch(attack, kind):
+    model, _, artifact, images, labels = attack
+    objective = Objective(train_mode_copy(model), artifact, labels, build_section("inversion", {"gradient_distance": kind}))
+    at_truth, at_noise = objective.terms(images)["grad"].item(), objective.terms(torch.randn_like(images))["grad"].item()
+    assert abs(at_truth) < 1e-4 * max(at_noise, 1e-12) + 1e-6 and at_noise > 0
+
+
+def test_layer_weights_scale_the_matching_layers():
+    from gradinv.objective import gradient_distance
+
+    grads = {"fc.weight": torch.ones(2), "conv1.weight": torch.ones(3)}
+    target = {n: torch.zeros_like(g) for n, g in grads.items()}
+    assert gradient_distance(grads, target, "squared_l2", {}) == pytest.approx(5.0)
+    assert gradient_distance(grads, target, "squared_l2", {"fc": 0.0, "conv": 2.0}) == pytest.approx(6.0)
+    with pytest.raises(UserError, match="layer_weights"):
+        build_section("inversion", {"layer_weights": {"fc": -1}})

@@ -1,0 +1,89 @@
+"""The GradInversion objective (Yin et al. 2021) for one seed's batch of images:
+
+    α_G · D(∇_W L(x̂, ŷ), ΔW) + α_tv TV(x̂) + α_l2 ‖x̂‖₂ + α_BN R_BN(x̂) + α_group ‖x̂ − E‖₂
+
+D is the per-layer gradient distance (paper: Σ_l ‖·‖₂, not squared; squared L2 and cosine are
+offered too), R_BN matches each BatchNorm layer's batch statistics to the leaked (BN_exact) or
+running (BN_approx) ones, and E is the group consensus of all seeds. The forward runs in the
+client's own train mode (gradinv.client), so x̂ is judged by the function the client used."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from gradinv.artifacts import GradientArtifact
+from gradinv.client import parameter_gradients, recorded_bn_statistics
+from gradinv.config import InversionConfig
+from gradinv.errors import UserError
+from gradinv.models import batchnorm_layers
+
+LOSS_TERMS = ("total", "grad", "tv", "l2", "bn", "group")
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x[..., 1:, :] - x[..., :-1, :]) + torch.linalg.vector_norm(x[..., :, 1:] - x[..., :, :-1])
+
+
+def layer_weight(name: str, weights: dict[str, float]) -> float:
+    """The weight of parameter `name`: that of the longest matching prefix in `weights`, else 1."""
+    matches = [prefix for prefix in weights if name.startswith(prefix)]
+    return float(weights[max(matches, key=len)]) if matches else 1.0
+
+
+def gradient_distance(grads: dict[str, torch.Tensor], target: dict[str, torch.Tensor], kind: str,
+                      weights: dict[str, float]) -> torch.Tensor:
+    if kind == "cosine":  # Geiping et al.: 1 − cosine similarity over all (weighted) layers at once
+        dot = sum(layer_weight(n, weights) * (grads[n] * t).sum() for n, t in target.items())
+        norm_g = sum(layer_weight(n, weights) * grads[n].pow(2).sum() for n in target)
+        norm_t = sum(layer_weight(n, weights) * t.pow(2).sum() for n, t in target.items())
+        return 1 - dot / (norm_g.sqrt() * norm_t.sqrt()).clamp_min(1e-12)
+    power = 2 if kind == "squared_l2" else 1
+    return sum(layer_weight(n, weights) * torch.linalg.vector_norm(grads[n] - t).pow(power) for n, t in target.items())
+
+
+class Objective:
+    """The objective for one batch, against one gradient artifact."""
+
+    def __init__(self, model: nn.Module, artifact: GradientArtifact, labels: torch.Tensor, config: InversionConfig):
+        self.model = model
+        self.labels = labels
+        self.config = config
+        device = labels.device
+        self.target = {n: g.to(device) for n, g in artifact.grads.items()}
+        self.bn_targets = self._bn_targets(model, artifact, config.bn_prior, device)
+
+    @staticmethod
+    def _bn_targets(model, artifact, prior: str, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if prior == "none":
+            return {}
+        layers = batchnorm_layers(model)
+        if not layers:
+            raise UserError(f"the BN prior (inversion.bn_prior: {prior}) needs BatchNorm layers, and the model has none.")
+        if prior == "exact":
+            if not artifact.has_bn_statistics:
+                raise UserError("inversion.bn_prior 'exact' needs the batch's BN statistics, but the gradient artifact has none (use 'approx').")
+            return {n: (artifact.bn_mean[n].to(device), artifact.bn_var[n].to(device)) for n in layers}
+        return {n: (bn.running_mean.detach().clone(), bn.running_var.detach().clone()) for n, bn in layers.items()}
+
+    def terms(self, x: torch.Tensor, consensus: torch.Tensor | None = None,
+              view: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Every term for images x; the model sees view(x) (jitter, flips), the priors see x."""
+        c = self.config
+        with recorded_bn_statistics(self.model) as stats:
+            grads = parameter_gradients(self.model, view(x) if view else x, self.labels, create_graph=True)
+        bn = x.new_zeros(())
+        for index, (name, (mean, var)) in enumerate(self.bn_targets.items()):
+            weight = c.first_bn_multiplier if index == 0 else 1.0
+            batch_mean, batch_var = stats[name]
+            bn = bn + weight * (torch.linalg.vector_norm(batch_mean - mean) + torch.linalg.vector_norm(batch_var - var))
+        terms = {
+            "grad": gradient_distance(grads, self.target, c.gradient_distance, c.layer_weights),
+            "tv": total_variation(x), "l2": torch.linalg.vector_norm(x), "bn": bn,
+            "group": torch.linalg.vector_norm(x - consensus) if consensus is not None else x.new_zeros(()),
+        }
+        terms["total"] = (c.alpha_grad * terms["grad"] + c.alpha_tv * terms["tv"] + c.alpha_l2 * terms["l2"]
+                          + c.alpha_bn * bn + c.alpha_group * terms["group"])
+        return terms
