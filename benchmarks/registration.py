@@ -10,7 +10,6 @@ and scored by mean PSNR. Writes benchmarks/results/registration.json and docs/re
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
