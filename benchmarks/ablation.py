@@ -47,7 +47,7 @@ def rows(base, iterations: int):
 
 
 def scores(images: torch.Tensor, originals: torch.Tensor) -> tuple[float, float]:
-    matched = images[torch.from_numpy(match(images, originals))]
+    matched = images[match(images, originals)]
     return psnr(matched, originals).mean().item(), ssim(matched, originals).mean().item()
 
 

@@ -29,7 +29,7 @@ from gradinv.stages import INVERT, TRUTH  # noqa: E402
 
 
 def mean_psnr(images: torch.Tensor, originals: torch.Tensor) -> float:
-    return psnr(images[torch.from_numpy(match(images, originals))], originals).mean().item()
+    return psnr(images[match(images, originals)], originals).mean().item()
 
 
 def main() -> int:

@@ -194,9 +194,14 @@ def load_meta(sets_dir: str | Path) -> SetsMeta:
 
 
 def normalize(images_uint8: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (images_uint8.float() / 255 - mean_t) / std_t
+    return standardize(images_uint8.float() / 255, mean, std)
+
+
+def standardize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """Images in [0, 1] to the model's normalised space."""
+    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - mean_t) / std_t
 
 
 def denormalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:

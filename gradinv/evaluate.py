@@ -13,7 +13,7 @@ import torchvision
 
 from gradinv.capture import TRUTH_FILE
 from gradinv.config import EvaluationConfig, as_dict
-from gradinv.data import load_set, normalize
+from gradinv.data import load_set, normalize, standardize
 from gradinv.errors import UserError
 from gradinv.inversion import RECONSTRUCTION_FILE
 from gradinv.io import read_json, read_table, read_tensors, write_json, write_table
@@ -40,9 +40,9 @@ class Scorer:
 
     def score(self, reconstruction: torch.Tensor) -> dict[str, torch.Tensor]:
         cost = pairwise(self.lpips, reconstruction, self.originals) if self.config.match_distance == "lpips" else None
-        order = torch.from_numpy(match(reconstruction, self.originals, cost))
+        order = match(reconstruction, self.originals, cost)
         matched = reconstruction[order]
-        features = penultimate_features(self.feature_model, normalize_float(matched, self.mean, self.std))
+        features = penultimate_features(self.feature_model, standardize(matched, self.mean, self.std))
         hits, nearest = iip_hits(features, self.gallery_features, self.original_in_gallery)
         scores = {
             "order": order, "psnr": psnr(matched, self.originals), "ssim": ssim(matched, self.originals),
@@ -55,10 +55,6 @@ class Scorer:
         return scores
 
 
-def normalize_float(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    return normalize(images * 255, mean, std)
-
-
 def _feature_model(config: EvaluationConfig, victim_dir: Path) -> torch.nn.Module:
     if config.iip_model == "victim":
         return load_victim(victim_dir)[0]
@@ -69,10 +65,9 @@ def _feature_model(config: EvaluationConfig, victim_dir: Path) -> torch.nn.Modul
     return load_weights(model, config.iip_weights).eval()
 
 
-def _gallery(config: EvaluationConfig, sets_dir: Path, pool_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gallery(config: EvaluationConfig, size: int, pool_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gallery rows of the pool (all, or a seeded subset that keeps the batch's own originals),
     and the position of each original within it."""
-    size = len(load_set(sets_dir, "pool").labels)
     rows = torch.arange(size)
     if config.gallery_size and config.gallery_size < size:
         others = rows[~torch.isin(rows, pool_index)]
@@ -100,15 +95,15 @@ def evaluate(config: EvaluationConfig, invert_dir: str | Path, labels_dir: str |
     victim_meta = read_json(Path(victim_dir) / "model.json", "victim metadata")
     mean, std = victim_meta["mean"], victim_meta["std"]
     feature_model = _feature_model(config, Path(victim_dir))
-    rows, original_rows = _gallery(config, Path(sets_dir), truth["pool_index"])
     pool = load_set(sets_dir, "pool")
+    rows, original_rows = _gallery(config, len(pool.labels), truth["pool_index"])
     scorer = Scorer(originals, config, lpips, feature_model, mean, std,
                     penultimate_features(feature_model, normalize(pool.images[rows], mean, std)), original_rows)
 
     chosen, consensus = scorer.score(recon["chosen"]), scorer.score(recon["consensus"])
     unregistered = scorer.score(recon.get("consensus_unregistered", recon["seeds"].mean(0)))
     per_seed = [scorer.score(images) for images in recon["seeds"]]
-    noise = [psnr(images[torch.from_numpy(match(images, originals))], originals).mean().item() for images in recon["initial"]]
+    noise = [psnr(images[match(images, originals)], originals).mean().item() for images in recon["initial"]]
     true_labels = truth["labels"].tolist()
     mean_of = lambda scores, key: scores[key].double().mean().item() if key in scores else None  # noqa: E731
     summary = {

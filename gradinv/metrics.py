@@ -3,7 +3,6 @@ Images are float tensors in [0, 1], shaped (N, 3, H, W)."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -29,14 +28,14 @@ def pairwise_mse(reconstructions: torch.Tensor, originals: torch.Tensor) -> torc
     return torch.cdist(reconstructions.flatten(1).double(), originals.flatten(1).double()).pow(2) / reconstructions[0].numel()
 
 
-def match(reconstructions: torch.Tensor, originals: torch.Tensor, cost: torch.Tensor | None = None) -> np.ndarray:
+def match(reconstructions: torch.Tensor, originals: torch.Tensor, cost: torch.Tensor | None = None) -> torch.Tensor:
     """Hungarian assignment minimising the total cost (default: MSE), a (reconstruction, original)
     matrix: order[i] is the reconstruction matched to original i."""
     if cost is None:
         cost = pairwise_mse(reconstructions, originals)
     rows, cols = linear_sum_assignment(cost.numpy())
-    order = np.empty(len(cols), dtype=np.int64)
-    order[cols] = rows
+    order = torch.empty(len(cols), dtype=torch.int64)
+    order[torch.from_numpy(cols)] = torch.from_numpy(rows).long()
     return order
 
 

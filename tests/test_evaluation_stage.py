@@ -82,7 +82,7 @@ def test_lpips_uses_the_given_backbone_weights_and_is_zero_for_identical_images(
     permutation = torch.tensor([2, 0, 1])
     noisy = (a[permutation] + 0.02 * torch.randn(a.shape, generator=generator)).clamp(0, 1)
     order = match(noisy, a, pairwise(first, noisy, a))
-    assert torch.equal(permutation[torch.from_numpy(order)], torch.arange(3))
+    assert torch.equal(permutation[order], torch.arange(3))
 
 
 def test_lpips_with_a_weights_file_that_does_not_fit_is_one_clear_error(tmp_path):
@@ -125,5 +125,6 @@ def test_gallery_subset_keeps_the_batchs_originals(tiny_project):
     from gradinv.evaluate import _gallery
 
     pool_index = read_tensors(tiny_project / TRUTH / TRUTH_FILE, "truth")["pool_index"]
-    rows, position = _gallery(build_section("evaluation", {"gallery_size": 10}), tiny_project / SETS, pool_index)
+    pool_size = len(load_set(tiny_project / SETS, "pool").labels)
+    rows, position = _gallery(build_section("evaluation", {"gallery_size": 10}), pool_size, pool_index)
     assert len(rows) == 10 and torch.equal(rows[position], pool_index)
