@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test env repro mlflow-ui clean
+.PHONY: run test env repro batches sweep server worker deploy mlflow-ui clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -26,8 +26,27 @@ test: env
 repro: env
 	PATH="$(BIN):$$PATH" dvc repro
 
+batches: env
+	$(BIN)/python -m flows.batches
+
+sweep: env
+	$(BIN)/python -m flows.sweep
+
+# Scheduled runs (prefect.yaml): a Prefect server on 127.0.0.1, a process worker, the deployments.
+server worker deploy: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
+
+server: env
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+worker: env
+	$(BIN)/prefect worker start --pool gradinv --type process
+
+deploy: env
+	$(BIN)/prefect work-pool inspect gradinv >/dev/null 2>&1 || $(BIN)/prefect work-pool create gradinv --type process
+	GRADINV_PROJECT=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all
+
 mlflow-ui: env
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf data/sets data/victim data/capture data/labels data/invert data/eval .prefect mlflow.db mlartifacts
+	rm -rf data/sets data/victim data/capture data/labels data/invert data/eval data/batches data/sweep .prefect mlflow.db mlartifacts

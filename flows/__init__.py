@@ -1,10 +1,3 @@
-"""Prefect flows: the whole pipeline, or one stage (as dvc.yaml runs them)."""
+"""Prefect flows: the whole pipeline, one stage (as dvc.yaml runs them), many batches, sweeps."""
 
-import os
-from pathlib import Path
-
-# Keep Prefect's state inside the project and quiet; must happen before prefect is imported.
-os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+import tasks  # noqa: F401  (sets Prefect's and Dask's environment before either is imported)

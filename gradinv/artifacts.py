@@ -76,31 +76,40 @@ def load_gradient(gradient_dir: str | Path, model: nn.Module, expected: dict | N
             raise UserError(f"gradient artifact does not match the model: its {key} is {meta[key]!r}, the model's is {value!r}.")
 
     tensors = read_tensors(gradient_dir / TENSOR_FILE, "gradient file")
+    return validated_artifact(tensors, model, meta)
+
+
+def validated_artifact(tensors: dict[str, torch.Tensor], model: nn.Module, meta: dict,
+                       what: str = "gradient file", grad_prefix: str = "grad.") -> GradientArtifact:
+    """The artifact held by `tensors` (`<grad_prefix><parameter>`, plus `bn_mean.<layer>` and
+    `bn_var.<layer>` when meta declares the BN leak), each entry checked against `model`: every
+    one present, with the model's shape, a float dtype and finite values, and no other entry.
+    `what` names the source in the one-sentence UserError. Consumes `tensors`."""
     artifact = GradientArtifact(grads={}, meta=meta)
     for name, param in model.named_parameters():
-        artifact.grads[name] = _take(tensors, f"grad.{name}", tuple(param.shape))
+        artifact.grads[name] = _take(tensors, f"{grad_prefix}{name}", tuple(param.shape), what)
     if artifact.has_bn_statistics:
         layers = batchnorm_layers(model)
         if not layers:
             raise UserError("gradient metadata declares leaked BN statistics, but the model has no BatchNorm layer.")
         for name, bn in layers.items():
-            artifact.bn_mean[name] = _take(tensors, f"bn_mean.{name}", (bn.num_features,))
-            artifact.bn_var[name] = _take(tensors, f"bn_var.{name}", (bn.num_features,))
+            artifact.bn_mean[name] = _take(tensors, f"bn_mean.{name}", (bn.num_features,), what)
+            artifact.bn_var[name] = _take(tensors, f"bn_var.{name}", (bn.num_features,), what)
             if (artifact.bn_var[name] < 0).any():
-                raise UserError(f"gradient file entry 'bn_var.{name}' has negative variances.")
+                raise UserError(f"{what} entry 'bn_var.{name}' has negative variances.")
     if tensors:
-        raise UserError(f"gradient file has the entry '{sorted(tensors)[0]}', which the model has no parameter or BN layer for.")
+        raise UserError(f"{what} has the entry '{sorted(tensors)[0]}', which the model has no parameter or BN layer for.")
     return artifact
 
 
-def _take(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> torch.Tensor:
+def _take(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], what: str = "gradient file") -> torch.Tensor:
     tensor = tensors.pop(key, None)
     if tensor is None:
-        raise UserError(f"gradient file lacks the entry '{key}' that the model needs.")
+        raise UserError(f"{what} lacks the entry '{key}' that the model needs.")
     if tuple(tensor.shape) != shape:
-        raise UserError(f"gradient file entry '{key}' has shape {tuple(tensor.shape)}, the model needs {shape}.")
+        raise UserError(f"{what} entry '{key}' has shape {tuple(tensor.shape)}, the model needs {shape}.")
     if not tensor.is_floating_point():
-        raise UserError(f"gradient file entry '{key}' has dtype {tensor.dtype}; a floating-point dtype is required.")
+        raise UserError(f"{what} entry '{key}' has dtype {tensor.dtype}; a floating-point dtype is required.")
     if not torch.isfinite(tensor).all():
-        raise UserError(f"gradient file entry '{key}' contains NaN or infinite values.")
+        raise UserError(f"{what} entry '{key}' contains NaN or infinite values.")
     return tensor.float()

@@ -120,6 +120,20 @@ class EvaluationConfig:
     seed: int = rule(0)
 
 
+@dataclass(frozen=True)
+class BatchesConfig:
+    count: int = rule(4, _positive)
+    workers: int = rule(2, _positive)
+    address: str | None = rule(None)
+    gpus_per_task: int = rule(0, _non_negative)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    batch_sizes: list = rule([2, 4, 8])
+    batches: int = rule(2, _positive)
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "victim": VictimConfig,
@@ -127,6 +141,8 @@ SECTIONS: dict[str, type] = {
     "labels": LabelsConfig,
     "inversion": InversionConfig,
     "evaluation": EvaluationConfig,
+    "batches": BatchesConfig,
+    "sweep": SweepConfig,
 }
 
 
@@ -184,6 +200,10 @@ def _check_cross_field(name: str, config) -> None:
             raise UserError("params: 'evaluation.match_distance' lpips needs 'evaluation.lpips_weights' (a local backbone weights file).")
         if config.iip_model != "victim" and not config.iip_weights:
             raise UserError("params: 'evaluation.iip_model' other than 'victim' needs 'evaluation.iip_weights' (a local weights file).")
+    if name == "sweep":
+        sizes = config.batch_sizes
+        if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes):
+            raise UserError(f"params: 'sweep.batch_sizes' must be a non-empty list of positive integers, got {sizes!r}.")
     if name == "data":
         for key in ("mean", "std"):
             values = getattr(config, key)

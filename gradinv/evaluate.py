@@ -84,7 +84,11 @@ def evaluate(config: EvaluationConfig, invert_dir: str | Path, labels_dir: str |
              sets_dir: str | Path, victim_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """metrics.json, per_image.parquet, grid.png and report.html in out_dir."""
     invert_dir, out_dir = Path(invert_dir), Path(out_dir)
-    truth = read_tensors(Path(truth_dir) / TRUTH_FILE, "ground truth")
+    truth_file = Path(truth_dir) / TRUTH_FILE
+    if not truth_file.is_file():  # e.g. after `gradinv import-gradient`: an external gradient has no truth
+        raise UserError(f"ground truth {truth_file} does not exist: evaluation needs the client's private batch, "
+                        "which only the capture stage writes (an imported gradient has none).")
+    truth = read_tensors(truth_file, "ground truth")
     recon = read_tensors(invert_dir / RECONSTRUCTION_FILE, "reconstruction")
     invert_info = read_json(invert_dir / "invert.json", "inversion summary")
     recovered = read_json(Path(labels_dir) / "labels.json", "recovered labels")["labels"]

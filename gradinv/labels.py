@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gradinv.artifacts import GradientArtifact
+from gradinv.artifacts import GradientArtifact, load_gradient
 from gradinv.config import LabelsConfig
 from gradinv.errors import UserError
 from gradinv.io import write_json
 from gradinv.models import final_linear, penultimate_features
+from gradinv.victim import load_victim
 
 
 def _head_gradients(model: nn.Module, artifact: GradientArtifact, strategy: str, need_bias: bool):
@@ -124,3 +125,11 @@ def recover_labels(config: LabelsConfig, model: nn.Module, artifact: GradientArt
     labels, scores = recover(config.strategy, model, artifact)
     return [write_json(Path(out_dir) / "labels.json",
                        {"strategy": config.strategy, "labels": labels, "scores": scores.tolist()})]
+
+
+def run_labels(config: LabelsConfig, victim_dir: str | Path, gradient_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """Stage `labels`: labels.json from the victim model and the gradient artifact alone."""
+    model, meta = load_victim(victim_dir)
+    artifact = load_gradient(gradient_dir, model, expected={"arch": meta.arch, "num_classes": meta.num_classes,
+                                                           "input_shape": meta.input_shape})
+    return recover_labels(config, model, artifact, out_dir)

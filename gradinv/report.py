@@ -45,6 +45,26 @@ def save_comparison(rows: dict[str, torch.Tensor], row_psnr: dict[str, torch.Ten
     return _save_figure(figure, path)
 
 
+def save_sweep_plot(table: dict[str, list], path: str | Path) -> Path:
+    """PSNR, IIP and label accuracy (mean ± std over batches) against batch size."""
+    plt = _pyplot()
+    panels = (("psnr", "PSNR (dB), chosen seed"), ("iip", "IIP"), ("label_accuracy", "label accuracy"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    sizes = table["batch_size"]
+    for axis, (key, title) in zip(axes, panels):
+        means = [float("nan") if v is None else v for v in table[f"{key}_mean"]]
+        stds = [0.0 if v is None else v for v in table[f"{key}_std"]]
+        axis.errorbar(sizes, means, yerr=stds, marker="o", capsize=3)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(sizes, [str(s) for s in sizes])
+        axis.set_xlabel("batch size")
+        axis.set_title(title, fontsize=10)
+        if key != "psnr":
+            axis.set_ylim(-0.05, 1.05)
+    figure.tight_layout()
+    return _save_figure(figure, path)
+
+
 def loss_curve_png(loss_rows: list[dict]) -> bytes:
     """Total and gradient-matching loss per seed against iteration (log scale), as PNG bytes."""
     plt = _pyplot()

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Callable
 
 from gradinv import capture, data, evaluate, inversion, labels, victim
-from gradinv.artifacts import load_gradient
 
 SETS, VICTIM = "data/sets", "data/victim"
 GRADIENT, TRUTH = "data/capture/gradient", "data/capture/truth"
@@ -47,10 +46,7 @@ def _capture(config, root: Path, on_log=None):
 
 
 def _labels(config, root: Path, on_log=None):
-    model, meta = victim.load_victim(root / VICTIM)
-    artifact = load_gradient(root / GRADIENT, model, expected={"arch": meta.arch, "num_classes": meta.num_classes,
-                                                              "input_shape": meta.input_shape})
-    return labels.recover_labels(config, model, artifact, root / LABELS)
+    return labels.run_labels(config, root / VICTIM, root / GRADIENT, root / LABELS)
 
 
 def _invert(config, root: Path, on_log=None):

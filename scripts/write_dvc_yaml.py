@@ -11,6 +11,8 @@ from gradinv.stages import STAGES
 # Sources that every stage's Prefect cache key also covers (tasks/caching.py).
 TASK_SOURCES = ["gradinv/stages.py", "tasks/stages.py", "tasks/caching.py"]
 
+METRICS = ["data/eval/metrics.json"]
+
 
 def dvc_stages() -> dict:
     return {
@@ -28,3 +30,5 @@ if __name__ == "__main__":
     print("# One stage per pipeline step, written by scripts/write_dvc_yaml.py from gradinv/stages.py.")
     print("# Run `make repro` (it puts the project's environment on PATH), or `dvc repro` inside it.")
     print(yaml.safe_dump({"stages": dvc_stages()}, sort_keys=False), end="")
+    print("# What `dvc exp show` and `dvc metrics diff` compare between experiments.")
+    print(yaml.safe_dump({"metrics": METRICS}, sort_keys=False), end="")

@@ -61,6 +61,31 @@ class Tracker:
             for name in ("grid.png", "metrics.json", "per_image.parquet", "report.html"):
                 self.artifact(root / EVAL / name, "evaluation")
 
+    def log_batches(self, rows: list[dict], files: list[Path]) -> None:
+        """The many-batch aggregate (metric_mean, metric_std, overall_*), each batch's figures
+        as a series over the batch index, and the table and summary files."""
+        summary = json.loads(next(Path(f) for f in files if Path(f).name == "summary.json").read_text())
+        flat = {}
+        for key, value in summary.items():
+            if isinstance(value, dict):
+                flat.update({f"{key}_mean": value["mean"], f"{key}_std": value["std"]})
+            elif isinstance(value, (int, float)):
+                flat[key] = value
+        self.metrics(flat)
+        for row in rows:
+            self.metrics({f"batch_{k}": row[k] for k in ("psnr", "ssim", "iip", "label_accuracy") if row[k] is not None},
+                         step=row["batch"])
+        for file in files:
+            self.artifact(file, "batches")
+
+    def log_sweep(self, table: dict[str, list], files: list[Path]) -> None:
+        """Each figure of the sweep table as a series over the batch size, and its files."""
+        for i, size in enumerate(table["batch_size"]):
+            self.metrics({f"sweep_{k}": v[i] for k, v in table.items() if k != "batch_size" and v[i] is not None},
+                         step=size)
+        for file in files:
+            self.artifact(file, "sweep")
+
 
 @contextmanager
 def tracked_run(root: str | Path, run_name: str, tags: dict[str, str] | None = None) -> Iterator[Tracker]:

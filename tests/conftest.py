@@ -32,7 +32,7 @@ TINY_PARAMS = {
 def write_params(path: Path, overrides: dict | None = None) -> Path:
     params = {section: dict(values) for section, values in TINY_PARAMS.items()}
     for section, values in (overrides or {}).items():
-        params[section].update(values)
+        params.setdefault(section, {}).update(values)
     params.update({"preset": "fast", "presets": {"fast": {}}})
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

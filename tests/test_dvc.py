@@ -1,5 +1,6 @@
 """dvc.yaml follows the stage registry, and `dvc repro` reruns exactly the stale stages."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -31,7 +32,8 @@ def _ran(output: str) -> list[str]:
     return [name for name in STAGES if f"Running stage '{name}'" in output]
 
 
-def test_dvc_repro_runs_only_stale_stages(tmp_path, prefect_api_url):
+def _project(tmp_path: Path, prefect_api_url: str):
+    """A copy of the code, dvc.yaml and tiny params, and a runner of commands inside it."""
     root = tmp_path / "project"
     root.mkdir()
     for folder in ("gradinv", "tasks", "flows"):
@@ -39,16 +41,47 @@ def test_dvc_repro_runs_only_stale_stages(tmp_path, prefect_api_url):
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     write_params(root / "params.yaml")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PREFECT_API_URL": prefect_api_url, "DVC_NO_ANALYTICS": "1"}
+           "PREFECT_API_URL": prefect_api_url, "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
 
-    def dvc(*args):
-        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
+    def run(*args):
+        command = [sys.executable, "-m", "dvc", *args[1:]] if args[0] == "dvc" else list(args)
+        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout + done.stderr
 
+    return root, run
+
+
+def test_dvc_repro_runs_only_stale_stages(tmp_path, prefect_api_url):
+    root, run = _project(tmp_path, prefect_api_url)
+    dvc = lambda *args: run("dvc", *args)  # noqa: E731
     dvc("init", "--no-scm", "-q")
     assert _ran(dvc("repro")) == list(STAGES)
     assert (root / "data/eval/metrics.json").is_file()
     assert _ran(dvc("repro")) == []
     write_params(root / "params.yaml", {"inversion": {"iterations": 4}})
     assert _ran(dvc("repro")) == ["invert", "evaluate"]
+
+
+def test_dvc_experiment_sets_a_param_and_records_its_metrics(tmp_path, prefect_api_url):
+    """The documented sweep: `dvc exp run -S capture.batch_size=...` in a git repository."""
+    root, run = _project(tmp_path, prefect_api_url)
+    (root / ".gitignore").write_text("__pycache__/\n/data/*\n")
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-q", "-m", "baseline")
+    run("dvc", "exp", "run", "-q", "-n", "bs2", "-S", "capture.batch_size=2", "-S", "inversion.iterations=4")
+
+    shown = json.loads(run("dvc", "exp", "show", "--json"))
+    experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]
+    (bs2,) = [exp for exp in experiments if exp["name"] == "bs2"]
+    data = bs2["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["capture"]["batch_size"] == 2
+    metrics = data["metrics"]["data/eval/metrics.json"]["data"]
+    assert metrics["batch_size"] == 2 and len(metrics["per_seed"]["psnr"]) == 2
+    # The workspace holds the experiment's results; the baseline params are untouched in git.
+    assert json.loads((root / "data/eval/metrics.json").read_text())["batch_size"] == 2
+    assert "batch_size: 4" in run("git", "show", "HEAD:params.yaml")

@@ -1,0 +1,83 @@
+"""Leakage against batch size: for each size in sweep.batch_sizes, sweep.batches random batches
+attacked on the Dask fan-out; a table and a plot of PSNR, IIP and label accuracy.
+
+    python -m flows.sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from prefect import flow
+
+from flows.fan_out import run_fan_out, victim_ready
+from gradinv.batches import SWEEP, sweep_table
+from gradinv.config import as_dict, load_params
+from gradinv.data import load_meta
+from gradinv.errors import UserError
+from gradinv.io import write_json, write_table
+from gradinv.report import save_sweep_plot
+from tasks.batches import ATTACK_SECTIONS
+from tasks.tracking import tracked_run
+
+
+def check_sizes(sizes: list[int], distinct_labels: bool, num_classes: int) -> None:
+    too_big = [s for s in sizes if distinct_labels and s > num_classes]
+    if too_big:
+        raise UserError(f"params: 'sweep.batch_sizes' has {too_big[0]}, more than the {num_classes} classes "
+                        "that distinct-label batches allow (set capture.distinct_labels: false for larger ones).")
+
+
+@flow(name="gradinv-sweep", log_prints=True)
+def sweep(params_path: str = "params.yaml", root: str = ".") -> dict:
+    """Returns {"table": columns, "paths": files written, "mlflow_run_id": id}."""
+    params = load_params(params_path)
+    config, batches = params["sweep"], params["batches"]
+    root = str(Path(root).resolve())
+    with tracked_run(root, "sweep", tags={"batch_sizes": ",".join(map(str, config.batch_sizes))}) as tracker:
+        tracker.params({f"sweep.{k}": v for k, v in as_dict(config).items()})
+        victim_ready(root, {s: as_dict(params[s]) for s in ("data", "victim")}, tracker)
+        check_sizes(config.batch_sizes, params["capture"].distinct_labels, load_meta(Path(root) / "data/sets").num_classes)
+        jobs = []
+        for size in config.batch_sizes:
+            attack = {s: as_dict(params[s]) for s in ATTACK_SECTIONS}
+            attack["capture"] = as_dict(dataclasses.replace(params["capture"], batch_size=size))
+            jobs += [{"out": f"{SWEEP}/bs-{size:03d}", "index": i, "params": attack} for i in range(config.batches)]
+        rows = run_fan_out(root, jobs, batches)
+        table = sweep_table(rows)
+        out = Path(root) / SWEEP
+        paths = [write_table(out / "sweep.parquet", table), save_sweep_plot(table, out / "sweep.png"),
+                 write_json(out / "sweep.json", {"table": table, "params": as_dict(config)})]
+        tracker.log_sweep(table, paths)
+    return {"table": table, "paths": [str(p) for p in paths], "mlflow_run_id": tracker.run_id}
+
+
+def describe(table: dict[str, list]) -> str:
+    lines = ["batch size | PSNR (dB)      | IIP   | label accuracy"]
+    for i, size in enumerate(table["batch_size"]):
+        lines.append(f"{size:10d} | {table['psnr_mean'][i]:6.2f} ± {table['psnr_std'][i]:5.2f} | "
+                     f"{table['overall_iip'][i]:5.1%} | {table['label_accuracy_mean'][i]:.1%}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--root", default=".")
+    args = parser.parse_args(argv)
+    try:
+        load_params(args.params)
+        result = sweep(args.params, args.root)
+    except UserError as err:
+        print(f"gradinv: error: {err}", file=sys.stderr)
+        return 2
+    print(describe(result["table"]))
+    print(f"table: {Path(args.root).resolve() / SWEEP / 'sweep.parquet'}\nplot:  {Path(args.root).resolve() / SWEEP / 'sweep.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

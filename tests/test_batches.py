@@ -1,0 +1,108 @@
+"""Many batches: aggregation against independent computations, and the Dask fan-out flows."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from gradinv.batches import aggregate, sweep_table
+from gradinv.errors import UserError
+from gradinv.io import read_tensors
+from tests.conftest import write_params
+
+
+def _row(index, batch_size, psnr, iip, label_accuracy=1.0):
+    return {"batch": index, "batch_size": batch_size, "psnr": psnr, "ssim": 0.1 * index, "lpips": None,
+            "fft2d": 1.0, "registered_psnr": psnr + 1, "iip": iip, "label_accuracy": label_accuracy,
+            "psnr_initial_noise": 8.0, "psnr_gain_over_noise": psnr - 8.0, "consensus_psnr": psnr + 0.5,
+            "consensus_ssim": 0.2, "consensus_iip": iip, "invert_seconds": 2.0}
+
+
+def test_aggregate_means_stds_and_image_weighted_fractions():
+    generator = torch.Generator().manual_seed(0)
+    psnrs = (10 + 5 * torch.rand(5, generator=generator)).tolist()
+    sizes = [2, 4, 4, 8, 2]
+    iips = [0.5, 0.25, 1.0, 0.125, 0.0]
+    summary = aggregate([_row(i, b, p, q) for i, (b, p, q) in enumerate(zip(sizes, psnrs, iips))])
+    assert summary["psnr"]["mean"] == pytest.approx(statistics.mean(psnrs), abs=1e-12)
+    assert summary["psnr"]["std"] == pytest.approx(statistics.stdev(psnrs), abs=1e-12)
+    assert summary["lpips"] is None  # never computed, so never averaged as zero
+    assert summary["images"] == 20
+    # IIP over all images: (1 + 1 + 4 + 1 + 0) hits of 20 images, not the mean of the batch means.
+    assert summary["overall_iip"] == pytest.approx(7 / 20)
+    assert summary["overall_iip"] != pytest.approx(statistics.mean(iips))
+
+
+def test_one_batch_has_zero_spread():
+    summary = aggregate([_row(0, 4, 12.0, 0.5)])
+    assert summary["psnr"] == {"mean": 12.0, "std": 0.0, "n": 1}
+
+
+def test_sweep_table_groups_rows_by_batch_size():
+    rows = [_row(0, 4, 10.0, 0.5), _row(1, 4, 12.0, 0.0), _row(0, 2, 14.0, 1.0)]
+    table = sweep_table(rows)
+    assert table["batch_size"] == [2, 4]
+    assert table["batches"] == [1, 2]
+    assert table["psnr_mean"] == [14.0, 11.0]
+    assert table["psnr_std"][1] == pytest.approx(statistics.stdev([10.0, 12.0]))
+    assert table["overall_iip"] == [1.0, 0.25]
+
+
+def test_sweep_refuses_batch_sizes_above_the_class_count():
+    from flows.sweep import check_sizes
+
+    check_sizes([2, 12], distinct_labels=True, num_classes=12)
+    check_sizes([48], distinct_labels=False, num_classes=12)
+    with pytest.raises(UserError, match="20, more than the 12 classes"):
+        check_sizes([2, 20], distinct_labels=True, num_classes=12)
+
+
+def test_three_batch_fan_out_on_a_two_worker_local_cluster(project_copy, prefect_api_url):
+    from mlflow.tracking import MlflowClient
+
+    from flows.batches import many_batches
+    from tasks.tracking import tracking_uri
+
+    params = write_params(project_copy / "params.yaml", {"batches": {"count": 3, "workers": 2}})
+    result = many_batches(str(params), str(project_copy))
+
+    table = pq.read_table(project_copy / "data/batches/per_batch.parquet").to_pydict()
+    assert table["batch"] == [0, 1, 2]
+    assert table["capture_seed"] == [1, 2, 3]  # capture.seed + i
+    folders = [project_copy / f"data/batches/batch-{i:03d}" for i in range(3)]
+    drawn = [read_tensors(f / "truth/truth.safetensors", "truth")["pool_index"].tolist() for f in folders]
+    assert len({tuple(d) for d in drawn}) == 3  # three different client batches
+
+    # The aggregate, recomputed from each batch's own evaluation output.
+    metrics = [json.loads((f / "eval/metrics.json").read_text()) for f in folders]
+    hits = [pq.read_table(f / "eval/per_image.parquet").column("iip_hit").to_pylist() for f in folders]
+    summary = result["summary"]
+    assert summary["psnr"]["mean"] == pytest.approx(statistics.mean(m["psnr"] for m in metrics), abs=1e-9)
+    assert summary["psnr"]["std"] == pytest.approx(statistics.stdev(m["psnr"] for m in metrics), abs=1e-9)
+    assert summary["overall_iip"] == pytest.approx(sum(map(sum, hits)) / sum(map(len, hits)))
+    assert summary["images"] == 3 * 4
+    assert json.loads((project_copy / "data/batches/summary.json").read_text()) == summary
+
+    run = MlflowClient(tracking_uri(project_copy)).get_run(result["mlflow_run_id"])
+    assert run.data.metrics["psnr_mean"] == pytest.approx(summary["psnr"]["mean"])
+
+
+def test_sweep_flow_writes_a_table_and_plot_per_batch_size(project_copy, prefect_api_url):
+    from flows.sweep import sweep
+
+    params = write_params(project_copy / "params.yaml", {"sweep": {"batch_sizes": [2, 4], "batches": 1},
+                                                         "batches": {"workers": 2}})
+    result = sweep(str(params), str(project_copy))
+    table = pq.read_table(project_copy / "data/sweep/sweep.parquet").to_pydict()
+    assert table["batch_size"] == [2, 4]
+    for size, psnr in zip(table["batch_size"], table["psnr_mean"]):
+        metrics = json.loads((project_copy / f"data/sweep/bs-{size:03d}/batch-000/eval/metrics.json").read_text())
+        assert metrics["batch_size"] == size
+        assert psnr == pytest.approx(metrics["psnr"])
+    png = (project_copy / "data/sweep/sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert result["table"] == table
