@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test env repro batches sweep server worker deploy mlflow-ui clean
+.PHONY: run test env repro batches sweep audit server worker deploy mlflow-ui clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -32,6 +32,9 @@ batches: env
 sweep: env
 	$(BIN)/python -m flows.sweep
 
+audit: env
+	$(BIN)/python -m flows.audit
+
 # Scheduled runs (prefect.yaml): a Prefect server on 127.0.0.1, a process worker, the deployments.
 server worker deploy: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
 
@@ -49,4 +52,4 @@ mlflow-ui: env
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf data/sets data/victim data/capture data/labels data/invert data/eval data/batches data/sweep .prefect mlflow.db mlartifacts
+	rm -rf data/sets data/victim data/capture data/labels data/invert data/eval data/batches data/sweep data/audit .prefect mlflow.db mlartifacts

@@ -7,12 +7,12 @@ of every metric and IIP over all images.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from prefect import flow
 
+from flows.command import run_flow_command
 from flows.fan_out import run_fan_out, victim_ready
 from gradinv.batches import BATCHES, write_batches
 from gradinv.config import as_dict, load_params
@@ -56,24 +56,17 @@ def describe(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.batches", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--root", default=".")
-    parser.add_argument("--count", type=int, help="number of batches (default: batches.count)")
-    args = parser.parse_args(argv)
-    try:
+    def run(args) -> str:
         if args.count is not None and args.count < 1:
             raise UserError(f"--count must be a positive number of batches, got {args.count}.")
-        load_params(args.params)  # fail fast, before Prefect and Dask start
         result = many_batches(args.params, args.root, args.count)
-    except UserError as err:
-        print(f"gradinv: error: {err}", file=sys.stderr)
-        return 2
-    print(describe(result["summary"]))
-    print(f"table:   {Path(args.root).resolve() / BATCHES / 'per_batch.parquet'}")
-    print(f"summary: {Path(args.root).resolve() / BATCHES / 'summary.json'}")
-    return 0
+        out = Path(args.root).resolve() / BATCHES
+        return f"{describe(result['summary'])}\ntable:   {out / 'per_batch.parquet'}\nsummary: {out / 'summary.json'}"
 
+    def count_argument(parser) -> None:
+        parser.add_argument("--count", type=int, help="number of batches (default: batches.count)")
+
+    return run_flow_command("python -m flows.batches", __doc__.splitlines()[0], run, argv, count_argument)
 
 if __name__ == "__main__":
     sys.exit(main())

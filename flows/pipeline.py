@@ -6,12 +6,12 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from prefect import flow
 
+from flows.command import run_flow_command
 from gradinv.config import as_dict, load_params
 from gradinv.errors import UserError
 from gradinv.stages import EVAL, STAGES
@@ -64,20 +64,13 @@ def _summary(results: dict, root: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--root", default=".")
-    parser.add_argument("--stage", action="append", choices=list(STAGES), help="run only this stage (repeatable)")
-    args = parser.parse_args(argv)
-    try:
-        load_params(args.params)  # fail fast, before Prefect starts its server
-        results = pipeline(args.params, args.root, args.stage)
-    except UserError as err:
-        print(f"gradinv: error: {err}", file=sys.stderr)
-        return 2
-    print(_summary(results, Path(args.root).resolve()))
-    return 0
+    def run(args) -> str:
+        return _summary(pipeline(args.params, args.root, args.stage), Path(args.root).resolve())
 
+    def stage_argument(parser) -> None:
+        parser.add_argument("--stage", action="append", choices=list(STAGES), help="run only this stage (repeatable)")
+
+    return run_flow_command("python -m flows.pipeline", __doc__.splitlines()[0], run, argv, stage_argument)
 
 if __name__ == "__main__":
     sys.exit(main())

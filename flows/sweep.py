@@ -6,13 +6,13 @@ attacked on the Dask fan-out; a table and a plot of PSNR, IIP and label accuracy
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
 
 from prefect import flow
 
+from flows.command import run_flow_command
 from flows.fan_out import run_fan_out, victim_ready
 from gradinv.batches import SWEEP, sweep_table
 from gradinv.config import as_dict, load_params
@@ -64,20 +64,11 @@ def describe(table: dict[str, list]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--root", default=".")
-    args = parser.parse_args(argv)
-    try:
-        load_params(args.params)
-        result = sweep(args.params, args.root)
-    except UserError as err:
-        print(f"gradinv: error: {err}", file=sys.stderr)
-        return 2
-    print(describe(result["table"]))
-    print(f"table: {Path(args.root).resolve() / SWEEP / 'sweep.parquet'}\nplot:  {Path(args.root).resolve() / SWEEP / 'sweep.png'}")
-    return 0
+    def run(args) -> str:
+        out = Path(args.root).resolve() / SWEEP
+        return f"{describe(sweep(args.params, args.root)['table'])}\ntable: {out / 'sweep.parquet'}\nplot:  {out / 'sweep.png'}"
 
+    return run_flow_command("python -m flows.sweep", __doc__.splitlines()[0], run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from gradinv import __version__
+from gradinv.defenses import check_declared
+from gradinv.defenses import validate as validate_defenses
 from gradinv.errors import UserError
 from gradinv.io import read_json, read_tensors, write_json, write_tensors
 from gradinv.models import batchnorm_layers
@@ -75,8 +77,15 @@ def load_gradient(gradient_dir: str | Path, model: nn.Module, expected: dict | N
         if meta[key] != value:
             raise UserError(f"gradient artifact does not match the model: its {key} is {meta[key]!r}, the model's is {value!r}.")
 
+    defenses = validate_defenses(meta.get("defenses", []), where=f"gradient metadata {where} 'defenses'")
+    clients = meta.get("aggregation_clients", 1)
+    if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
+        raise UserError(f"gradient metadata {where} has an invalid aggregation_clients {clients!r}.")
+    meta = {**meta, "defenses": defenses, "aggregation_clients": clients}
     tensors = read_tensors(gradient_dir / TENSOR_FILE, "gradient file")
-    return validated_artifact(tensors, model, meta)
+    artifact = validated_artifact(tensors, model, meta)
+    check_declared(artifact.grads, defenses, clients, f"gradient artifact {gradient_dir}")
+    return artifact
 
 
 def validated_artifact(tensors: dict[str, torch.Tensor], model: nn.Module, meta: dict,

@@ -10,8 +10,11 @@ import dataclasses
 import math
 from pathlib import Path
 
-from gradinv import capture, evaluate, inversion, labels
-from gradinv.io import read_json, write_json, write_table
+from gradinv import capture, evaluate, inversion, labels, victim
+from gradinv.artifacts import load_gradient
+from gradinv.audit import utility
+from gradinv.data import normalize
+from gradinv.io import read_json, read_tensors, write_json, write_table
 
 SETS, VICTIM = "data/sets", "data/victim"
 BATCHES, SWEEP = "data/batches", "data/sweep"
@@ -40,7 +43,18 @@ def run_batch(configs: dict, root: str | Path, out: str, index: int, on_log=None
                             checkpoint_dir=folder / ".checkpoints")
     evaluate.evaluate(configs["evaluation"], folder / "invert", recovered, truth, root / SETS, root / VICTIM,
                       folder / "eval")
-    return batch_row(folder, index, capture_config.seed)
+    return {**batch_row(folder, index, capture_config.seed), **shared_utility(root, folder)}
+
+
+def shared_utility(root: Path, folder: Path) -> dict[str, float]:
+    """How close the shared (possibly defended) gradient is to the victim batch's clean one."""
+    model, meta = victim.load_victim(root / VICTIM)
+    shared = load_gradient(folder / "gradient", model)
+    truth = read_tensors(folder / "truth" / capture.TRUTH_FILE, "ground truth")
+    fields = {"arch": meta.arch, "num_classes": meta.num_classes, "input_shape": meta.input_shape,
+              "mean": meta.mean, "std": meta.std}
+    clean = capture.client_update(model, normalize(truth["images"], meta.mean, meta.std), truth["labels"], "none", fields)
+    return utility(shared.grads, clean.grads)
 
 
 def batch_row(folder: Path, index: int, capture_seed: int) -> dict:

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 
 from gradinv.io import atomic_path
 
@@ -38,6 +36,8 @@ def save_checkpoint(path: Path, key: str, state: InversionState) -> None:
         tensors[f"generator.{g}"] = generator
     if state.consensus is not None:
         tensors["consensus"] = state.consensus.detach().cpu()
+    from safetensors.torch import save_file  # imported here: runs without checkpoints need no safetensors
+
     metadata = {"key": key, "step": str(state.step), "seeds": str(len(state.images)), "log": json.dumps(state.log)}
     with atomic_path(path) as tmp:
         save_file({n: t.contiguous().clone() for n, t in tensors.items()}, str(tmp), metadata=metadata)
@@ -47,6 +47,9 @@ def load_checkpoint(path: Path, key: str, optimizer_template: dict) -> Inversion
     """The state saved at `path` if it belongs to this run (same key), else None."""
     if not path.is_file():
         return None
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

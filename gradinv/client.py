@@ -37,6 +37,40 @@ def parameter_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Te
     return dict(zip(names, grads))
 
 
+def local_update(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int, lr: float,
+                 batch_size: int, create_graph: bool = False) -> dict[str, torch.Tensor]:
+    """FedAvg on the client: `steps` passes of plain SGD (learning rate `lr`) over the batch in
+    consecutive mini-batches of `batch_size`, in order; returns new − old weights. With
+    create_graph the update is differentiable in `images`: the attacker replays this function."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+    start = dict(weights)
+    for _ in range(steps):
+        for first in range(0, len(labels), batch_size):
+            x, y = images[first:first + batch_size], labels[first:first + batch_size]
+            loss = F.cross_entropy(torch.func.functional_call(model, {**weights, **buffers}, (x,)), y)
+            grads = torch.autograd.grad(loss, [weights[n] for n in names], create_graph=create_graph)
+            weights = {n: weights[n] - lr * g for n, g in zip(names, grads)}
+    return {n: weights[n] - start[n] for n in names}
+
+
+def per_example_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """∂ℓ_i/∂W for every sample i of the batch, shaped (B, *W.shape), where ℓ_i is sample i's
+    cross-entropy in the batch's train-mode forward (BN couples the samples, so the batch runs as
+    one); the mean over i is the batch gradient."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def losses(w):  # BN updates its (fresh) buffers in place: a transform may not mutate captured ones
+        fresh = {n: b.clone() for n, b in buffers.items()}
+        return F.cross_entropy(torch.func.functional_call(model, {**w, **fresh}, (images,)), labels, reduction="none")
+
+    jacobian = torch.func.jacrev(losses)(weights)
+    return {n: jacobian[n] for n in names}
+
+
 @contextmanager
 def recorded_bn_statistics(model: nn.Module) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """While active, each forward fills {bn layer name: (batch mean, biased batch variance)} of

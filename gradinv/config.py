@@ -74,6 +74,8 @@ class CaptureConfig:
     distinct_labels: bool = rule(True)
     bn_leak: str = rule("exact", _one_of("exact", "none"))
     seed: int = rule(0)
+    defenses: list = rule([])
+    aggregation_clients: int = rule(1, _positive)
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ class InversionConfig:
     jitter: int = rule(0, _non_negative)
     flip: bool = rule(False)
     checkpoint_every: int = rule(100, _non_negative)
+    seed_workers: int = rule(0, _non_negative)
+    channels_last: bool = rule(False)
     log_every: int = rule(25, _positive)
     seed: int = rule(0)
     device: str = rule("auto")
@@ -134,6 +138,20 @@ class SweepConfig:
     batches: int = rule(2, _positive)
 
 
+@dataclass(frozen=True)
+class AuditConfig:
+    clip_norm: float = rule(1.0, _positive)
+    noise_sigmas: list = rule([0.0, 1e-4, 1e-3, 1e-2, 1e-1])
+    topk_keep: list = rule([1.0, 0.5, 0.1, 0.01])
+    aggregation_clients: list = rule([1, 2, 4, 8])
+    quantize: list = rule(["float16", "int8", "sign"])
+    fedavg_steps: list = rule([1, 2, 5])
+    fedavg_lr: float = rule(0.01, _positive)
+    fedavg_batch_size: int = rule(4, _positive)
+    iterations: int = rule(200, _positive)
+    seeds: int = rule(2, _positive)
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "victim": VictimConfig,
@@ -143,6 +161,7 @@ SECTIONS: dict[str, type] = {
     "evaluation": EvaluationConfig,
     "batches": BatchesConfig,
     "sweep": SweepConfig,
+    "audit": AuditConfig,
 }
 
 
@@ -200,6 +219,17 @@ def _check_cross_field(name: str, config) -> None:
             raise UserError("params: 'evaluation.match_distance' lpips needs 'evaluation.lpips_weights' (a local backbone weights file).")
         if config.iip_model != "victim" and not config.iip_weights:
             raise UserError("params: 'evaluation.iip_model' other than 'victim' needs 'evaluation.iip_weights' (a local weights file).")
+    if name == "capture":
+        from gradinv.defenses import validate
+
+        checked = validate(config.defenses)
+        if checked and checked[0]["kind"] == "fedavg" and config.bn_leak == "exact":
+            raise UserError("params: 'capture.bn_leak' exact is not defined under fedavg (every local step has its own "
+                            "batch statistics); set it to none.")
+    if name == "audit":
+        from gradinv.audit import audit_points
+
+        audit_points(config)
     if name == "sweep":
         sizes = config.batch_sizes
         if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes):

@@ -9,9 +9,11 @@ import hashlib
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -71,6 +73,28 @@ def random_view(config: InversionConfig, generator: torch.Generator) -> Callable
     return view
 
 
+def seed_workers(config: InversionConfig, device: torch.device) -> int:
+    """How many seeds step at once. `seed_workers: 0` (auto) picks by measurement
+    (docs/step_speed.md): on a CPU, one thread per seed up to torch's thread budget, each with one
+    torch thread, beats one seed at a time on all threads; on CUDA the seeds step one by one."""
+    if config.seed_workers:
+        return min(config.seed_workers, config.seeds)
+    if device.type != "cpu":
+        return 1
+    return max(1, min(config.seeds, torch.get_num_threads()))
+
+
+@contextmanager
+def seed_runner(workers: int) -> Iterator[Callable]:
+    """map(fn, seeds) in a loop, or over `workers` threads that each run torch on one thread
+    (torch's intra-op thread count is per calling thread); results come back in seed order."""
+    if workers == 1:
+        yield lambda fn, items: [fn(i) for i in items]
+        return
+    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        yield lambda fn, items: list(pool.map(fn, items))
+
+
 def _group_refresh_due(step: int, config: InversionConfig) -> bool:
     return config.alpha_group > 0 and step >= config.group_start and (step - config.group_start) % config.group_refresh == 0
 
@@ -83,13 +107,15 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
     if len(labels) != artifact.batch_size:
         raise UserError(f"{len(labels)} labels were given for a gradient of batch size {artifact.batch_size}.")
     device = resolve_device(config.device)
-    attacker = train_mode_copy(model).to(device)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    attacker = train_mode_copy(model).to(device, memory_format=memory_format)
     objective = Objective(attacker, artifact, torch.tensor(labels, dtype=torch.int64, device=device), config)
     shape = (artifact.batch_size, *artifact.meta["input_shape"])
     low, high = pixel_box(artifact.meta["mean"], artifact.meta["std"], device)
 
     generators = [torch.Generator().manual_seed(config.seed * 1000 + g) for g in range(config.seeds)]
-    seeds = [torch.randn(shape, generator=gen).to(device).requires_grad_(True) for gen in generators]
+    seeds = [torch.randn(shape, generator=gen).to(device, memory_format=memory_format).requires_grad_(True)
+             for gen in generators]
     initial = torch.stack([x.detach().clone() for x in seeds]).cpu()
     optimizers = [torch.optim.Adam([x], lr=config.lr) for x in seeds]
     consensus: torch.Tensor | None = None
@@ -105,32 +131,44 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
             optimizer.load_state_dict(resumed.optimizers[g])
             generator.set_state(resumed.generators[g])
 
+    workers = seed_workers(config, device)
+    # Threads must not share a model: the BN hooks of one seed's forward would see the other's.
+    objectives = [objective] * config.seeds if workers == 1 else [
+        Objective(train_mode_copy(model).to(device, memory_format=memory_format), artifact, objective.labels, config)
+        for _ in range(config.seeds)]
+
+    def step_seed(g: int, step: int, lr: float, consensus: torch.Tensor | None) -> dict | None:
+        x, optimizer, generator = seeds[g], optimizers[g], generators[g]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        terms = objectives[g].terms(x, consensus, random_view(config, generator))
+        (x.grad,) = torch.autograd.grad(terms["total"], x)
+        optimizer.step()
+        with torch.no_grad():
+            if config.langevin:
+                x.add_(torch.randn(shape, generator=generator).to(device), alpha=lr * config.langevin)
+            x.copy_(torch.maximum(torch.minimum(x, high), low))
+        if step % config.log_every == 0 or step == config.iterations - 1:
+            return {"iteration": step, "seed": g, "lr": lr, **{k: float(terms[k].detach()) for k in LOSS_TERMS}}
+        return None
+
     start = time.perf_counter()
-    for step in progress(range(first_step, config.iterations), "invert", unit="it", initial=first_step,
-                         total=config.iterations):
-        lr = learning_rate(step, config)
-        if _group_refresh_due(step, config):
-            consensus = fuse(torch.stack([x.detach() for x in seeds]), config.registration)
-        for g, (x, optimizer, generator) in enumerate(zip(seeds, optimizers, generators)):
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            terms = objective.terms(x, consensus, random_view(config, generator))
-            (x.grad,) = torch.autograd.grad(terms["total"], x)
-            optimizer.step()
-            with torch.no_grad():
-                if config.langevin:
-                    x.add_(torch.randn(shape, generator=generator).to(device), alpha=lr * config.langevin)
-                x.copy_(torch.maximum(torch.minimum(x, high), low))
-            if step % config.log_every == 0 or step == config.iterations - 1:
-                row = {"iteration": step, "seed": g, "lr": lr, **{k: float(terms[k].detach()) for k in LOSS_TERMS}}
+    with seed_runner(workers) as run_seeds:
+        for step in progress(range(first_step, config.iterations), "invert", unit="it", initial=first_step,
+                             total=config.iterations):
+            lr = learning_rate(step, config)
+            if _group_refresh_due(step, config):
+                consensus = fuse(torch.stack([x.detach() for x in seeds]), config.registration)
+            rows = run_seeds(lambda g: step_seed(g, step, lr, consensus), range(config.seeds))
+            for row in filter(None, rows):
                 log.append(row)
                 if on_log is not None:
-                    on_log(step, {f"seed{g}_{k}": row[k] for k in LOSS_TERMS})
-        done = step + 1
-        if checkpoint and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.iterations:
-            save_checkpoint(checkpoint, checkpoint_key, InversionState(
-                done, [x.detach() for x in seeds], [o.state_dict() for o in optimizers],
-                [gen.get_state() for gen in generators], consensus, log))
+                    on_log(step, {f"seed{row['seed']}_{k}": row[k] for k in LOSS_TERMS})
+            done = step + 1
+            if checkpoint and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.iterations:
+                save_checkpoint(checkpoint, checkpoint_key, InversionState(
+                    done, [x.detach() for x in seeds], [o.state_dict() for o in optimizers],
+                    [gen.get_state() for gen in generators], consensus, log))
     seconds = time.perf_counter() - start
 
     final = [float(objective.terms(x)["grad"].detach()) for x in seeds]
@@ -150,7 +188,7 @@ def run_key(gradient_file: Path, labels: list[int], config: InversionConfig) -> 
     """What a checkpoint must match to be resumed: the gradient, the labels and every setting
     that changes the result."""
     digest = hashlib.sha256(gradient_file.read_bytes())
-    settings = {k: v for k, v in as_dict(config).items() if k not in ("log_every", "checkpoint_every", "device")}
+    settings = {k: v for k, v in as_dict(config).items() if k not in ("log_every", "checkpoint_every", "device", "seed_workers", "channels_last")}
     digest.update(json.dumps([labels, settings], sort_keys=True).encode())
     return digest.hexdigest()
 

@@ -1,4 +1,7 @@
-"""Atomic, pickle-free reading and writing of the files that stages hand each other."""
+"""Atomic, pickle-free reading and writing of the files that stages hand each other.
+
+safetensors and pyarrow are imported where they are used: the inversion itself (and the speed
+benchmark on a bare GPU machine) runs with torch and torchvision alone."""
 
 from __future__ import annotations
 
@@ -9,11 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from gradinv.errors import UserError
 
@@ -58,6 +57,8 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
 def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Path:
     contiguous = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
     with atomic_path(path) as tmp:
+        from safetensors.torch import save_file
+
         save_file(contiguous, str(tmp))
     return Path(path)
 
@@ -66,6 +67,9 @@ def read_tensors(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist.")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
@@ -73,11 +77,17 @@ def read_tensors(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
 
 
 def write_table(path: str | os.PathLike, columns: dict[str, list]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     table = pa.table(columns)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)
 
 
-def read_table(path: str | os.PathLike) -> pa.Table:
+def read_table(path: str | os.PathLike):
+    """A pyarrow Table."""
+    import pyarrow.parquet as pq
+
     return pq.read_table(path)

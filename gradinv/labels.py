@@ -10,6 +10,7 @@ Strategies (params.yaml `labels.strategy`):
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from gradinv.artifacts import GradientArtifact, load_gradient
 from gradinv.config import LabelsConfig
+from gradinv.defenses import shared_update
 from gradinv.errors import UserError
 from gradinv.io import write_json
 from gradinv.models import final_linear, penultimate_features
@@ -25,12 +27,22 @@ from gradinv.victim import load_victim
 
 def _head_gradients(model: nn.Module, artifact: GradientArtifact, strategy: str, need_bias: bool):
     name, fc = final_linear(model)
-    weight_grad = artifact.grads[f"{name}.weight"]
+    weight_grad = _as_gradient(artifact, artifact.grads[f"{name}.weight"])
     if not need_bias:
         return fc, weight_grad, None
     if fc.bias is None:
         raise UserError(f"label strategy '{strategy}' needs a bias in the final Linear layer '{name}', and it has none.")
-    return fc, weight_grad, artifact.grads[f"{name}.bias"]
+    return fc, weight_grad, _as_gradient(artifact, artifact.grads[f"{name}.bias"])
+
+
+def _as_gradient(artifact: GradientArtifact, shared: torch.Tensor) -> torch.Tensor:
+    """A FedAvg update is −lr × the sum of its local steps' gradients: their mean gradient is
+    −update / (lr × steps), exact for one step over the whole batch."""
+    fedavg = shared_update(artifact.meta.get("defenses", []))
+    if fedavg is None:
+        return shared
+    local_steps = fedavg["steps"] * math.ceil(artifact.batch_size / fedavg["batch_size"])
+    return -shared / (fedavg["lr"] * local_steps)
 
 
 def check_nonnegative_features(model: nn.Module, input_shape: list[int], strategy: str, probes: int = 4) -> None:
@@ -121,10 +133,42 @@ def recover(strategy: str, model: nn.Module, artifact: GradientArtifact) -> tupl
     return STRATEGIES[strategy](model, artifact)
 
 
+def defense_warnings(strategy: str, defenses: list[dict], clients: int, batch_size: int = 1) -> list[str]:
+    """Where the declared defenses break an assumption of `strategy`, one sentence each."""
+    found = []
+    for d in defenses:
+        kind = d["kind"]
+        if kind == "fedavg" and (d["steps"] > 1 or d["batch_size"] < batch_size):
+            found.append(f"the shared update sums {d['steps']} local epoch(s) of mini-batches of {d['batch_size']} at "
+                         f"moving weights; read as one gradient it is approximate for strategy '{strategy}'.")
+        elif kind == "per_example_clip":
+            found.append(f"per-example clipping rescales each sample's gradient, so strategy '{strategy}' reads "
+                         "a reweighted mix of the samples.")
+        elif kind in ("gaussian", "laplace") and d["sigma"] > 0:
+            found.append(f"{kind} noise (sigma {d['sigma']:g}) changes the signs and sizes that strategy '{strategy}' reads "
+                         "from the last layer's gradient, so labels may be wrong once the noise rivals the gradient.")
+        elif kind == "topk" and d["keep"] < 1:
+            found.append(f"top-k pruning (keep {d['keep']:g}) zeroes entries of the last layer's gradient, so a present "
+                         f"class whose entries were dropped looks absent to strategy '{strategy}'.")
+        elif kind == "quantize" and d["to"] in ("sign", "int8"):
+            found.append(f"{d['to']} quantization coarsens the last layer's gradient: ties and lost magnitudes can "
+                         f"change what strategy '{strategy}' ranks.")
+        elif kind == "clip" and strategy == "counts":
+            found.append("clipping rescales the bias gradient, whose size strategy 'counts' turns into label counts.")
+    if clients > 1:
+        found.append(f"the gradient is the mean of {clients} clients' updates (secure aggregation): the labels read from it "
+                     "are those of all their batches, not the victim's alone.")
+    return found
+
+
 def recover_labels(config: LabelsConfig, model: nn.Module, artifact: GradientArtifact, out_dir: str | Path) -> list[Path]:
     labels, scores = recover(config.strategy, model, artifact)
-    return [write_json(Path(out_dir) / "labels.json",
-                       {"strategy": config.strategy, "labels": labels, "scores": scores.tolist()})]
+    warnings = defense_warnings(config.strategy, artifact.meta.get("defenses", []),
+                                artifact.meta.get("aggregation_clients", 1), artifact.batch_size)
+    for warning in warnings:
+        print(f"gradinv: warning: {warning}")
+    return [write_json(Path(out_dir) / "labels.json", {"strategy": config.strategy, "labels": labels,
+                                                       "scores": scores.tolist(), "assumption_warnings": warnings})]
 
 
 def run_labels(config: LabelsConfig, victim_dir: str | Path, gradient_dir: str | Path, out_dir: str | Path) -> list[Path]:

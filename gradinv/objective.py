@@ -5,7 +5,9 @@
 D is the per-layer gradient distance (paper: Σ_l ‖·‖₂, not squared; squared L2 and cosine are
 offered too), R_BN matches each BatchNorm layer's batch statistics to the leaked (BN_exact) or
 running (BN_approx) ones, and E is the group consensus of all seeds. The forward runs in the
-client's own train mode (gradinv.client), so x̂ is judged by the function the client used."""
+client's own train mode (gradinv.client), so x̂ is judged by the function the client used.
+Against declared defenses the attacker knows of, ∇_W L is replaced by what the client shared:
+only the transmitted entries under top-k pruning, and the replayed local update under FedAvg."""
 
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ import torch
 from torch import nn
 
 from gradinv.artifacts import GradientArtifact
-from gradinv.client import parameter_gradients, recorded_bn_statistics
+from gradinv.client import local_update, parameter_gradients, recorded_bn_statistics
 from gradinv.config import InversionConfig
+from gradinv.defenses import shared_update, transmitted_mask
 from gradinv.errors import UserError
 from gradinv.models import batchnorm_layers
 
@@ -53,6 +56,12 @@ class Objective:
         self.config = config
         device = labels.device
         self.target = {n: g.to(device) for n, g in artifact.grads.items()}
+        defenses = artifact.meta.get("defenses", [])
+        # Pruning the attacker knows of: only the transmitted entries are matched.
+        self.mask = transmitted_mask(self.target, defenses)
+        # FedAvg the attacker knows of: the candidate batch's local update is replayed and matched.
+        fedavg = shared_update(defenses)
+        self.fedavg = fedavg if fedavg is not None and fedavg["known_to_attacker"] else None
         self.bn_targets = self._bn_targets(model, artifact, config.bn_prior, device)
 
     @staticmethod
@@ -73,7 +82,14 @@ class Objective:
         """Every term for images x; the model sees view(x) (jitter, flips), the priors see x."""
         c = self.config
         with recorded_bn_statistics(self.model) as stats:
-            grads = parameter_gradients(self.model, view(x) if view else x, self.labels, create_graph=True)
+            seen = view(x) if view else x
+            if self.fedavg is not None:
+                f = self.fedavg
+                grads = local_update(self.model, seen, self.labels, f["steps"], f["lr"], f["batch_size"], create_graph=True)
+            else:
+                grads = parameter_gradients(self.model, seen, self.labels, create_graph=True)
+        if self.mask is not None:
+            grads = {n: g * self.mask[n] for n, g in grads.items()}
         bn = x.new_zeros(())
         for index, (name, (mean, var)) in enumerate(self.bn_targets.items()):
             weight = c.first_bn_multiplier if index == 0 else 1.0

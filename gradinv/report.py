@@ -124,3 +124,26 @@ td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:right}} th{{backgroun
     with atomic_path(path) as tmp:
         tmp.write_text(page)
     return Path(path)
+
+
+def write_audit_html(path: str | Path, table: dict[str, list], plots: list[str | Path]) -> Path:
+    """The defense audit as one self-contained page: the table and each defense's plot."""
+    figures = "\n".join(f"<h3>{html.escape(Path(p).stem)}</h3>{_img(Path(p).read_bytes(), Path(p).stem)}" for p in plots)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>gradinv defense audit</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:75em}} table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:right}} th{{background:#f3f3f3}} img{{max-width:100%}}</style>
+</head><body>
+<h1>gradinv: leakage against defense strength</h1>
+<p>Every point attacks the same client batch with the same budget and seeds. Utility: cosine and
+relative error of the shared gradient against the clean one. labels_warned: label recovery said
+a defense breaks one of its assumptions.</p>
+<h2>Defenses</h2>
+{_table({k: v for k, v in table.items() if k != "folder"})}
+<h2>Leakage against strength</h2>
+{figures}
+</body></html>
+"""
+    with atomic_path(path) as tmp:
+        tmp.write_text(page)
+    return Path(path)

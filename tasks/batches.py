@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -51,9 +53,26 @@ def _device_for_this_worker(config):
     return config
 
 
+def _restore_glibc_heap_for_tensors() -> None:
+    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_ set. An explicit trim threshold
+    turns glibc's dynamic mmap threshold off, so every tensor over 128 KiB is mmapped and unmapped
+    again: the inversion ran 2.8x slower in a worker (1.67 vs 0.60 s per iteration, resnet18 32 px,
+    bs 8, 4 seeds, one thread). Large blocks go back to the heap, and the heap is trimmed rarely."""
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: the variable means nothing there
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value
+    libc.mallopt(m_trim_threshold, 256 << 20)
+
+
 @task(cache_key_fn=_batch_cache_key, persist_result=True, result_serializer="json", log_prints=True)
 def attack_batch(root: str, out: str, index: int, params: dict, torch_threads: int | None = None) -> dict:
     """Capture, labels, inversion and evaluation of batch `index`; returns its row of metrics."""
+    _restore_glibc_heap_for_tensors()
     if torch_threads:
         torch.set_num_threads(torch_threads)
     configs = {name: build_section(name, params[name]) for name in ATTACK_SECTIONS}

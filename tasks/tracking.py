@@ -86,6 +86,16 @@ class Tracker:
         for file in files:
             self.artifact(file, "sweep")
 
+    def log_child(self, run_name: str, params: dict[str, object], metrics: dict[str, float]) -> str:
+        """A finished run grouped under this one (MLflow's parent-run tag); returns its id."""
+        parent = self.client.get_run(self.run_id)
+        child = self.client.create_run(parent.info.experiment_id, run_name=run_name,
+                                       tags={"mlflow.parentRunId": self.run_id})
+        Tracker(self.client, child.info.run_id).params(params)
+        Tracker(self.client, child.info.run_id).metrics({k: v for k, v in metrics.items() if v is not None})
+        self.client.set_terminated(child.info.run_id, "FINISHED")
+        return child.info.run_id
+
 
 @contextmanager
 def tracked_run(root: str | Path, run_name: str, tags: dict[str, str] | None = None) -> Iterator[Tracker]:

@@ -106,3 +106,37 @@ def test_sweep_flow_writes_a_table_and_plot_per_batch_size(project_copy, prefect
     png = (project_copy / "data/sweep/sweep.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert result["table"] == table
+
+
+def test_defense_audit_tabulates_leakage_and_utility_per_defense(project_copy, prefect_api_url):
+    from mlflow.tracking import MlflowClient
+
+    from flows.audit import audit
+    from tasks.tracking import tracking_uri
+
+    grid = {"noise_sigmas": [0.0, 0.1], "topk_keep": [1.0, 0.01], "aggregation_clients": [1, 2],
+            "quantize": ["sign"], "fedavg_steps": [1], "iterations": 4, "seeds": 2}
+    params = write_params(project_copy / "params.yaml", {"audit": grid, "batches": {"workers": 2}})
+    result = audit(str(params), str(project_copy))
+
+    table = pq.read_table(project_copy / "data/audit/audit.parquet").to_pydict()
+    assert table["defense"] == ["none", "clip+gaussian", "clip+gaussian", "topk", "topk",
+                                "secure_aggregation", "secure_aggregation", "fedavg", "quantize"]
+    rows = {(r["defense"], str(r["strength"])): r for r in result["rows"]}
+    assert rows[("none", "None")]["utility_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert rows[("topk", "1.0")]["utility_relative_error"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[("topk", "0.01")]["utility_cosine"] < rows[("topk", "1.0")]["utility_cosine"]
+    assert rows[("clip+gaussian", "0.1")]["utility_cosine"] < 0.5  # noise of std 0.1 per entry drowns a norm-1 gradient
+    assert rows[("secure_aggregation", "2")]["utility_cosine"] < 0.99
+    assert rows[("clip+gaussian", "0.1")]["labels_warned"] and not rows[("none", "None")]["labels_warned"]
+    assert rows[("fedavg", "1")]["attack"] == "aware of fedavg" and rows[("topk", "0.01")]["attack"] == "aware of topk"
+    assert rows[("clip+gaussian", "0.1")]["attack"] == "plain"
+    for defense in ("clip+gaussian", "topk", "secure_aggregation", "fedavg", "quantize"):
+        assert (project_copy / f"data/audit/{defense}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "leakage against defense strength" in (project_copy / "data/audit/audit.html").read_text()
+
+    client = MlflowClient(tracking_uri(project_copy))
+    parent = client.get_run(result["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 9

@@ -81,7 +81,7 @@ def test_dvc_experiment_sets_a_param_and_records_its_metrics(tmp_path, prefect_a
     data = bs2["revs"][0]["data"]
     assert data["params"]["params.yaml"]["data"]["capture"]["batch_size"] == 2
     metrics = data["metrics"]["data/eval/metrics.json"]["data"]
-    assert metrics["batch_size"] == 2 and len(metrics["per_seed"]["psnr"]) == 2
+    assert metrics["batch_size"] == 2 and metrics["psnr"] > 0
     # The workspace holds the experiment's results; the baseline params are untouched in git.
     assert json.loads((root / "data/eval/metrics.json").read_text())["batch_size"] == 2
     assert "batch_size: 4" in run("git", "show", "HEAD:params.yaml")

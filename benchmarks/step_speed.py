@@ -1,0 +1,298 @@
+"""Speed of the inversion step: seconds per iteration, peak memory, FLOPs, achieved FLOP/s.
+
+    .venv/bin/python benchmarks/step_speed.py                # CPU suite: resnet18, 32 px, bs 8, G 1/4/8
+    python benchmarks/step_speed.py --suite gpu              # GPU suite: ResNet-50, 224 px, bs 1/8/48, G 1/4/8
+
+Needs only torch and torchvision (and gradinv's own safetensors / pyarrow): no Prefect, DVC or
+MLflow, no data and no weights (random weights; the step's cost does not depend on them). Each
+configuration runs in a fresh subprocess, so its peak memory is its own. Variants:
+
+- `baseline`: the straightforward step: `loss.backward()` (parameter .grad filled too), float32,
+  seeds one by one on all torch threads;
+- `engine`: gradinv's step as `invert` runs it (gradients to the input only) with
+  `seed_workers: 1`, then with the CPU's auto choice (seeds on threads), channels_last, and on
+  GPU TF32.
+
+FLOPs come from torch.utils.flop_counter on one seed's step; the peak is the device's nominal
+fp32 (or TF32) rate where known, else a measured large-GEMM rate (said so in the output).
+Writes benchmarks/results/step_speed-<suite>.json (with the machine's description) and
+docs/step_speed.md (one table per suite found in the results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gradinv.capture import client_update  # noqa: E402
+from gradinv.client import train_mode_copy  # noqa: E402
+from gradinv.config import build_section  # noqa: E402
+from gradinv.inversion import invert, random_view  # noqa: E402
+from gradinv.models import build_model  # noqa: E402
+from gradinv.objective import Objective  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+DOC = REPO / "docs" / "step_speed.md"
+# Nominal dense rates (FLOP/s): fp32 on CUDA cores, TF32 on tensor cores.
+GPU_PEAKS = {"H100": (67e12, 495e12), "H200": (67e12, 495e12), "A100": (19.5e12, 156e12)}
+
+SUITES = {
+    "cpu": {"arch": "resnet18", "classes": 12, "px": 32, "batch_sizes": [8], "seeds": [1, 4, 8],
+            "iterations": 6, "variants": ["baseline", "engine-loop", "engine-auto", "engine-auto-channels-last"]},
+    "gpu": {"arch": "resnet50", "classes": 1000, "px": 224, "batch_sizes": [1, 8, 48], "seeds": [1, 4, 8],
+            "iterations": 6, "variants": ["baseline", "engine-loop", "engine-loop-channels-last", "engine-loop-tf32"]},
+}
+
+
+def problem(arch: str, classes: int, px: int, batch: int, device: torch.device):
+    """A random-weight model, one client's gradient artifact for a random batch, its labels."""
+    torch.manual_seed(0)
+    model = build_model(arch, classes).eval()
+    images = torch.randn(batch, 3, px, px)
+    labels = torch.randperm(classes)[:batch] if batch <= classes else torch.randint(classes, (batch,))
+    meta = {"arch": arch, "num_classes": classes, "input_shape": [3, px, px], "mean": [0.5] * 3, "std": [0.25] * 3}
+    artifact = client_update(model, images, labels, "exact", meta)
+    return model, artifact, labels.tolist()
+
+
+def baseline_seconds(model, artifact, labels, config, device, iterations: int) -> float:
+    """The straightforward loop: backward() into every leaf, seeds one after the other."""
+    attacker = train_mode_copy(model).to(device)
+    objective = Objective(attacker, artifact, torch.tensor(labels, device=device), config)
+    shape = (artifact.batch_size, *artifact.meta["input_shape"])
+    seeds = [torch.randn(shape, device=device, requires_grad=True) for _ in range(config.seeds)]
+    optimizers = [torch.optim.Adam([x], lr=config.lr) for x in seeds]
+    generator = torch.Generator().manual_seed(0)
+
+    def step():
+        for x, optimizer in zip(seeds, optimizers):
+            optimizer.zero_grad(set_to_none=True)
+            attacker.zero_grad(set_to_none=True)
+            objective.terms(x, None, random_view(config, generator))["total"].backward()
+            optimizer.step()
+
+    step()  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / iterations
+
+
+def engine_seconds(model, artifact, labels, config, iterations: int) -> float:
+    invert(model, artifact, labels, build_section("inversion", {**_as_dict(config), "iterations": 2}))  # warm-up
+    result = invert(model, artifact, labels, config)
+    return result.seconds / iterations
+
+
+class FlopCount(TorchDispatchMode):
+    """Sums torch.utils.flop_counter's per-operator formulas over every dispatched op.
+    (FlopCounterMode itself tracks modules with backward hooks that autograd.grad to a leaf
+    input rejects.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def step_flops(model, artifact, labels, config, device) -> int:
+    """FLOPs of one seed's step (forward, parameter gradients, gradient to the input)."""
+    objective = Objective(train_mode_copy(model).to(device), artifact, torch.tensor(labels, device=device), config)
+    x = torch.randn((artifact.batch_size, *artifact.meta["input_shape"]), device=device, requires_grad=True)
+    with FlopCount() as counter:
+        torch.autograd.grad(objective.terms(x)["total"], x)
+    return counter.total
+
+
+def measure(spec: dict) -> dict:
+    """One configuration, in this process (the parent runs each in a fresh one)."""
+    device = torch.device(spec["device"])
+    variant = spec["variant"]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = variant.endswith("tf32")
+    model, artifact, labels = problem(spec["arch"], spec["classes"], spec["px"], spec["batch"], device)
+    settings = {"iterations": spec["iterations"], "seeds": spec["seeds"], "device": spec["device"],
+                "checkpoint_every": 0, "log_every": 1000, "registration": "none",
+                "seed_workers": 0 if "auto" in variant else 1, "channels_last": "channels-last" in variant}
+    config = build_section("inversion", settings)
+    rss_before = _max_rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if variant == "baseline":
+        seconds = baseline_seconds(model, artifact, labels, config, device, spec["iterations"])
+    else:
+        seconds = engine_seconds(model, artifact, labels, config, spec["iterations"])
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _max_rss_bytes()
+    flops = spec["seeds"] * step_flops(model, artifact, labels, config, device)
+    return {**spec, "seconds_per_iteration": seconds, "flops_per_iteration": flops,
+            "achieved_flops": flops / seconds, "peak_memory_bytes": peak,
+            "memory_kind": "max allocated (CUDA)" if device.type == "cuda" else "process max RSS",
+            "rss_before_run_bytes": rss_before, "torch_threads": torch.get_num_threads()}
+
+
+def _as_dict(config) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(config)
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_peak(device: torch.device) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (fp32, tf32) in GPU_PEAKS.items():
+            if key in name:
+                return {"fp32": fp32, "tf32": tf32, "source": f"nominal dense rates of the {key}"}
+    size = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(size, size, device=device)
+    a @ a
+    _sync(device)
+    start, repeats = time.perf_counter(), 5
+    for _ in range(repeats):
+        a @ a
+    _sync(device)
+    rate = repeats * 2 * size ** 3 / (time.perf_counter() - start)
+    return {"fp32": rate, "tf32": rate, "source": f"measured fp32 GEMM {size}x{size} on {torch.get_num_threads()} threads"}
+
+
+def machine(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+def run_suite(name: str, device: torch.device) -> dict:
+    suite = SUITES[name]
+    rows = []
+    for batch in suite["batch_sizes"]:
+        for seeds in suite["seeds"]:
+            for variant in suite["variants"]:
+                spec = {"suite": name, "device": str(device), "arch": suite["arch"], "classes": suite["classes"],
+                        "px": suite["px"], "batch": batch, "seeds": seeds, "variant": variant,
+                        "iterations": suite["iterations"]}
+                done = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
+                if done.returncode != 0:
+                    tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+                    rows.append({**spec, "error": tail})
+                    print(f"{variant:28s} bs {batch:2d} G {seeds}: failed ({tail})", flush=True)
+                    continue
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(f"{variant:28s} bs {batch:2d} G {seeds}: {row['seconds_per_iteration']:.3f} s/it, "
+                      f"{row['peak_memory_bytes'] / 2**20:.0f} MiB", flush=True)
+    return {"suite": name, "machine": machine(device), "peak": device_peak(device), "rows": rows,
+            "command": f"python benchmarks/step_speed.py --suite {name}"}
+
+
+def table(result: dict) -> str:
+    peak = result["peak"]
+    baseline = {(r["batch"], r["seeds"]): r["seconds_per_iteration"] for r in result["rows"]
+                if r["variant"] == "baseline" and "error" not in r}
+    lines = [f"### {result['suite'].upper()}: {result['rows'][0]['arch']}, {result['rows'][0]['px']} px",
+             "", f"Machine: {json.dumps(result['machine'])}.", f"Peak used for the fraction: {peak['source']}.",
+             f"Command: `{result['command']}`", "",
+             "| bs | G | variant | s / iteration | speed-up vs baseline | GFLOP / iteration | achieved GFLOP/s | of peak | peak memory |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['batch']} | {r['seeds']} | {r['variant']} | failed: {r['error']} | | | | | |")
+            continue
+        rate = peak["tf32"] if r["variant"].endswith("tf32") else peak["fp32"]
+        speedup = baseline.get((r["batch"], r["seeds"]), float("nan")) / r["seconds_per_iteration"]
+        lines.append(f"| {r['batch']} | {r['seeds']} | {r['variant']} | {r['seconds_per_iteration']:.3f} | {speedup:.2f}x | "
+                     f"{r['flops_per_iteration'] / 1e9:.2f} | {r['achieved_flops'] / 1e9:.1f} | "
+                     f"{r['achieved_flops'] / rate:.1%} | {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['memory_kind']}) |")
+    return "\n".join(lines)
+
+
+def paper_projection(result: dict) -> str:
+    """Minutes for the paper preset (bs 8, G 8, 20K iterations) from each variant's measured step."""
+    lines = ["Paper preset (ResNet-50, 224 px, bs 8, G 8, 20,000 iterations), projected from the table:", ""]
+    for r in result["rows"]:
+        if r["batch"] == 8 and r["seeds"] == 8 and "error" not in r:
+            lines.append(f"- {r['variant']}: {r['seconds_per_iteration'] * 20000 / 60:.1f} minutes")
+    return "\n".join(lines)
+
+
+def write_doc() -> Path:
+    parts = ["# Inversion step speed", "",
+             "Written by `benchmarks/step_speed.py` from benchmarks/results/step_speed-*.json; every figure is",
+             "from a run of that script on the machine named above its table.", ""]
+    found = {path.stem.split("-", 1)[1]: json.loads(path.read_text()) for path in sorted(RESULTS.glob("step_speed-*.json"))}
+    for result in found.values():
+        parts += [table(result), ""]
+    if "gpu" in found:
+        parts += [paper_projection(found["gpu"]), ""]
+    else:
+        parts += ["### GPU", "", "No GPU figures yet: on a GPU machine, `python benchmarks/step_speed.py --suite gpu` (it needs",
+                  "only torch and torchvision besides this repository) measures ResNet-50 at 224 px, bs 1/8/48,",
+                  "G 1/4/8, and projects the paper preset (bs 8, G 8, 20K iterations).", ""]
+    DOC.write_text("\n".join(parts))
+    return DOC
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=list(SUITES), default="cpu")
+    parser.add_argument("--device", default=None, help="default: cuda for the gpu suite, cpu otherwise")
+    parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/step_speed-<suite>.json)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(json.loads(args.one))))
+        return 0
+    device = torch.device(args.device or ("cuda" if args.suite == "gpu" else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("step_speed: the gpu suite needs CUDA, and torch sees no GPU.", file=sys.stderr)
+        return 2
+    result = run_suite(args.suite, device)
+    out = Path(args.out) if args.out else RESULTS / f"step_speed-{args.suite}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"results: {out}\ndoc:     {write_doc()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Defense audit: every defense of `audit` in params.yaml over its strength grid, attacked with
+the same budget and seeds, leakage and utility in one table and one plot per defense.
+
+    python -m flows.audit
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+from prefect import flow
+
+from flows.command import run_flow_command
+from flows.fan_out import run_fan_out, victim_ready
+from gradinv.audit import AUDIT, LEAKAGE, audit_points, save_defense_plot
+from gradinv.config import as_dict, load_params
+from gradinv.defenses import modelled_by_attack
+from gradinv.io import write_json, write_table
+from gradinv.report import write_audit_html
+from tasks.batches import ATTACK_SECTIONS
+from tasks.tracking import tracked_run
+
+COLUMNS = ("defense", "strength", "attack", *LEAKAGE, "consensus_psnr", "utility_cosine", "utility_relative_error",
+           "labels_warned", "folder")
+
+
+def _slug(point: dict) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]", "_", f"{point['defense']}-{point['strength']}")
+
+
+@flow(name="gradinv-audit", log_prints=True)
+def audit(params_path: str = "params.yaml", root: str = ".") -> dict:
+    """Returns {"rows": [...], "paths": files written, "mlflow_run_id": parent run id}."""
+    params = load_params(params_path)
+    config = params["audit"]
+    points = audit_points(config)
+    root = str(Path(root).resolve())
+    attack_budget = dataclasses.replace(params["inversion"], iterations=config.iterations, seeds=config.seeds)
+    with tracked_run(root, "audit", tags={"defenses": ",".join(sorted({p["defense"] for p in points}))}) as tracker:
+        tracker.params({f"audit.{k}": v for k, v in as_dict(config).items()})
+        victim_ready(root, {s: as_dict(params[s]) for s in ("data", "victim")}, tracker)
+        jobs = []
+        for i, point in enumerate(points):
+            attack = {s: as_dict(params[s]) for s in ATTACK_SECTIONS}
+            attack["inversion"] = as_dict(attack_budget)
+            capture = dataclasses.replace(params["capture"], defenses=point["defenses"],
+                                          aggregation_clients=point["aggregation_clients"])
+            if point["defense"] == "fedavg":  # no single batch's BN statistics exist to leak
+                capture = dataclasses.replace(capture, bn_leak="none")
+                if attack_budget.bn_prior == "exact":
+                    attack["inversion"] = {**attack["inversion"], "bn_prior": "approx"}
+            attack["capture"] = as_dict(capture)
+            jobs.append({"out": f"{AUDIT}/{i:02d}-{_slug(point)}", "index": 0, "params": attack})
+        results = run_fan_out(root, jobs, params["batches"])
+        rows = [_row(point, result) for point, result in zip(points, results)]
+        out = Path(root) / AUDIT
+        table = {key: [r[key] if key != "strength" else str(r[key]) for r in rows] for key in COLUMNS}
+        plots = [save_defense_plot(rows, defense, out / f"{defense}.png")
+                 for defense in dict.fromkeys(r["defense"] for r in rows) if defense != "none"]
+        paths = [write_table(out / "audit.parquet", table), *plots,
+                 write_json(out / "audit.json", {"rows": rows, "params": as_dict(config),
+                                                 "attack_budget": {"iterations": config.iterations, "seeds": config.seeds}}),
+                 write_audit_html(out / "audit.html", table, plots)]
+        for row in rows:
+            tracker.log_child(f"audit-{_slug(row)}", {"defense": row["defense"], "strength": row["strength"]},
+                              {k: row[k] for k in (*LEAKAGE, "utility_cosine", "utility_relative_error")})
+        for path in paths:
+            tracker.artifact(path, "audit")
+    return {"rows": rows, "paths": [str(p) for p in paths], "mlflow_run_id": tracker.run_id}
+
+
+def _row(point: dict, result: dict) -> dict:
+    import json
+
+    labels = json.loads((Path(result["folder"]) / "labels" / "labels.json").read_text())
+    aware = [d["kind"] for d in point["defenses"] if modelled_by_attack(d)]
+    return {"defense": point["defense"], "strength": point["strength"],
+            "attack": "aware of " + ", ".join(aware) if aware else "plain",
+            **{k: result.get(k) for k in (*LEAKAGE, "consensus_psnr", "utility_cosine", "utility_relative_error", "folder")},
+            "labels_warned": bool(labels.get("assumption_warnings"))}
+
+
+def describe(rows: list[dict]) -> str:
+    lines = ["defense             strength   PSNR    SSIM   IIP    labels  cosine"]
+    for r in rows:
+        lines.append(f"{r['defense']:18s} {str(r['strength']):>9s} {r['psnr']:6.2f} {r['ssim']:6.3f} "
+                     f"{r['iip']:5.2f} {r['label_accuracy']:6.2f} {r['utility_cosine']:7.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    def run(args) -> str:
+        out = Path(args.root).resolve() / AUDIT
+        return f"{describe(audit(args.params, args.root)['rows'])}\ntable:  {out / 'audit.parquet'}\nreport: {out / 'audit.html'}"
+
+    return run_flow_command("python -m flows.audit", __doc__.splitlines()[0], run, argv)
+
+if __name__ == "__main__":
+    sys.exit(main())

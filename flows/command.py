@@ -1,0 +1,30 @@
+"""The command line every flow module shares: `python -m flows.<name> [--params] [--root] ...`,
+params validated before Prefect starts, user errors as one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from gradinv.config import load_params
+from gradinv.errors import UserError
+
+
+def run_flow_command(prog: str, description: str, run: Callable[[argparse.Namespace], str],
+                     argv: list[str] | None = None, add_arguments: Callable | None = None) -> int:
+    """Parse the common arguments (plus `add_arguments(parser)`), then print what `run(args)` returns."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--root", default=".")
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        load_params(args.params)  # fail fast, before Prefect (and Dask) start
+        report = run(args)
+    except UserError as err:
+        print(f"gradinv: error: {err}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
