@@ -52,7 +52,8 @@ def _numbers(values: list, key: str, ok) -> list:
 
 
 def utility(defended: dict[str, torch.Tensor], clean: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Cosine similarity and relative L2 error of the defended gradient against the clean one."""
+    """Cosine similarity and relative L2 error of the defended gradient (a FedAvg update read as
+    its mean gradient) against the clean one."""
     d = torch.cat([defended[n].flatten() for n in clean]).double()  # float32 sums over millions drift
     c = torch.cat([clean[n].flatten() for n in clean]).double()
     return {"utility_cosine": float(torch.nn.functional.cosine_similarity(d, c, dim=0)),

@@ -14,6 +14,7 @@ from gradinv import capture, evaluate, inversion, labels, victim
 from gradinv.artifacts import load_gradient
 from gradinv.audit import utility
 from gradinv.data import normalize
+from gradinv.defenses import as_gradient
 from gradinv.io import read_json, read_tensors, write_json, write_table
 
 SETS, VICTIM = "data/sets", "data/victim"
@@ -54,7 +55,8 @@ def shared_utility(root: Path, folder: Path) -> dict[str, float]:
     fields = {"arch": meta.arch, "num_classes": meta.num_classes, "input_shape": meta.input_shape,
               "mean": meta.mean, "std": meta.std}
     clean = capture.client_update(model, normalize(truth["images"], meta.mean, meta.std), truth["labels"], "none", fields)
-    return utility(shared.grads, clean.grads)
+    defenses = shared.meta.get("defenses", [])
+    return utility({n: as_gradient(g, defenses, shared.batch_size) for n, g in shared.grads.items()}, clean.grads)
 
 
 def batch_row(folder: Path, index: int, capture_seed: int) -> dict:

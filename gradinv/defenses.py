@@ -192,6 +192,17 @@ def shared_update(defenses: list[dict]) -> dict | None:
     return next((d for d in defenses if d["kind"] == "fedavg"), None)
 
 
+def as_gradient(shared: torch.Tensor, defenses: list[dict], batch_size: int) -> torch.Tensor:
+    """What was shared, read as a gradient: a FedAvg update is −lr × the sum of its local steps'
+    gradients, so their mean gradient is −update / (lr × steps), exact for one step over the
+    whole batch; anything else is a gradient already."""
+    fedavg = shared_update(defenses)
+    if fedavg is None:
+        return shared
+    local_steps = fedavg["steps"] * math.ceil(batch_size / fedavg["batch_size"])
+    return -shared / (fedavg["lr"] * local_steps)
+
+
 def modelled_by_attack(defense: dict) -> bool:
     """Pruning (match only what was sent) and FedAvg (replay the local steps) change the attack;
     the attack needs no change for the others, or cannot model them (per-example clipping)."""

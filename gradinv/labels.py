@@ -10,7 +10,6 @@ Strategies (params.yaml `labels.strategy`):
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 from gradinv.artifacts import GradientArtifact, load_gradient
 from gradinv.config import LabelsConfig
-from gradinv.defenses import shared_update
+from gradinv.defenses import as_gradient
 from gradinv.errors import UserError
 from gradinv.io import write_json
 from gradinv.models import final_linear, penultimate_features
@@ -36,13 +35,7 @@ def _head_gradients(model: nn.Module, artifact: GradientArtifact, strategy: str,
 
 
 def _as_gradient(artifact: GradientArtifact, shared: torch.Tensor) -> torch.Tensor:
-    """A FedAvg update is −lr × the sum of its local steps' gradients: their mean gradient is
-    −update / (lr × steps), exact for one step over the whole batch."""
-    fedavg = shared_update(artifact.meta.get("defenses", []))
-    if fedavg is None:
-        return shared
-    local_steps = fedavg["steps"] * math.ceil(artifact.batch_size / fedavg["batch_size"])
-    return -shared / (fedavg["lr"] * local_steps)
+    return as_gradient(shared, artifact.meta.get("defenses", []), artifact.batch_size)
 
 
 def check_nonnegative_features(model: nn.Module, input_shape: list[int], strategy: str, probes: int = 4) -> None:
