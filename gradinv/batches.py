@@ -52,9 +52,8 @@ def shared_utility(root: Path, folder: Path) -> dict[str, float]:
     model, meta = victim.load_victim(root / VICTIM)
     shared = load_gradient(folder / "gradient", model)
     truth = read_tensors(folder / "truth" / capture.TRUTH_FILE, "ground truth")
-    fields = {"arch": meta.arch, "num_classes": meta.num_classes, "input_shape": meta.input_shape,
-              "mean": meta.mean, "std": meta.std}
-    clean = capture.client_update(model, normalize(truth["images"], meta.mean, meta.std), truth["labels"], "none", fields)
+    clean = capture.client_update(model, normalize(truth["images"], meta.mean, meta.std), truth["labels"], "none",
+                                  dataclasses.asdict(meta))
     defenses = shared.meta.get("defenses", [])
     return utility({n: as_gradient(g, defenses, shared.batch_size) for n, g in shared.grads.items()}, clean.grads)
 

@@ -5,6 +5,7 @@ private ground truth that only evaluation reads."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -102,8 +103,7 @@ def capture(config: CaptureConfig, sets_dir: str | Path, victim_dir: str | Path,
     generator = torch.Generator().manual_seed(config.seed)
     index = draw_batch(pool, config.batch_size, config.distinct_labels, generator)
     images, labels = pool.images[index], pool.labels[index]
-    meta_fields = {"arch": victim.arch, "num_classes": victim.num_classes, "input_shape": victim.input_shape,
-                   "mean": victim.mean, "std": victim.std}
+    meta_fields = dataclasses.asdict(victim)  # arch, classes, input shape, normalisation
     defenses = validate_defenses(config.defenses)
     noise = torch.Generator().manual_seed(config.seed + 7919)  # the clients' noise, apart from the batch draws
     updates = []

@@ -172,8 +172,6 @@ def check_declared(grads: dict[str, torch.Tensor], defenses: list[dict], clients
                 ok = g.abs().unique().numel() <= 2
             if not ok:
                 raise UserError(f"{where} declares quantization to {to}, but its entry '{name}' holds values that {to} cannot represent.")
-        elif last["kind"] == "clip":
-            pass  # checked over all tensors below
     if last["kind"] == "clip" and global_norm(grads).item() > last["norm"] * (1 + 1e-4):
         raise UserError(f"{where} declares clipping to norm {last['norm']:g}, but its global norm is {global_norm(grads).item():.6g}.")
 
@@ -208,8 +206,3 @@ def modelled_by_attack(defense: dict) -> bool:
     the attack needs no change for the others, or cannot model them (per-example clipping)."""
     return defense["known_to_attacker"] and defense["kind"] in ("topk", "fedavg")
 
-
-def unmodelled(defenses: list[dict]) -> list[str]:
-    """Defenses the attack runs plainly against although they change what it should match."""
-    return [d["kind"] for d in defenses
-            if d["kind"] in ("topk", "fedavg", "per_example_clip") and not modelled_by_attack(d)]

@@ -26,16 +26,13 @@ from gradinv.victim import load_victim
 
 def _head_gradients(model: nn.Module, artifact: GradientArtifact, strategy: str, need_bias: bool):
     name, fc = final_linear(model)
-    weight_grad = _as_gradient(artifact, artifact.grads[f"{name}.weight"])
+    weight_grad = as_gradient(artifact.grads[f"{name}.weight"], artifact.meta.get("defenses", []), artifact.batch_size)
     if not need_bias:
         return fc, weight_grad, None
     if fc.bias is None:
         raise UserError(f"label strategy '{strategy}' needs a bias in the final Linear layer '{name}', and it has none.")
-    return fc, weight_grad, _as_gradient(artifact, artifact.grads[f"{name}.bias"])
-
-
-def _as_gradient(artifact: GradientArtifact, shared: torch.Tensor) -> torch.Tensor:
-    return as_gradient(shared, artifact.meta.get("defenses", []), artifact.batch_size)
+    return fc, weight_grad, as_gradient(artifact.grads[f"{name}.bias"], artifact.meta.get("defenses", []),
+                                        artifact.batch_size)
 
 
 def check_nonnegative_features(model: nn.Module, input_shape: list[int], strategy: str, probes: int = 4) -> None:

@@ -58,7 +58,7 @@ def _evaluate(config, root: Path, on_log=None):
 
 
 _MODEL_MODULES = ("gradinv/models.py", "gradinv/victim.py", "gradinv/data.py", "gradinv/progress.py")
-_ATTACK_MODULES = _MODEL_MODULES + ("gradinv/artifacts.py",)
+_ATTACK_MODULES = _MODEL_MODULES + ("gradinv/artifacts.py", "gradinv/defenses.py")
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare", "data", (), (SETS,), ("gradinv/data.py",), _prepare),
@@ -72,5 +72,6 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                              "gradinv/inversion.py"), _invert),
     Stage("evaluate", "evaluation", (INVERT, LABELS, TRUTH, SETS, VICTIM), (EVAL,),
           _MODEL_MODULES + ("gradinv/metrics.py", "gradinv/perceptual.py", "gradinv/report.py",
-                            "gradinv/evaluate.py", "gradinv/capture.py", "gradinv/inversion.py"), _evaluate),
+                            "gradinv/evaluate.py", "gradinv/capture.py", "gradinv/defenses.py", "gradinv/inversion.py"),
+          _evaluate),
 )}

@@ -19,7 +19,7 @@ from tasks.caching import PACKAGE_ROOT, hash_tree
 
 ATTACK_SECTIONS = ("capture", "labels", "inversion", "evaluation")
 _SOURCES = sorted({s for name in ("capture", "labels", "invert", "evaluate") for s in STAGES[name].sources}
-                  | {"gradinv/batches.py", "tasks/batches.py", "tasks/caching.py"})
+                  | {"gradinv/batches.py", "gradinv/audit.py", "tasks/batches.py", "tasks/caching.py"})
 
 
 def batch_key(root: str, out: str, index: int, params: dict) -> str:

@@ -74,3 +74,18 @@ def test_paper_preset_overrides_the_sections():
 def test_bad_presets_are_named(tmp_path, preset, presets, fragment):
     with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         load_params(_with_preset(tmp_path, preset, presets))
+
+
+def test_params_yaml_writes_out_every_key():
+    """Every knob is documented in params.yaml, and `dvc exp run -S section.key=...` can set it
+    (DVC refuses keys the file does not already have)."""
+    import dataclasses
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name, cls in SECTIONS.items():
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in (written.get(name) or {})]
+        assert not missing, f"params.yaml lacks {name}.{missing[0]}"
