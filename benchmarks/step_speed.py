@@ -4,14 +4,17 @@
     python benchmarks/step_speed.py --suite gpu              # GPU suite: ResNet-50, 224 px, bs 1/8/48, G 1/4/8
 
 Needs only torch and torchvision (and gradinv's own safetensors / pyarrow): no Prefect, DVC or
-MLflow, no data and no weights (random weights; the step's cost does not depend on them). Each
-configuration runs in a fresh subprocess, so its peak memory is its own. Variants:
+MLflow, no data and no weights (random weights; the step's cost does not depend on them). On a
+CPU each configuration runs in a fresh subprocess, so that its peak RSS is its own; on CUDA they
+run in one process (peak allocated memory is reset per configuration) and the results file is
+rewritten after each, so that a run cut short keeps what it measured. Variants:
 
-- `baseline`: the straightforward step: `loss.backward()` (parameter .grad filled too), float32,
-  seeds one by one on all torch threads;
-- `engine`: gradinv's step as `invert` runs it (gradients to the input only) with
-  `seed_workers: 1`, then with the CPU's auto choice (seeds on threads), channels_last, and on
-  GPU TF32.
+- `baseline`: the straightforward step: `loss.backward()` (parameter .grad filled too), strict
+  float32, seeds one by one on all torch threads;
+- `engine-<seeds>[-tf32][-channels-last]`: gradinv's step as `invert` runs it (gradients to the
+  input only), seeds `loop` (one by one), `auto` (invert's default for the device), `vmap` (all
+  seeds in one vmapped call) or `vmapN` (chunks of N seeds); TF32 (`inversion.tf32`) and
+  channels_last as named.
 
 FLOPs come from torch.utils.flop_counter on one seed's step; the peak is the device's nominal
 fp32 (or TF32) rate where known, else a measured large-GEMM rate (said so in the output).
@@ -22,6 +25,7 @@ docs/step_speed.md (one table per suite found in the results).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -51,15 +55,34 @@ DOC = REPO / "docs" / "step_speed.md"
 GPU_PEAKS = {"H100": (67e12, 495e12), "H200": (67e12, 495e12), "A100": (19.5e12, 156e12)}
 
 SUITES = {
-    "cpu": {"arch": "resnet18", "classes": 12, "px": 32, "batch_sizes": [8], "seeds": [1, 4, 8],
-            "iterations": 6, "variants": ["baseline", "engine-loop", "engine-auto", "engine-auto-channels-last"]},
-    "gpu": {"arch": "resnet50", "classes": 1000, "px": 224, "batch_sizes": [1, 8, 48], "seeds": [1, 4, 8],
-            "iterations": 6, "variants": ["baseline", "engine-loop", "engine-loop-channels-last", "engine-loop-tf32"]},
+    "cpu": {"arch": "resnet18", "classes": 12, "px": 32, "iterations": 6},
+    "gpu": {"arch": "resnet50", "classes": 1000, "px": 224, "iterations": 5},
 }
 
 
-def problem(arch: str, classes: int, px: int, batch: int, device: torch.device):
-    """A random-weight model, one client's gradient artifact for a random batch, its labels."""
+def suite_configs(name: str) -> list[tuple[int, int, str]]:
+    """(batch size, seeds, variant) in the order they run: on the GPU the paper preset's bs 8 and
+    the bs 48 memory check first, so that a run cut short has measured what matters most."""
+    if name == "cpu":
+        return [(8, g, v) for g in (1, 4, 8) for v in ("baseline", "engine-loop", "engine-auto", "engine-auto-channels-last")]
+    configs = []
+    for batch in (8, 48, 1):
+        for seeds in (8, 4, 1):
+            configs += [(batch, seeds, v) for v in ("engine-loop", "engine-loop-tf32")]
+            if seeds > 1:
+                configs += [(batch, seeds, v) for v in ("engine-vmap", "engine-vmap-tf32")]
+            if seeds == 8 and batch > 1:
+                configs.append((batch, seeds, "engine-vmap-tf32-channels-last"))
+            if seeds == 8 and batch == 48:
+                configs += [(batch, seeds, v) for v in ("engine-vmap4-tf32", "engine-vmap2-tf32")]
+            configs.append((batch, seeds, "baseline"))
+    return configs
+
+
+@functools.cache
+def problem(arch: str, classes: int, px: int, batch: int):
+    """A random-weight model, one client's gradient artifact for a random batch, its labels
+    (on the CPU; cached, as every variant of a batch size shares them)."""
     torch.manual_seed(0)
     model = build_model(arch, classes).eval()
     images = torch.randn(batch, 3, px, px)
@@ -92,6 +115,15 @@ def baseline_seconds(model, artifact, labels, config, device, iterations: int) -
         step()
     _sync(device)
     return (time.perf_counter() - start) / iterations
+
+
+def engine_settings(variant: str, seeds: int) -> dict:
+    """inversion settings of an `engine-...` variant."""
+    mode = variant.split("-")[1]
+    named = {"loop": 1, "auto": 0, "vmap": seeds}
+    batch = named[mode] if mode in named else int(mode.removeprefix("vmap"))
+    return {"seed_workers": 0 if mode == "auto" else 1, "seed_batch": batch,
+            "channels_last": "channels-last" in variant, "tf32": "tf32" in variant}
 
 
 def engine_seconds(model, artifact, labels, config, iterations: int) -> float:
@@ -127,25 +159,34 @@ def step_flops(model, artifact, labels, config, device) -> int:
     return counter.total
 
 
+_FLOPS_PER_SEED: dict[tuple, int] = {}
+
+
 def measure(spec: dict) -> dict:
-    """One configuration, in this process (the parent runs each in a fresh one)."""
+    """One configuration, in this process."""
     device = torch.device(spec["device"])
     variant = spec["variant"]
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = variant.endswith("tf32")
-    model, artifact, labels = problem(spec["arch"], spec["classes"], spec["px"], spec["batch"], device)
+    tf32 = "tf32" in variant
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    model, artifact, labels = problem(spec["arch"], spec["classes"], spec["px"], spec["batch"])
     settings = {"iterations": spec["iterations"], "seeds": spec["seeds"], "device": spec["device"],
-                "checkpoint_every": 0, "log_every": 1000, "registration": "none",
-                "seed_workers": 0 if "auto" in variant else 1, "channels_last": "channels-last" in variant}
+                "checkpoint_every": 0, "log_every": 1000, "registration": "none", "seed_batch": 1, "tf32": tf32}
+    if variant != "baseline":
+        settings.update(engine_settings(variant, spec["seeds"]))
     config = build_section("inversion", settings)
     rss_before = _max_rss_bytes()
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     if variant == "baseline":
         seconds = baseline_seconds(model, artifact, labels, config, device, spec["iterations"])
     else:
         seconds = engine_seconds(model, artifact, labels, config, spec["iterations"])
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _max_rss_bytes()
-    flops = spec["seeds"] * step_flops(model, artifact, labels, config, device)
+    key = (spec["arch"], spec["px"], spec["batch"])
+    if key not in _FLOPS_PER_SEED:  # the same for every variant
+        _FLOPS_PER_SEED[key] = step_flops(model, artifact, labels, config, device)
+    flops = spec["seeds"] * _FLOPS_PER_SEED[key]
     return {**spec, "seconds_per_iteration": seconds, "flops_per_iteration": flops,
             "achieved_flops": flops / seconds, "peak_memory_bytes": peak,
             "memory_kind": "max allocated (CUDA)" if device.type == "cuda" else "process max RSS",
@@ -202,27 +243,40 @@ def _cpu_model() -> str:
         return "unknown"
 
 
-def run_suite(name: str, device: torch.device) -> dict:
+def measure_in_subprocess(spec: dict) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
+    if done.returncode != 0:
+        return {**spec, "error": (done.stderr.strip().splitlines() or ["(no output)"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_here(spec: dict) -> dict:
+    try:
+        return measure(spec)
+    except torch.cuda.OutOfMemoryError:
+        return {**spec, "error": "out of GPU memory"}
+    except Exception as err:  # noqa: BLE001 - a failed configuration is a result too
+        return {**spec, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+    finally:
+        torch.cuda.empty_cache()
+
+
+def run_suite(name: str, device: torch.device, out: Path) -> dict:
     suite = SUITES[name]
-    rows = []
-    for batch in suite["batch_sizes"]:
-        for seeds in suite["seeds"]:
-            for variant in suite["variants"]:
-                spec = {"suite": name, "device": str(device), "arch": suite["arch"], "classes": suite["classes"],
-                        "px": suite["px"], "batch": batch, "seeds": seeds, "variant": variant,
-                        "iterations": suite["iterations"]}
-                done = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
-                if done.returncode != 0:
-                    tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-                    rows.append({**spec, "error": tail})
-                    print(f"{variant:28s} bs {batch:2d} G {seeds}: failed ({tail})", flush=True)
-                    continue
-                row = json.loads(done.stdout.strip().splitlines()[-1])
-                rows.append(row)
-                print(f"{variant:28s} bs {batch:2d} G {seeds}: {row['seconds_per_iteration']:.3f} s/it, "
-                      f"{row['peak_memory_bytes'] / 2**20:.0f} MiB", flush=True)
-    return {"suite": name, "machine": machine(device), "peak": device_peak(device), "rows": rows,
-            "command": f"python benchmarks/step_speed.py --suite {name}"}
+    result = {"suite": name, "machine": machine(device), "peak": device_peak(device), "rows": [],
+              "command": f"python benchmarks/step_speed.py --suite {name}"}
+    for batch, seeds, variant in suite_configs(name):
+        spec = {"suite": name, "device": str(device), "arch": suite["arch"], "classes": suite["classes"],
+                "px": suite["px"], "batch": batch, "seeds": seeds, "variant": variant, "iterations": suite["iterations"]}
+        row = measure_here(spec) if device.type == "cuda" else measure_in_subprocess(spec)
+        result["rows"].append(row)
+        out.write_text(json.dumps(result, indent=1))
+        if "error" in row:
+            print(f"{variant:32s} bs {batch:2d} G {seeds}: failed ({row['error']})", flush=True)
+        else:
+            print(f"{variant:32s} bs {batch:2d} G {seeds}: {row['seconds_per_iteration']:.4f} s/it, "
+                  f"{row['peak_memory_bytes'] / 2**20:.0f} MiB", flush=True)
+    return result
 
 
 def table(result: dict) -> str:
@@ -234,11 +288,11 @@ def table(result: dict) -> str:
              f"Command: `{result['command']}`", "",
              "| bs | G | variant | s / iteration | speed-up vs baseline | GFLOP / iteration | achieved GFLOP/s | of peak | peak memory |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
+    for r in sorted(result["rows"], key=lambda r: (r["batch"], r["seeds"])):
         if "error" in r:
             lines.append(f"| {r['batch']} | {r['seeds']} | {r['variant']} | failed: {r['error']} | | | | | |")
             continue
-        rate = peak["tf32"] if r["variant"].endswith("tf32") else peak["fp32"]
+        rate = peak["tf32"] if "tf32" in r["variant"] else peak["fp32"]
         speedup = baseline.get((r["batch"], r["seeds"]), float("nan")) / r["seconds_per_iteration"]
         lines.append(f"| {r['batch']} | {r['seeds']} | {r['variant']} | {r['seconds_per_iteration']:.3f} | {speedup:.2f}x | "
                      f"{r['flops_per_iteration'] / 1e9:.2f} | {r['achieved_flops'] / 1e9:.1f} | "
@@ -255,6 +309,33 @@ def paper_projection(result: dict) -> str:
     return "\n".join(lines)
 
 
+def tf32_quality_section(result: dict) -> str:
+    lines = [f"### Effect on reconstruction quality ({result['machine']['device']})", "",
+             f"The embedded default pipeline ({result['iterations']} iterations, G {result['seeds']}), one gradient, "
+             "inverted once per setting. Command: `" + result["command"] + "`", "",
+             "| setting | PSNR chosen seed (dB) | SSIM | PSNR consensus (dB) | final gradient distance per seed | s / iteration |",
+             "|---|---|---|---|---|---|"]
+    for name, r in result["results"].items():
+        lines.append(f"| {name} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['consensus_psnr']:.2f} | "
+                     f"{', '.join(f'{v:.4g}' for v in r['final_grad_loss'])} | {r['seconds_per_iteration']:.4f} |")
+    return "\n".join(lines)
+
+
+def probes_section(result: dict) -> str:
+    lines = [f"### CUDA graphs and torch.compile ({result['machine'].get('gpu', 'GPU')})", "",
+             "One seed's step, ResNet-50 at 224 px, TF32. Command: `" + result["command"] + "`", ""]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"- {r['probe']}, bs {r['batch']}: failed: `{r['error']}`")
+        elif r["probe"] == "graph":
+            lines.append(f"- CUDA graph, bs {r['batch']}: eager {r['eager_s'] * 1e3:.2f} ms, replay "
+                         f"{r['graph_replay_s'] * 1e3:.2f} ms ({r['speedup']:.2f}x)")
+        else:
+            lines.append(f"- torch.compile, bs {r['batch']}: eager {r['eager_s'] * 1e3:.2f} ms, compiled "
+                         f"{r['compiled_s'] * 1e3:.2f} ms ({r['speedup']:.2f}x; first call {r['first_call_s']:.0f} s)")
+    return "\n".join(lines)
+
+
 def write_doc() -> Path:
     parts = ["# Inversion step speed", "",
              "Written by `benchmarks/step_speed.py` from benchmarks/results/step_speed-*.json; every figure is",
@@ -264,6 +345,9 @@ def write_doc() -> Path:
         parts += [table(result), ""]
     if "gpu" in found:
         parts += [paper_projection(found["gpu"]), ""]
+    for name, section in (("tf32_quality", tf32_quality_section), ("gpu_probes", probes_section)):
+        if (RESULTS / f"{name}.json").is_file():
+            parts += [section(json.loads((RESULTS / f"{name}.json").read_text())), ""]
     else:
         parts += ["### GPU", "", "No GPU figures yet: on a GPU machine, `python benchmarks/step_speed.py --suite gpu` (it needs",
                   "only torch and torchvision besides this repository) measures ResNet-50 at 224 px, bs 1/8/48,",
@@ -286,10 +370,9 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("step_speed: the gpu suite needs CUDA, and torch sees no GPU.", file=sys.stderr)
         return 2
-    result = run_suite(args.suite, device)
     out = Path(args.out) if args.out else RESULTS / f"step_speed-{args.suite}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    run_suite(args.suite, device, out)
     print(f"results: {out}\ndoc:     {write_doc()}")
     return 0
 

@@ -73,15 +73,39 @@ def random_view(config: InversionConfig, generator: torch.Generator) -> Callable
     return view
 
 
+def seed_batch(config: InversionConfig, device: torch.device, can_batch: bool = True) -> int:
+    """How many seeds go through the model in one vmapped call (1: one by one). `seed_batch: 0`
+    (auto) picks by measurement (docs/step_speed.md): all seeds at once on CUDA, where a seed's
+    step alone leaves the GPU idle between small kernels; one by one on a CPU, where batching
+    gains nothing and threads do better (seed_workers), and against a FedAvg update, whose
+    replay cannot be vmapped."""
+    if config.seed_batch:
+        return min(config.seed_batch, config.seeds)
+    return config.seeds if device.type == "cuda" and can_batch else 1
+
+
 def seed_workers(config: InversionConfig, device: torch.device) -> int:
-    """How many seeds step at once. `seed_workers: 0` (auto) picks by measurement
-    (docs/step_speed.md): on a CPU, one thread per seed up to torch's thread budget, each with one
-    torch thread, beats one seed at a time on all threads; on CUDA the seeds step one by one."""
+    """How many seeds step at once on threads, when seeds are not batched. `seed_workers: 0`
+    (auto) picks by measurement (docs/step_speed.md): on a CPU, one thread per seed up to torch's
+    thread budget, each with one torch thread, beats one seed at a time on all threads; on CUDA
+    the seeds step one by one."""
     if config.seed_workers:
         return min(config.seed_workers, config.seeds)
     if device.type != "cpu":
         return 1
     return max(1, min(config.seeds, torch.get_num_threads()))
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """TF32 tensor cores for convolutions and matrix products (CUDA only) while active; torch's
+    own settings come back afterwards."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 @contextmanager
@@ -131,18 +155,20 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
             optimizer.load_state_dict(resumed.optimizers[g])
             generator.set_state(resumed.generators[g])
 
-    workers = seed_workers(config, device)
+    batch = seed_batch(config, device, can_batch=objective.fedavg is None)
+    workers = seed_workers(config, device) if batch == 1 else 1
     # Threads must not share a model: the BN hooks of one seed's forward would see the other's.
     objectives = [objective] * config.seeds if workers == 1 else [
         Objective(train_mode_copy(model).to(device, memory_format=memory_format), artifact, objective.labels, config)
         for _ in range(config.seeds)]
+    chunks = [list(range(first, min(first + batch, config.seeds))) for first in range(0, config.seeds, batch)]
 
-    def step_seed(g: int, step: int, lr: float, consensus: torch.Tensor | None) -> dict | None:
+    def update(g: int, grad: torch.Tensor, terms: dict[str, torch.Tensor], step: int, lr: float) -> dict | None:
+        """Adam step of seed g with its gradient, Langevin noise, back into the pixel box."""
         x, optimizer, generator = seeds[g], optimizers[g], generators[g]
         for group in optimizer.param_groups:
             group["lr"] = lr
-        terms = objectives[g].terms(x, consensus, random_view(config, generator))
-        (x.grad,) = torch.autograd.grad(terms["total"], x)
+        x.grad = grad
         optimizer.step()
         with torch.no_grad():
             if config.langevin:
@@ -152,14 +178,30 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
             return {"iteration": step, "seed": g, "lr": lr, **{k: float(terms[k].detach()) for k in LOSS_TERMS}}
         return None
 
+    def step_seed(g: int, step: int, lr: float, consensus: torch.Tensor | None) -> dict | None:
+        terms = objectives[g].terms(seeds[g], consensus, random_view(config, generators[g]))
+        (grad,) = torch.autograd.grad(terms["total"], seeds[g])
+        return update(g, grad, terms, step, lr)
+
+    def step_chunk(chunk: list[int], step: int, lr: float, consensus: torch.Tensor | None) -> list[dict | None]:
+        xs = [seeds[g] for g in chunk]
+        seen = torch.stack([random_view(config, generators[g])(x) for g, x in zip(chunk, xs)])
+        terms = objective.batched_terms(torch.stack(xs), seen, consensus)
+        grads = torch.autograd.grad(terms["total"].sum(), xs)
+        return [update(g, grad, {k: v[i] for k, v in terms.items()}, step, lr)
+                for i, (g, grad) in enumerate(zip(chunk, grads))]
+
     start = time.perf_counter()
-    with seed_runner(workers) as run_seeds:
+    with tf32_matmuls(config.tf32), seed_runner(workers) as run_seeds:
         for step in progress(range(first_step, config.iterations), "invert", unit="it", initial=first_step,
                              total=config.iterations):
             lr = learning_rate(step, config)
             if _group_refresh_due(step, config):
                 consensus = fuse(torch.stack([x.detach() for x in seeds]), config.registration)
-            rows = run_seeds(lambda g: step_seed(g, step, lr, consensus), range(config.seeds))
+            if batch == 1:
+                rows = run_seeds(lambda g: step_seed(g, step, lr, consensus), range(config.seeds))
+            else:
+                rows = [row for chunk in chunks for row in step_chunk(chunk, step, lr, consensus)]
             for row in filter(None, rows):
                 log.append(row)
                 if on_log is not None:
@@ -169,9 +211,8 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
                 save_checkpoint(checkpoint, checkpoint_key, InversionState(
                     done, [x.detach() for x in seeds], [o.state_dict() for o in optimizers],
                     [gen.get_state() for gen in generators], consensus, log))
-    seconds = time.perf_counter() - start
-
-    final = [float(objective.terms(x)["grad"].detach()) for x in seeds]
+        seconds = time.perf_counter() - start
+        final = [float(objective.terms(x)["grad"].detach()) for x in seeds]
     images = torch.stack([x.detach() for x in seeds]).cpu()
     return InversionResult(images, initial, final, int(torch.tensor(final).argmin()), log, seconds)
 
@@ -188,7 +229,7 @@ def run_key(gradient_file: Path, labels: list[int], config: InversionConfig) -> 
     """What a checkpoint must match to be resumed: the gradient, the labels and every setting
     that changes the result."""
     digest = hashlib.sha256(gradient_file.read_bytes())
-    settings = {k: v for k, v in as_dict(config).items() if k not in ("log_every", "checkpoint_every", "device", "seed_workers", "channels_last")}
+    settings = {k: v for k, v in as_dict(config).items() if k not in ("log_every", "checkpoint_every", "device", "seed_workers", "seed_batch", "channels_last")}
     digest.update(json.dumps([labels, settings], sort_keys=True).encode())
     return digest.hexdigest()
 

@@ -1,0 +1,80 @@
+"""Does TF32 (or batching the seeds) change what the attack recovers? Measured on the pipeline.
+
+    python benchmarks/tf32_quality.py            # on a CUDA machine; needs torch, torchvision, pyyaml,
+                                                 # safetensors, pyarrow, scikit-image, matplotlib (no Prefect/DVC/MLflow)
+
+Runs prepare → train → capture → labels once from params.yaml (default: the embedded photos),
+then invert → evaluate once per setting below on that same gradient, each in its own copy of
+data/. Writes benchmarks/results/tf32_quality.json: per setting the chosen seed's and the
+consensus's PSNR / SSIM, the final gradient distances and seconds per iteration, with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gradinv.config import load_params  # noqa: E402
+from gradinv.io import read_json  # noqa: E402
+from gradinv.stages import EVAL, INVERT, STAGES  # noqa: E402
+
+SETTINGS = {  # name -> inversion overrides
+    "fp32, seeds one by one": {"tf32": False, "seed_batch": 1},
+    "fp32, seeds batched": {"tf32": False, "seed_batch": 0},
+    "tf32, seeds batched": {"tf32": True, "seed_batch": 0},
+}
+SHARED_STAGES = ("prepare", "train", "capture", "labels")
+
+
+def run_stage(name: str, params: dict, root: Path) -> None:
+    stage = STAGES[name]
+    stage.run(params[stage.section], root, None)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    parser.add_argument("--work", default="/tmp/tf32_quality", help="scratch folder for the runs' data/")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tf32_quality.json"))
+    args = parser.parse_args()
+    params = load_params(args.params)
+    base = Path(args.work) / "shared"
+    shutil.rmtree(args.work, ignore_errors=True)
+    for name in SHARED_STAGES:
+        print(f"# {name}", flush=True)
+        run_stage(name, params, base)
+    results = {}
+    for setting, overrides in SETTINGS.items():
+        root = Path(args.work) / setting.replace(", ", "-").replace(" ", "_")
+        shutil.copytree(base, root)
+        run = {**params, "inversion": dataclasses.replace(params["inversion"], **overrides)}
+        for name in ("invert", "evaluate"):
+            run_stage(name, run, root)
+        metrics, invert = read_json(root / EVAL / "metrics.json", "metrics"), read_json(root / INVERT / "invert.json", "summary")
+        results[setting] = {"overrides": overrides, "psnr": metrics["psnr"], "ssim": metrics["ssim"],
+                            "consensus_psnr": metrics["consensus"]["psnr"], "psnr_initial_noise": metrics["psnr_initial_noise"],
+                            "final_grad_loss": invert["final_grad_loss"], "seconds_per_iteration": invert["seconds_per_iteration"]}
+        print(setting, json.dumps(results[setting]), flush=True)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        out = {"machine": {"device": device, "torch": torch.__version__, "platform": platform.platform()},
+               "params": args.params, "iterations": params["inversion"].iterations,
+               "seeds": params["inversion"].seeds, "results": results,
+               "command": "python benchmarks/tf32_quality.py"}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1))  # after each setting: a run cut short keeps its results
+    print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
