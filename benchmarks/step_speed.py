@@ -72,7 +72,7 @@ def suite_configs(name: str) -> list[tuple[int, int, str]]:
             if seeds > 1:
                 configs += [(batch, seeds, v) for v in ("engine-vmap", "engine-vmap-tf32")]
             if seeds == 8 and batch > 1:
-                configs.append((batch, seeds, "engine-vmap-tf32-channels-last"))
+                configs.append((batch, seeds, "engine-loop-tf32-channels-last"))
             if seeds == 8 and batch == 48:
                 configs += [(batch, seeds, v) for v in ("engine-vmap4-tf32", "engine-vmap2-tf32")]
             configs.append((batch, seeds, "baseline"))
@@ -293,19 +293,26 @@ def table(result: dict) -> str:
             lines.append(f"| {r['batch']} | {r['seeds']} | {r['variant']} | failed: {r['error']} | | | | | |")
             continue
         rate = peak["tf32"] if "tf32" in r["variant"] else peak["fp32"]
-        speedup = baseline.get((r["batch"], r["seeds"]), float("nan")) / r["seconds_per_iteration"]
-        lines.append(f"| {r['batch']} | {r['seeds']} | {r['variant']} | {r['seconds_per_iteration']:.3f} | {speedup:.2f}x | "
+        base = baseline.get((r["batch"], r["seeds"]))
+        speedup = f"{base / r['seconds_per_iteration']:.2f}x" if base else "(no baseline run)"
+        lines.append(f"| {r['batch']} | {r['seeds']} | {r['variant']} | {r['seconds_per_iteration']:.3f} | {speedup} | "
                      f"{r['flops_per_iteration'] / 1e9:.2f} | {r['achieved_flops'] / 1e9:.1f} | "
                      f"{r['achieved_flops'] / rate:.1%} | {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['memory_kind']}) |")
     return "\n".join(lines)
 
 
-def paper_projection(result: dict) -> str:
-    """Minutes for the paper preset (bs 8, G 8, 20K iterations) from each variant's measured step."""
-    lines = ["Paper preset (ResNet-50, 224 px, bs 8, G 8, 20,000 iterations), projected from the table:", ""]
+def paper_projection(result: dict, probes: dict | None) -> str:
+    """Minutes for the paper preset (bs 8, G 8, 20K iterations) from each variant's measured step
+    (the step alone: the consensus refresh every 100 iterations comes on top)."""
+    lines = [f"Paper preset (ResNet-50, 224 px, bs 8, G 8, 20,000 iterations), projected from the steps measured on "
+             f"the {result['machine'].get('gpu', 'GPU')} (target: 30 minutes on an H100):", ""]
     for r in result["rows"]:
         if r["batch"] == 8 and r["seeds"] == 8 and "error" not in r:
-            lines.append(f"- {r['variant']}: {r['seconds_per_iteration'] * 20000 / 60:.1f} minutes")
+            lines.append(f"- {r['variant']}: {r['seconds_per_iteration'] * 20000 / 60:.0f} minutes")
+    for r in (probes or {}).get("rows", []):
+        if r["probe"] == "graph-vmap" and "error" not in r:
+            lines.append(f"- the same step batched and replayed as a CUDA graph (probe, not in the engine): "
+                         f"{r['graph_replay_s'] * 20000 / 60:.0f} minutes")
     return "\n".join(lines)
 
 
@@ -322,33 +329,46 @@ def tf32_quality_section(result: dict) -> str:
 
 
 def probes_section(result: dict) -> str:
-    lines = [f"### CUDA graphs and torch.compile ({result['machine'].get('gpu', 'GPU')})", "",
-             "One seed's step, ResNet-50 at 224 px, TF32. Command: `" + result["command"] + "`", ""]
+    runs = result.get("runs", {})
+    lines = [f"### CUDA graphs, cuDNN autotuning, profile ({result['machine'].get('gpu', 'GPU')})", "",
+             "ResNet-50 at 224 px, TF32 on. " + result.get("note", ""), ""]
     for r in result["rows"]:
+        command = f" (`{runs[str(r['run'])]}`)" if str(r.get("run")) in runs else f" (`{result['command']}`)"
         if "error" in r:
-            lines.append(f"- {r['probe']}, bs {r['batch']}: failed: `{r['error']}`")
-        elif r["probe"] == "graph":
-            lines.append(f"- CUDA graph, bs {r['batch']}: eager {r['eager_s'] * 1e3:.2f} ms, replay "
-                         f"{r['graph_replay_s'] * 1e3:.2f} ms ({r['speedup']:.2f}x)")
-        else:
-            lines.append(f"- torch.compile, bs {r['batch']}: eager {r['eager_s'] * 1e3:.2f} ms, compiled "
-                         f"{r['compiled_s'] * 1e3:.2f} ms ({r['speedup']:.2f}x; first call {r['first_call_s']:.0f} s)")
+            lines.append(f"- {r['probe']}, bs {r['batch']}: failed: `{r['error']}`{command}")
+        elif r["probe"] in ("graph", "graph-vmap"):
+            lines.append(f"- CUDA graph of the whole step, bs {r['batch']}, G {r.get('seeds', 1)}"
+                         f"{' (batched)' if r.get('seeds', 1) > 1 else ''}: eager {r['eager_s'] * 1e3:.0f} ms, replay "
+                         f"{r['graph_replay_s'] * 1e3:.0f} ms ({r['speedup']:.2f}x){command}")
+        elif r["probe"] == "autotune":
+            lines.append(f"- cudnn.benchmark, bs {r['batch']}: off {r['eager_s'] * 1e3:.0f} ms, on "
+                         f"{r['autotuned_s'] * 1e3:.0f} ms ({r['speedup']:.2f}x){command}")
+        elif r["probe"] == "compile":
+            lines.append(f"- torch.compile, bs {r['batch']}: eager {r['eager_s'] * 1e3:.0f} ms, compiled "
+                         f"{r['compiled_s'] * 1e3:.0f} ms ({r['speedup']:.2f}x; first call {r['first_call_s']:.0f} s){command}")
+    for r in result["rows"]:
+        if r["probe"] == "profile" and "table" in r:
+            table = r["table"].splitlines()
+            lines += ["", f"Profile of three eager steps, one seed, bs {r['batch']}{command}: top operators by GPU time.", "",
+                      "```", *table[:16], *table[-3:], "```"]
     return "\n".join(lines)
 
 
 def write_doc() -> Path:
     parts = ["# Inversion step speed", "",
              "Written by `benchmarks/step_speed.py` from benchmarks/results/step_speed-*.json; every figure is",
-             "from a run of that script on the machine named above its table.", ""]
+             "from a run of that script on the machine named above its table. What the figures mean, and",
+             "which settings they made the defaults: README, section Speed.", ""]
     found = {path.stem.split("-", 1)[1]: json.loads(path.read_text()) for path in sorted(RESULTS.glob("step_speed-*.json"))}
     for result in found.values():
         parts += [table(result), ""]
+    probes = json.loads((RESULTS / "gpu_probes.json").read_text()) if (RESULTS / "gpu_probes.json").is_file() else None
     if "gpu" in found:
-        parts += [paper_projection(found["gpu"]), ""]
+        parts += [paper_projection(found["gpu"], probes), ""]
     for name, section in (("tf32_quality", tf32_quality_section), ("gpu_probes", probes_section)):
         if (RESULTS / f"{name}.json").is_file():
             parts += [section(json.loads((RESULTS / f"{name}.json").read_text())), ""]
-    else:
+    if "gpu" not in found:
         parts += ["### GPU", "", "No GPU figures yet: on a GPU machine, `python benchmarks/step_speed.py --suite gpu` (it needs",
                   "only torch and torchvision besides this repository) measures ResNet-50 at 224 px, bs 1/8/48,",
                   "G 1/4/8, and projects the paper preset (bs 8, G 8, 20K iterations).", ""]
@@ -361,10 +381,14 @@ def main() -> int:
     parser.add_argument("--suite", choices=list(SUITES), default="cpu")
     parser.add_argument("--device", default=None, help="default: cuda for the gpu suite, cpu otherwise")
     parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/step_speed-<suite>.json)")
+    parser.add_argument("--doc", action="store_true", help="only rewrite docs/step_speed.md from the results files")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
+        return 0
+    if args.doc:
+        print(f"doc: {write_doc()}")
         return 0
     device = torch.device(args.device or ("cuda" if args.suite == "gpu" else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -46,17 +46,22 @@ def main() -> int:
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--work", default="/tmp/tf32_quality", help="scratch folder for the runs' data/")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tf32_quality.json"))
+    parser.add_argument("--iterations", type=int, help="inversion iterations (default: params.yaml's)")
+    parser.add_argument("--settings", nargs="*", choices=list(SETTINGS), help="settings to run (default: all)")
     args = parser.parse_args()
     params = load_params(args.params)
+    if args.iterations:
+        params["inversion"] = dataclasses.replace(params["inversion"], iterations=args.iterations)
     base = Path(args.work) / "shared"
     shutil.rmtree(args.work, ignore_errors=True)
     for name in SHARED_STAGES:
         print(f"# {name}", flush=True)
         run_stage(name, params, base)
     results = {}
-    for setting, overrides in SETTINGS.items():
+    for setting in args.settings or SETTINGS:
+        overrides = SETTINGS[setting]
         root = Path(args.work) / setting.replace(", ", "-").replace(" ", "_")
-        shutil.copytree(base, root)
+        shutil.copytree(base, root)  # the same gradient and labels for every setting
         run = {**params, "inversion": dataclasses.replace(params["inversion"], **overrides)}
         for name in ("invert", "evaluate"):
             run_stage(name, run, root)

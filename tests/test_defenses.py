@@ -218,6 +218,8 @@ def test_the_attackers_fedavg_replay_reproduces_the_clients_update(tiny_project)
     plain_artifact = client_update(model, images, labels, "none", fields, [{**fedavg, "known_to_attacker": False}])
     plain = Objective(train_mode_copy(model), plain_artifact, labels, config).terms(images)["grad"].item()
     assert aware < 1e-4 * plain  # the aware attack's objective vanishes at the true batch; the plain one does not
+    with pytest.raises(UserError, match="FedAvg"):  # the replay cannot run under vmap: one clear sentence
+        Objective(train_mode_copy(model), shared, labels, config).batched_terms(images.unsqueeze(0).repeat(2, 1, 1, 1, 1))
 
 
 def test_labels_are_read_from_a_fedavg_update(tiny_project):

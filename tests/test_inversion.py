@@ -9,7 +9,7 @@ from gradinv.client import train_mode_copy
 from gradinv.config import build_section
 from gradinv.data import normalize
 from gradinv.errors import UserError
-from gradinv.inversion import invert, learning_rate, pixel_box, tf32_matmuls
+from gradinv.inversion import invert, learning_rate, pixel_box, seed_batch, tf32_matmuls
 from gradinv.objective import LOSS_TERMS, Objective
 from gradinv.io import read_tensors
 from gradinv.stages import GRADIENT, TRUTH, VICTIM
@@ -162,6 +162,18 @@ def test_batched_seeds_give_each_seed_the_terms_and_image_gradient_of_its_own_st
             assert batched[name][g].item() == pytest.approx(alone[name].item(), rel=1e-4, abs=1e-7), name
         assert (batched_grad[g] - grad).abs().max() <= 1e-3 * grad.abs().max()  # measured: 2.4e-4 (float32)
     assert batched["grad"][0].item() != pytest.approx(batched["grad"][1].item(), rel=1e-3)  # the seeds differ
+
+
+def test_auto_seed_batching_stacks_seeds_on_cuda_only_up_to_the_image_budget():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    config = _config(seeds=8)
+    assert seed_batch(config, cuda, 8) == 8 and seed_batch(config, cuda, 16) == 4 and seed_batch(config, cuda, 48) == 1
+    assert seed_batch(config, cuda, 1) == 8  # never more than the seeds
+    assert seed_batch(config, cpu, 8) == 1 and seed_batch(config, cuda, 8, can_batch=False) == 1
+    assert seed_batch(_config(seeds=8, channels_last=True), cuda, 8) == 1
+    assert seed_batch(_config(seeds=8, seed_batch=3), cpu, 48) == 3  # an explicit choice wins
+    with pytest.raises(UserError, match="channels_last"):
+        _config(seed_batch=2, channels_last=True)
 
 
 def test_tf32_setting_is_restored_after_the_run():
