@@ -10,6 +10,14 @@ labels drawn with replacement (repeats). For ResNet-50, distinct batches get dis
 labels among the 1000 classes, and batches with replacement keep the photos' own 12 labels, so
 that labels repeat heavily. Accuracy = multiset overlap of recovered and true labels / batch size.
 
+`counts` runs as the stage runs it when BN statistics leak (the default capture): p̄ from a
+surrogate batch matched to the leaked statistics (1000 Adam steps per batch, so on the pipeline
+victim only, and on fewer batches); `counts, noise p̄` is the same rule with p̄ from noise, as
+without a BN leak. Two diagnostics per point, not strategies: `counts, true p̄` is `counts` given the batch's own
+mean softmax instead of the dummy estimate (what the attacker lacks), and `confident` is the
+share of samples the client's model puts at ≥ 0.99 on their true class: such a sample's
+p − y is ~0, so it adds nearly nothing to any layer's gradient and its label is nearly invisible.
+
 Writes benchmarks/results/label_accuracy.parquet, docs/label_accuracy.md and
 docs/label_accuracy.png, with the machine's description.
 """
@@ -31,12 +39,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gradinv.artifacts import GradientArtifact, gradient_meta  # noqa: E402
-from gradinv.client import parameter_gradients, train_mode_copy  # noqa: E402
+from gradinv.client import parameter_gradients, recorded_bn_statistics, train_mode_copy  # noqa: E402
 from gradinv.config import load_params  # noqa: E402
 from gradinv.data import load_set, normalize, prepare  # noqa: E402
 from gradinv.errors import UserError  # noqa: E402
 from gradinv.io import write_table  # noqa: E402
-from gradinv.labels import count_labels, dummy_posterior, idlg_label, yin_labels  # noqa: E402
+from gradinv.labels import bn_matched_posterior, count_labels, dummy_posterior, idlg_label, yin_labels  # noqa: E402
 from gradinv.metrics import label_accuracy  # noqa: E402
 from gradinv.models import final_linear  # noqa: E402
 from gradinv.victim import load_victim, train  # noqa: E402
@@ -45,15 +53,18 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48)
 
 
 def head_artifact(model, images, labels, arch: str, mean, std) -> GradientArtifact:
-    """The client's gradient restricted to the final Linear layer (all that label recovery
-    reads): same train-mode forward, backward through the head only."""
+    """The client's gradient restricted to the final Linear layer (all that the gradient-only
+    strategies read), with the batch's BN statistics (leaked, as in the default capture): same
+    train-mode forward, backward through the head only."""
     client = train_mode_copy(model)
     head_name, head = final_linear(client)
     for name, p in client.named_parameters():
         p.requires_grad_(name.startswith(head_name + "."))
-    grads = parameter_gradients(client, images, labels)
-    meta = gradient_meta(arch, head.out_features, list(images.shape[1:]), mean, std, len(labels), "none")
-    return GradientArtifact({n: g.detach() for n, g in grads.items()}, meta)
+    with recorded_bn_statistics(client) as stats:
+        grads = parameter_gradients(client, images, labels)
+    meta = gradient_meta(arch, head.out_features, list(images.shape[1:]), mean, std, len(labels), "exact")
+    return GradientArtifact({n: g.detach() for n, g in grads.items()}, meta,
+                            {n: m.detach() for n, (m, _) in stats.items()}, {n: v.detach() for n, (_, v) in stats.items()})
 
 
 def draw_labels(mode: str, batch: int, pool_labels: torch.Tensor, classes: int, relabel: bool, generator):
@@ -69,8 +80,16 @@ def draw_labels(mode: str, batch: int, pool_labels: torch.Tensor, classes: int, 
     return index, pool_labels[index]
 
 
+def batch_posteriors(model, images: torch.Tensor) -> torch.Tensor:
+    """The client's softmax for each sample, in its train-mode forward (batch statistics)."""
+    with torch.no_grad():
+        return torch.softmax(train_mode_copy(model)(images), 1).double()
+
+
 def run_setting(rows: list, setting: str, epochs: int | None, model, arch: str, pool, mean, std,
-                batches: int, relabel: bool, seed: int) -> None:
+                batches: int, relabel: bool, seed: int, bn_batches: int = 0, bn_steps: int = 1000) -> None:
+    """Every strategy on `batches` random batches per point; `counts` with the BN-matched
+    posterior (what the stage runs when BN statistics leak) on the first `bn_batches` of them."""
     classes = final_linear(model)[1].out_features
     images_all = normalize(pool.images, mean, std)
     for batch in BATCH_SIZES:
@@ -89,7 +108,13 @@ def run_setting(rows: list, setting: str, epochs: int | None, model, arch: str, 
                     break  # train-mode BN cannot run one image through a 1×1 feature map
                 if posterior is None:
                     posterior = dummy_posterior(model, artifact)
-                strategies = {"counts": lambda: count_labels(model, artifact, posterior)}
+                truth = batch_posteriors(model, images_all[index])
+                strategies = {"counts, noise p̄": lambda: count_labels(model, artifact, posterior),
+                              "counts, true p̄": lambda: count_labels(model, artifact, truth.mean(0))}
+                if len(scores.get("confident", [])) < bn_batches and batch > 1:
+                    strategies["counts"] = lambda: count_labels(model, artifact, bn_matched_posterior(model, artifact, bn_steps))
+                scores.setdefault("confident", []).append(
+                    (truth[torch.arange(len(labels)), labels] >= 0.99).double().mean().item())
                 if batch <= classes:
                     strategies["yin"] = lambda: yin_labels(model, artifact)
                 if batch == 1:
@@ -121,7 +146,7 @@ def write_doc(rows: list, out_png: Path, out_md: Path, command: str) -> None:
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     figure, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 3.2), sharey=True, squeeze=False)
     for axis, setting in zip(axes[0], settings):
-        for strategy in ("yin", "counts"):
+        for strategy in ("yin", "counts, noise p̄", "counts"):
             for mode, style in (("distinct", "-o"), ("replacement", "--s")):
                 mine = [r for r in rows if r["setting"] == setting and r["strategy"] == strategy and r["labels"] == mode]
                 if mine:
@@ -140,7 +165,7 @@ def write_doc(rows: list, out_png: Path, out_md: Path, command: str) -> None:
              "|---|---|---|" + "---|" * len(BATCH_SIZES)]
     for setting in settings:
         for mode in ("distinct", "replacement"):
-            for strategy in ("yin", "idlg", "counts"):
+            for strategy in ("yin", "idlg", "counts", "counts, noise p̄", "counts, true p̄", "confident"):
                 cells = {r["batch_size"]: r for r in rows if (r["setting"], r["labels"], r["strategy"]) == (setting, mode, strategy)}
                 if cells:
                     values = " | ".join(f"{cells[b]['accuracy']:.1%} ({cells[b]['batches']})" if b in cells else "–"
@@ -148,7 +173,10 @@ def write_doc(rows: list, out_png: Path, out_md: Path, command: str) -> None:
                     lines.append(f"| {setting} | {mode} | {strategy} | {values} |")
     lines += ["", "Cells: accuracy (number of batches). –: not applicable (yin needs distinct labels and "
               "at most as many images as classes; idlg needs a batch of one; at 32 px a batch of one "
-              "cannot pass train-mode BatchNorm, whose last feature map is 1×1).", "",
+              "cannot pass train-mode BatchNorm, whose last feature map is 1×1). Diagnostic rows: "
+              "`counts, true p̄` is `counts` handed the batch's own mean softmax, which no attacker has "
+              "(it shows that p̄ is all that `counts` misses); `confident` is the share of samples at ≥ 0.99 "
+              "on their true class, whose labels the gradient barely carries.", "",
               f"![label accuracy]({out_png.name})", ""]
     out_md.write_text("\n".join(lines))
 
@@ -158,11 +186,14 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=50, help="batches per point, embedded victim")
     parser.add_argument("--resnet50-batches", type=int, default=5, help="batches per point, ResNet-50")
     parser.add_argument("--stages", default="0,1,2,4", help="training epochs of the extra victim snapshots")
+    parser.add_argument("--bn-batches", type=int, default=8,
+                        help="batches per point for `counts` with the BN-matched posterior (pipeline victim only: "
+                             "1000 Adam steps per batch)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few batches, no ResNet-50")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     if args.quick:
-        args.batches, args.resnet50_batches, args.stages = 3, 0, "0"
+        args.batches, args.resnet50_batches, args.stages, args.bn_batches = 3, 0, "0", 1
     command = " ".join(["python benchmarks/label_accuracy.py", *sys.argv[1:]])
     params = load_params(REPO / "params.yaml")
     rows: list[dict] = []
@@ -176,7 +207,9 @@ def main() -> int:
             train(dataclasses.replace(params["victim"], epochs=epochs, device="cpu"), tmp / "sets", tmp / f"victim{epochs}")
             model, _ = load_victim(tmp / f"victim{epochs}")
             name = f"resnet18 32px, {epochs} epochs" + (" (pipeline)" if epochs == params["victim"].epochs else "")
-            run_setting(rows, name, epochs, model, "resnet18", pool, mean, std, args.batches, False, epochs)
+            bn_batches = args.bn_batches if epochs == params["victim"].epochs else 0
+            run_setting(rows, name, epochs, model, "resnet18", pool, mean, std, args.batches, False, epochs,
+                        bn_batches, params["labels"].posterior_steps)
         if args.resnet50_batches:
             prepare(dataclasses.replace(params["data"], resolution=224, train_per_class=1, pool_per_class=8), tmp / "sets224")
             torch.manual_seed(0)

@@ -81,6 +81,7 @@ class CaptureConfig:
 @dataclass(frozen=True)
 class LabelsConfig:
     strategy: str = rule("yin", _one_of("yin", "idlg", "counts"))
+    posterior_steps: int = rule(1000, _non_negative)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from gradinv.defenses import as_gradient
 from gradinv.errors import UserError
 from gradinv.io import write_json
 from gradinv.models import final_linear, penultimate_features
+from gradinv.progress import progress
 from gradinv.victim import load_victim
 
 
@@ -93,23 +94,61 @@ def dummy_posterior(model: nn.Module, artifact: GradientArtifact, batches: int =
     return torch.stack(means).mean(0)
 
 
-def count_labels(model: nn.Module, artifact: GradientArtifact,
-                 posterior: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor]:
+def bn_matched_posterior(model: nn.Module, artifact: GradientArtifact, steps: int, seed: int = 0,
+                         lr: float = 0.2, first_bn_multiplier: float = 10.0) -> torch.Tensor:
+    """Mean softmax of a surrogate batch: N(0, 1) images moved by Adam (cosine-decayed learning
+    rate) until their BatchNorm statistics match the ones that leaked with the gradient (the
+    inversion's BN prior, alone), then read in the client's train mode. Deep layers' statistics carry what the batch shows, so
+    this p̄ follows the real batch's predictions where noise cannot (docs/label_accuracy.md)."""
+    from gradinv.client import recorded_bn_statistics, train_mode_copy
+
+    client = train_mode_copy(model)
+    for p in client.parameters():
+        p.requires_grad_(False)
+    device = next(client.parameters()).device
+    targets = {n: (artifact.bn_mean[n].to(device), artifact.bn_var[n].to(device)) for n in artifact.bn_mean}
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((artifact.batch_size, *artifact.meta["input_shape"]), generator=generator).to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for _ in progress(range(steps), "labels: BN-matched batch", leave=False):
+        with recorded_bn_statistics(client) as stats:
+            client(x)
+        loss = sum((first_bn_multiplier if index == 0 else 1.0)
+                   * (torch.linalg.vector_norm(stats[n][0] - mean) + torch.linalg.vector_norm(stats[n][1] - var))
+                   for index, (n, (mean, var)) in enumerate(targets.items()))
+        (x.grad,) = torch.autograd.grad(loss, x)
+        optimizer.step()
+        schedule.step()
+    with torch.no_grad():
+        return torch.softmax(client(x), 1).mean(0).double().cpu()
+
+
+def batch_posterior(model: nn.Module, artifact: GradientArtifact, steps: int) -> tuple[torch.Tensor, str]:
+    """The attacker's estimate of p̄ and how it was made: from a BN-matched surrogate batch when
+    the artifact carries the batch's BN statistics and steps > 0, else from noise."""
+    if steps and artifact.has_bn_statistics:
+        return bn_matched_posterior(model, artifact, steps), "bn_matched"
+    return dummy_posterior(model, artifact), "noise"
+
+
+def count_labels(model: nn.Module, artifact: GradientArtifact, posterior: torch.Tensor | None = None,
+                 posterior_steps: int = 0) -> tuple[list[int], torch.Tensor]:
     """Labels with multiplicities from the last layer's bias gradient (impact estimation).
 
     For mean cross-entropy over B samples, ∂L/∂b = p̄ − n/B, with p̄ the batch's mean softmax
-    and n the label counts, so n = B (p̄ − ∂L/∂b) exactly. p̄ is estimated by the model's mean
-    softmax on dummy batches (`dummy_posterior`): accurate when the posteriors depend little on
-    the input (untrained or early models, many classes), poor for confident trained models.
-    The estimate is rounded to integers summing to B; a class with a negative bias gradient
-    (certainly present) keeps at least one label. `posterior` replaces the dummy estimate of p̄
-    (it depends only on the model and the batch size, so callers may reuse it).
-    Returns (labels, real-valued counts)."""
+    and n the label counts, so n = B (p̄ − ∂L/∂b) exactly. p̄ is estimated (`batch_posterior`)
+    from a surrogate batch whose BN statistics match the leaked ones (`posterior_steps` of
+    Adam), or, without leaked statistics, from the model's mean softmax on noise: accurate when
+    the posteriors depend little on the input (untrained or early models), poor for confident
+    trained ones. The estimate is rounded to integers summing to B; a class with a negative bias
+    gradient (certainly present) keeps at least one label. `posterior` replaces the estimate of
+    p̄. Returns (labels, real-valued counts)."""
     fc, _, bias_grad = _head_gradients(model, artifact, "counts", need_bias=True)
     batch = artifact.batch_size
     bias_grad = bias_grad.double()
     if posterior is None:
-        posterior = dummy_posterior(model, artifact)
+        posterior, _ = batch_posterior(model, artifact, posterior_steps)
     estimate = batch * (posterior.double() - bias_grad)
     counts = round_to_total(estimate, batch, (bias_grad < 0).double())
     labels = sorted(int(c) for c, n in enumerate(counts.tolist()) for _ in range(n))
@@ -119,7 +158,10 @@ def count_labels(model: nn.Module, artifact: GradientArtifact,
 STRATEGIES = {"yin": yin_labels, "idlg": idlg_label, "counts": count_labels}
 
 
-def recover(strategy: str, model: nn.Module, artifact: GradientArtifact) -> tuple[list[int], torch.Tensor]:
+def recover(strategy: str, model: nn.Module, artifact: GradientArtifact,
+            config: LabelsConfig | None = None) -> tuple[list[int], torch.Tensor]:
+    if strategy == "counts":
+        return count_labels(model, artifact, posterior_steps=(config or LabelsConfig()).posterior_steps)
     return STRATEGIES[strategy](model, artifact)
 
 
@@ -152,13 +194,15 @@ def defense_warnings(strategy: str, defenses: list[dict], clients: int, batch_si
 
 
 def recover_labels(config: LabelsConfig, model: nn.Module, artifact: GradientArtifact, out_dir: str | Path) -> list[Path]:
-    labels, scores = recover(config.strategy, model, artifact)
+    labels, scores = recover(config.strategy, model, artifact, config)
     warnings = defense_warnings(config.strategy, artifact.meta.get("defenses", []),
                                 artifact.meta.get("aggregation_clients", 1), artifact.batch_size)
     for warning in warnings:
         print(f"gradinv: warning: {warning}")
-    return [write_json(Path(out_dir) / "labels.json", {"strategy": config.strategy, "labels": labels,
-                                                       "scores": scores.tolist(), "assumption_warnings": warnings})]
+    info = {"strategy": config.strategy, "labels": labels, "scores": scores.tolist(), "assumption_warnings": warnings}
+    if config.strategy == "counts":  # how p̄ was estimated
+        info["posterior"] = "bn_matched" if config.posterior_steps and artifact.has_bn_statistics else "noise"
+    return [write_json(Path(out_dir) / "labels.json", info)]
 
 
 def run_labels(config: LabelsConfig, victim_dir: str | Path, gradient_dir: str | Path, out_dir: str | Path) -> list[Path]:
