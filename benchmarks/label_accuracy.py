@@ -1,6 +1,6 @@
 """Label-recovery accuracy against batch size, for every strategy.
 
-    .venv/bin/python benchmarks/label_accuracy.py            # full run (~10 min on 2 CPU cores)
+    .venv/bin/python benchmarks/label_accuracy.py            # full run (~37 min on 2 CPU cores)
     .venv/bin/python benchmarks/label_accuracy.py --quick    # smoke run
 
 Settings: (a) the embedded victim (resnet18, 12 photo classes, 32 px) trained as params.yaml

@@ -58,6 +58,7 @@ def main() -> int:
         print(f"# {name}", flush=True)
         run_stage(name, params, base)
     results = {}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     for setting in args.settings or SETTINGS:
         overrides = SETTINGS[setting]
         root = Path(args.work) / setting.replace(", ", "-").replace(" ", "_")
@@ -70,7 +71,6 @@ def main() -> int:
                             "consensus_psnr": metrics["consensus"]["psnr"], "psnr_initial_noise": metrics["psnr_initial_noise"],
                             "final_grad_loss": invert["final_grad_loss"], "seconds_per_iteration": invert["seconds_per_iteration"]}
         print(setting, json.dumps(results[setting]), flush=True)
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         out = {"machine": {"device": device, "torch": torch.__version__, "platform": platform.platform()},
                "params": args.params, "iterations": params["inversion"].iterations,
                "seeds": params["inversion"].seeds, "results": results,

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from gradinv.artifacts import GradientArtifact, load_gradient
+from gradinv.client import recorded_bn_statistics, train_mode_copy
 from gradinv.config import LabelsConfig
 from gradinv.defenses import as_gradient
 from gradinv.errors import UserError
 from gradinv.io import write_json
 from gradinv.models import final_linear, penultimate_features
+from gradinv.objective import bn_distance
 from gradinv.progress import progress
 from gradinv.victim import load_victim
 
@@ -82,8 +84,6 @@ def round_to_total(values: torch.Tensor, total: int, minimum: torch.Tensor) -> t
 def dummy_posterior(model: nn.Module, artifact: GradientArtifact, batches: int = 4, seed: int = 0) -> torch.Tensor:
     """Mean softmax of the model on N(0, 1) inputs, in the client's BN mode (train: batch
     statistics over a dummy batch of the same size): the attacker's stand-in for p̄."""
-    from gradinv.client import train_mode_copy
-
     client = train_mode_copy(model)
     device = next(client.parameters()).device
     generator = torch.Generator().manual_seed(seed)
@@ -98,10 +98,9 @@ def bn_matched_posterior(model: nn.Module, artifact: GradientArtifact, steps: in
                          lr: float = 0.2, first_bn_multiplier: float = 10.0) -> torch.Tensor:
     """Mean softmax of a surrogate batch: N(0, 1) images moved by Adam (cosine-decayed learning
     rate) until their BatchNorm statistics match the ones that leaked with the gradient (the
-    inversion's BN prior, alone), then read in the client's train mode. Deep layers' statistics carry what the batch shows, so
-    this p̄ follows the real batch's predictions where noise cannot (docs/label_accuracy.md)."""
-    from gradinv.client import recorded_bn_statistics, train_mode_copy
-
+    inversion's BN prior, alone), then read in the client's train mode. Deep layers' statistics
+    carry what the batch shows, so this p̄ follows the real batch's predictions where noise
+    cannot (docs/label_accuracy.md)."""
     client = train_mode_copy(model)
     for p in client.parameters():
         p.requires_grad_(False)
@@ -114,9 +113,7 @@ def bn_matched_posterior(model: nn.Module, artifact: GradientArtifact, steps: in
     for _ in progress(range(steps), "labels: BN-matched batch", leave=False):
         with recorded_bn_statistics(client) as stats:
             client(x)
-        loss = sum((first_bn_multiplier if index == 0 else 1.0)
-                   * (torch.linalg.vector_norm(stats[n][0] - mean) + torch.linalg.vector_norm(stats[n][1] - var))
-                   for index, (n, (mean, var)) in enumerate(targets.items()))
+        loss = bn_distance(stats, targets, first_bn_multiplier, x.new_zeros(()))
         (x.grad,) = torch.autograd.grad(loss, x)
         optimizer.step()
         schedule.step()
@@ -124,12 +121,18 @@ def bn_matched_posterior(model: nn.Module, artifact: GradientArtifact, steps: in
         return torch.softmax(client(x), 1).mean(0).double().cpu()
 
 
+def posterior_source(artifact: GradientArtifact, steps: int) -> str:
+    """How `counts` estimates p̄: from a BN-matched surrogate batch when the artifact carries the
+    batch's BN statistics and steps > 0, else from noise."""
+    return "bn_matched" if steps and artifact.has_bn_statistics else "noise"
+
+
 def batch_posterior(model: nn.Module, artifact: GradientArtifact, steps: int) -> tuple[torch.Tensor, str]:
-    """The attacker's estimate of p̄ and how it was made: from a BN-matched surrogate batch when
-    the artifact carries the batch's BN statistics and steps > 0, else from noise."""
-    if steps and artifact.has_bn_statistics:
-        return bn_matched_posterior(model, artifact, steps), "bn_matched"
-    return dummy_posterior(model, artifact), "noise"
+    """The attacker's estimate of p̄, and its `posterior_source`."""
+    source = posterior_source(artifact, steps)
+    if source == "bn_matched":
+        return bn_matched_posterior(model, artifact, steps), source
+    return dummy_posterior(model, artifact), source
 
 
 def count_labels(model: nn.Module, artifact: GradientArtifact, posterior: torch.Tensor | None = None,
@@ -155,14 +158,16 @@ def count_labels(model: nn.Module, artifact: GradientArtifact, posterior: torch.
     return labels, estimate
 
 
-STRATEGIES = {"yin": yin_labels, "idlg": idlg_label, "counts": count_labels}
+STRATEGIES = {  # name -> (model, artifact, labels config) -> (labels, scores)
+    "yin": lambda model, artifact, _: yin_labels(model, artifact),
+    "idlg": lambda model, artifact, _: idlg_label(model, artifact),
+    "counts": lambda model, artifact, config: count_labels(model, artifact, posterior_steps=config.posterior_steps),
+}
 
 
 def recover(strategy: str, model: nn.Module, artifact: GradientArtifact,
             config: LabelsConfig | None = None) -> tuple[list[int], torch.Tensor]:
-    if strategy == "counts":
-        return count_labels(model, artifact, posterior_steps=(config or LabelsConfig()).posterior_steps)
-    return STRATEGIES[strategy](model, artifact)
+    return STRATEGIES[strategy](model, artifact, config or LabelsConfig())
 
 
 def defense_warnings(strategy: str, defenses: list[dict], clients: int, batch_size: int = 1) -> list[str]:
@@ -201,7 +206,7 @@ def recover_labels(config: LabelsConfig, model: nn.Module, artifact: GradientArt
         print(f"gradinv: warning: {warning}")
     info = {"strategy": config.strategy, "labels": labels, "scores": scores.tolist(), "assumption_warnings": warnings}
     if config.strategy == "counts":  # how p̄ was estimated
-        info["posterior"] = "bn_matched" if config.posterior_steps and artifact.has_bn_statistics else "noise"
+        info["posterior"] = posterior_source(artifact, config.posterior_steps)
     return [write_json(Path(out_dir) / "labels.json", info)]
 
 

@@ -36,6 +36,17 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x[..., 1:, :] - x[..., :-1, :]) + torch.linalg.vector_norm(x[..., :, 1:] - x[..., :, :-1])
 
 
+def bn_distance(stats: dict[str, tuple[torch.Tensor, torch.Tensor]], targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                first_bn_multiplier: float, zero: torch.Tensor) -> torch.Tensor:
+    """R_BN: Σ_l ‖μ_l − μ̂_l‖ + ‖σ²_l − σ̂²_l‖ over the BN layers in `targets`, the first ×multiplier."""
+    total = zero
+    for index, (name, (mean, var)) in enumerate(targets.items()):
+        weight = first_bn_multiplier if index == 0 else 1.0
+        batch_mean, batch_var = stats[name]
+        total = total + weight * (torch.linalg.vector_norm(batch_mean - mean) + torch.linalg.vector_norm(batch_var - var))
+    return total
+
+
 def layer_weight(name: str, weights: dict[str, float]) -> float:
     """The weight of parameter `name`: that of the longest matching prefix in `weights`, else 1."""
     matches = [prefix for prefix in weights if name.startswith(prefix)]
@@ -128,11 +139,7 @@ class Objective:
         c = self.config
         if self.mask is not None:
             grads = {n: g * self.mask[n] for n, g in grads.items()}
-        bn = x.new_zeros(())
-        for index, (name, (mean, var)) in enumerate(self.bn_targets.items()):
-            weight = c.first_bn_multiplier if index == 0 else 1.0
-            batch_mean, batch_var = stats[name]
-            bn = bn + weight * (torch.linalg.vector_norm(batch_mean - mean) + torch.linalg.vector_norm(batch_var - var))
+        bn = bn_distance(stats, self.bn_targets, c.first_bn_multiplier, x.new_zeros(()))
         terms = {
             "grad": gradient_distance(grads, self.target, c.gradient_distance, c.layer_weights),
             "tv": total_variation(x), "l2": torch.linalg.vector_norm(x), "bn": bn,
