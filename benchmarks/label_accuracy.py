@@ -1,7 +1,9 @@
 """Label-recovery accuracy against batch size, for every strategy.
 
-    .venv/bin/python benchmarks/label_accuracy.py            # full run (~37 min on 2 CPU cores)
-    .venv/bin/python benchmarks/label_accuracy.py --quick    # smoke run
+    python benchmarks/label_accuracy.py                # full run: a GPU matches the surrogates (minutes)
+    python benchmarks/label_accuracy.py --bn-batches 8 # on 2 CPU cores (about an hour)
+    python benchmarks/label_accuracy.py --quick --out /tmp/labels   # smoke run
+    python benchmarks/label_accuracy.py --doc          # doc and plot from the results file
 
 Settings: (a) the embedded victim (resnet18, 12 photo classes, 32 px) trained as params.yaml
 says; (c) the same victim after 0, 1, 2 and 4 epochs; (b) an untrained torchvision ResNet-50
@@ -10,21 +12,26 @@ labels drawn with replacement (repeats). For ResNet-50, distinct batches get dis
 labels among the 1000 classes, and batches with replacement keep the photos' own 12 labels, so
 that labels repeat heavily. Accuracy = multiset overlap of recovered and true labels / batch size.
 
-`counts` runs as the stage runs it when BN statistics leak (the default capture): p̄ from a
-surrogate batch matched to the leaked statistics (1000 Adam steps per batch, so on the pipeline
-victim only, and on fewer batches); `counts, noise p̄` is the same rule with p̄ from noise, as
-without a BN leak. Two diagnostics per point, not strategies: `counts, true p̄` is `counts` given the batch's own
-mean softmax instead of the dummy estimate (what the attacker lacks), and `confident` is the
-share of samples the client's model puts at ≥ 0.99 on their true class: such a sample's
-p − y is ~0, so it adds nearly nothing to any layer's gradient and its label is nearly invisible.
+`counts` runs as the stage runs it when BN statistics leak (the default capture): p̄ from
+surrogate batches matched to the leaked statistics (labels.posterior_steps Adam steps,
+labels.posterior_restarts surrogates per batch), on the embedded victims; the surrogates of all
+batches of a point are matched together, on the GPU when there is one. `counts, noise p̄` is the
+same rule with p̄ from noise, as without a BN leak. Two diagnostics per point, not strategies:
+`counts, true p̄` is `counts` given the batch's own mean softmax (what the attacker lacks), and
+`confident` is the share of samples the client's model puts at ≥ 0.99 on their true class:
+such a sample's p − y is ~0, so it adds nearly nothing to any layer's gradient and its label is
+nearly invisible.
 
-Writes benchmarks/results/label_accuracy.parquet, docs/label_accuracy.md and
-docs/label_accuracy.png, with the machine's description.
+Writes benchmarks/results/label_accuracy.parquet after every point (with the machine's
+description and the command), then docs/label_accuracy.md and docs/label_accuracy.png. On a
+machine without the photo packages or matplotlib: `--prepare-only DIR` here, `--prepared DIR`
+there, `--doc` back here.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import platform
 import sys
@@ -44,12 +51,13 @@ from gradinv.config import load_params  # noqa: E402
 from gradinv.data import load_set, normalize, prepare  # noqa: E402
 from gradinv.errors import UserError  # noqa: E402
 from gradinv.io import write_table  # noqa: E402
-from gradinv.labels import bn_matched_posterior, count_labels, dummy_posterior, idlg_label, yin_labels  # noqa: E402
+from gradinv.labels import match_bn_statistics, count_labels, dummy_posterior, idlg_label, yin_labels  # noqa: E402
 from gradinv.metrics import label_accuracy  # noqa: E402
 from gradinv.models import final_linear  # noqa: E402
 from gradinv.victim import load_victim, train  # noqa: E402
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48)
+RESNET50 = "resnet50 224px, untrained"
 
 
 def head_artifact(model, images, labels, arch: str, mean, std) -> GradientArtifact:
@@ -86,10 +94,30 @@ def batch_posteriors(model, images: torch.Tensor) -> torch.Tensor:
         return torch.softmax(train_mode_copy(model)(images), 1).double()
 
 
+def bn_matched_counts(model, artifacts: list[GradientArtifact], steps: int, restarts: int, chunk: int,
+                      device: torch.device) -> list[list[int]]:
+    """`counts` as the stage runs it when BN statistics leak, for many batches at once: their
+    surrogate batches are matched together (`match_bn_statistics`, `chunk` batches per call, each
+    with `restarts` surrogates, as `bn_matched_posterior` draws them)."""
+    matcher = copy.deepcopy(model).to(device)
+    recovered = []
+    for first in range(0, len(artifacts), chunk):
+        group = artifacts[first:first + chunk]
+        stack = lambda name, field: torch.stack(  # noqa: E731
+            [getattr(a, field)[name] for a in group]).repeat_interleave(restarts, 0)
+        names = list(group[0].bn_mean)
+        _, logits = match_bn_statistics(matcher, {n: stack(n, "bn_mean") for n in names},
+                                        {n: stack(n, "bn_var") for n in names}, group[0].batch_size, group[0].meta["input_shape"], steps, show_progress=False)
+        posteriors = torch.softmax(logits.double(), -1).unflatten(0, (len(group), restarts)).mean((1, 2)).cpu()
+        recovered += [count_labels(model, artifact, posterior)[0] for artifact, posterior in zip(group, posteriors)]
+    return recovered
+
+
 def run_setting(rows: list, setting: str, epochs: int | None, model, arch: str, pool, mean, std,
-                batches: int, relabel: bool, seed: int, bn_batches: int = 0, bn_steps: int = 1000) -> None:
-    """Every strategy on `batches` random batches per point; `counts` with the BN-matched
-    posterior (what the stage runs when BN statistics leak) on the first `bn_batches` of them."""
+                batches: int, relabel: bool, seed: int, bn: dict | None = None, on_point=lambda: None) -> None:
+    """Every strategy on `batches` random batches per point; with `bn` (steps, restarts, batches,
+    chunk, device), `counts` with the BN-matched posterior (what the stage runs when BN
+    statistics leak) on the first `bn["batches"]` of them."""
     classes = final_linear(model)[1].out_features
     images_all = normalize(pool.images, mean, std)
     for batch in BATCH_SIZES:
@@ -99,20 +127,20 @@ def run_setting(rows: list, setting: str, epochs: int | None, model, arch: str, 
                 continue
             generator = torch.Generator().manual_seed(seed * 7919 + batch)
             scores: dict[str, list[float]] = {}
-            start = time.perf_counter()
+            seconds: dict[str, float] = {}
+            drawn = []
             for _ in range(batches):
                 index, labels = draw_labels(mode, batch, pool.labels, classes, relabel, generator)
                 try:
                     artifact = head_artifact(model, images_all[index], labels, arch, mean, std)
                 except ValueError:
                     break  # train-mode BN cannot run one image through a 1×1 feature map
+                drawn.append((artifact, labels))
                 if posterior is None:
                     posterior = dummy_posterior(model, artifact)
                 truth = batch_posteriors(model, images_all[index])
                 strategies = {"counts, noise p̄": lambda: count_labels(model, artifact, posterior),
                               "counts, true p̄": lambda: count_labels(model, artifact, truth.mean(0))}
-                if len(scores.get("confident", [])) < bn_batches and batch > 1:
-                    strategies["counts"] = lambda: count_labels(model, artifact, bn_matched_posterior(model, artifact, bn_steps))
                 scores.setdefault("confident", []).append(
                     (truth[torch.arange(len(labels)), labels] >= 0.99).double().mean().item())
                 if batch <= classes:
@@ -120,30 +148,50 @@ def run_setting(rows: list, setting: str, epochs: int | None, model, arch: str, 
                 if batch == 1:
                     strategies["idlg"] = lambda: idlg_label(model, artifact)
                 for name, recover in strategies.items():
+                    start = time.perf_counter()
                     scores.setdefault(name, []).append(label_accuracy(recover()[0], labels.tolist()))
+                    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+            if bn and bn["batches"] and batch > 1 and drawn:
+                start = time.perf_counter()
+                chosen = drawn[:bn["batches"]]
+                found = bn_matched_counts(model, [a for a, _ in chosen], bn["steps"], bn["restarts"], bn["chunk"], bn["device"])
+                scores["counts"] = [label_accuracy(f, labels.tolist()) for f, (_, labels) in zip(found, chosen)]
+                seconds["counts"] = time.perf_counter() - start
             for name, values in scores.items():
                 rows.append({"setting": setting, "arch": arch, "classes": classes, "resolution": pool.images.shape[-1],
                              "training_epochs": epochs, "batch_size": batch, "labels": mode, "strategy": name,
                              "batches": len(values), "accuracy": sum(values) / len(values),
                              "exact_batches": sum(v == 1.0 for v in values) / len(values),
-                             "seconds": time.perf_counter() - start})
+                             "seconds": seconds.get(name, 0.0)})
             if scores:
                 summary = ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in scores.items())
                 print(f"{setting:>24} bs {batch:>2} {mode:>11}: {summary}", flush=True)
+                on_point()
 
 
-def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+def machine(device: torch.device) -> str:
+    gpu = f", {torch.cuda.get_device_name(device)} (surrogate batches)" if device.type == "cuda" else ""
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads{gpu}, "
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def write_doc(rows: list, out_png: Path, out_md: Path, command: str) -> None:
+def write_doc_from(results: Path) -> int:
+    """docs/label_accuracy.md and .png from a results file (the machine and command it records)."""
+    import pyarrow.parquet as pq
+
+    write_doc(pq.read_table(results).to_pylist(), REPO / "docs" / "label_accuracy.png", REPO / "docs" / "label_accuracy.md")
+    print(f"wrote {REPO / 'docs' / 'label_accuracy.md'}")
+    return 0
+
+
+def write_doc(rows: list, out_png: Path, out_md: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    order = lambda r: (r["arch"] == "resnet50", r["training_epochs"] or 0)  # noqa: E731
+    settings = list(dict.fromkeys(r["setting"] for r in sorted(rows, key=order)))
     figure, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 3.2), sharey=True, squeeze=False)
     for axis, setting in zip(axes[0], settings):
         for strategy in ("yin", "counts, noise p̄", "counts"):
@@ -157,12 +205,18 @@ def write_doc(rows: list, out_png: Path, out_md: Path, command: str) -> None:
     axes[0][0].set_ylabel("label accuracy"), axes[0][0].legend(fontsize=6)
     figure.savefig(out_png, dpi=110, bbox_inches="tight")
 
-    lines = ["# Label recovery accuracy", "", f"Command: `{command}`  ", f"Machine: {machine()}", "",
-             "Accuracy = multiset overlap of recovered and true labels / batch size, averaged over "
-             "random batches (their number in brackets). The Parquet file also holds the share of "
-             "batches recovered exactly. Results: `benchmarks/results/label_accuracy.parquet`.", "",
-             "| setting | labels | strategy | " + " | ".join(f"bs {b}" for b in BATCH_SIZES) + " |",
-             "|---|---|---|" + "---|" * len(BATCH_SIZES)]
+    runs: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        names = runs.setdefault((r["command"], r["machine"]), [])
+        names += [r["setting"]] if r["setting"] not in names else []
+    lines = ["# Label recovery accuracy", ""]
+    for (command, machine_description), names in runs.items():
+        lines += [f"`{command}`: {'; '.join(names)}  ", f"Machine: {machine_description}", ""]
+    lines += ["Accuracy = multiset overlap of recovered and true labels / batch size, averaged over "
+              "random batches (their number in brackets). The Parquet file also holds the share of "
+              "batches recovered exactly. Results: `benchmarks/results/label_accuracy.parquet`.", "",
+              "| setting | labels | strategy | " + " | ".join(f"bs {b}" for b in BATCH_SIZES) + " |",
+              "|---|---|---|" + "---|" * len(BATCH_SIZES)]
     for setting in settings:
         for mode in ("distinct", "replacement"):
             for strategy in ("yin", "idlg", "counts", "counts, noise p̄", "counts, true p̄", "confident"):
@@ -181,49 +235,104 @@ def write_doc(rows: list, out_png: Path, out_md: Path, command: str) -> None:
     out_md.write_text("\n".join(lines))
 
 
+def prepared_sets(params, prepared: Path | None, tmp: Path) -> tuple[Path, Path]:
+    """The embedded 32 px sets and the 224 px ones for ResNet-50: from `prepared` (sets/ and
+    sets224/ made by a previous run, for machines without the packages the photos come from),
+    else made here."""
+    sets, sets224 = (prepared / "sets", prepared / "sets224") if prepared else (tmp / "sets", tmp / "sets224")
+    if not prepared:
+        prepare(params["data"], sets)
+        prepare(dataclasses.replace(params["data"], resolution=224, train_per_class=1, pool_per_class=8), sets224)
+    for folder in (sets, sets224):
+        if not (folder / "sets.json").is_file():
+            raise UserError(f"--prepared needs prepared image sets in {folder}, and there are none.")
+    return sets, sets224
+
+
+def earlier_rows(results: Path) -> list[dict]:
+    """The rows of an earlier results file, if any."""
+    if not results.is_file():
+        return []
+    import pyarrow.parquet as pq
+
+    return [{"command": "python benchmarks/label_accuracy.py", **r}  # files from before the column
+            for r in pq.read_table(results).to_pylist()]
+
+
+def write_results(rows: list, earlier: list, out: Path, device: torch.device, command: str) -> Path:
+    """This run's rows, stamped with the machine and the command, and the earlier rows of every
+    setting this run has not measured (yet): a partial rerun replaces whole settings only."""
+    mine = [{**r, "machine": machine(device), "command": command} for r in rows]
+    measured = {r["setting"] for r in rows}
+    kept = [r for r in earlier if r["setting"] not in measured]
+    columns = {key: [r[key] for r in kept + mine] for key in mine[0]}
+    return write_table(out / "label_accuracy.parquet", columns)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=50, help="batches per point, embedded victim")
     parser.add_argument("--resnet50-batches", type=int, default=5, help="batches per point, ResNet-50")
     parser.add_argument("--stages", default="0,1,2,4", help="training epochs of the extra victim snapshots")
-    parser.add_argument("--bn-batches", type=int, default=8,
-                        help="batches per point for `counts` with the BN-matched posterior (pipeline victim only: "
-                             "1000 Adam steps per batch)")
+    parser.add_argument("--bn-batches", type=int, default=50,
+                        help="batches per point for `counts` with the BN-matched posterior (embedded victims)")
+    parser.add_argument("--bn-steps", type=int, default=None, help="Adam steps per surrogate (default: params.yaml)")
+    parser.add_argument("--bn-chunk", type=int, default=50, help="batches whose surrogates are matched in one call")
+    parser.add_argument("--device", default=None, help="where surrogate batches are matched (default: cuda if present)")
+    parser.add_argument("--prepared", type=Path, default=None,
+                        help="folder with sets/ and sets224/ from `--prepare-only` (no photo packages needed)")
+    parser.add_argument("--prepare-only", type=Path, default=None, help="write the image sets to this folder and stop")
+    parser.add_argument("--doc", action="store_true", help="only rewrite the doc and plot from the Parquet results")
+    parser.add_argument("--settings", choices=("all", "embedded", "resnet50"), default="all",
+                        help="rerun only these settings; the results file keeps the other settings' rows")
+    parser.add_argument("--no-pipeline", action="store_true", help="only the snapshots of --stages")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few batches, no ResNet-50")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
-    if args.quick:
-        args.batches, args.resnet50_batches, args.stages, args.bn_batches = 3, 0, "0", 1
     command = " ".join(["python benchmarks/label_accuracy.py", *sys.argv[1:]])
+    if args.doc:
+        return write_doc_from(args.out / "label_accuracy.parquet")
+    if args.quick:
+        args.batches, args.resnet50_batches, args.stages, args.bn_batches, args.bn_steps = 3, 0, "0", 2, 30
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     params = load_params(REPO / "params.yaml")
+    labels_config = params["labels"]
+    bn = {"steps": args.bn_steps if args.bn_steps is not None else labels_config.posterior_steps, "restarts": labels_config.posterior_restarts,
+          "batches": args.bn_batches, "chunk": args.bn_chunk, "device": device}
     rows: list[dict] = []
+    pipeline_epochs = params["victim"].epochs
+    snapshots = sorted({int(e) for e in args.stages.split(",") if e} - {pipeline_epochs}, reverse=True)
+    victims = ([] if args.no_pipeline else [pipeline_epochs]) + snapshots if args.settings != "resnet50" else []
+    names = {e: f"resnet18 32px, {e} epochs" + (" (pipeline)" if e == pipeline_epochs else "") for e in victims}
+    resnet50 = bool(args.resnet50_batches) and args.settings != "embedded"
+    earlier = earlier_rows(args.out / "label_accuracy.parquet")
+    args.out.mkdir(parents=True, exist_ok=True)
+    save = lambda: write_results(rows, earlier, args.out, device, command)  # noqa: E731  after every point: a cut-short run keeps them
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        prepare(params["data"], tmp / "sets")
-        pool = load_set(tmp / "sets", "pool")
+        if args.prepare_only:
+            prepared_sets(params, None, args.prepare_only)
+            print(f"wrote {args.prepare_only}")
+            return 0
+        sets, sets224 = prepared_sets(params, args.prepared, tmp)
+        pool = load_set(sets, "pool")
         mean, std = params["data"].mean, params["data"].std
-        stages = [int(e) for e in args.stages.split(",") if e] + [params["victim"].epochs]
-        for epochs in sorted(set(stages)):
-            train(dataclasses.replace(params["victim"], epochs=epochs, device="cpu"), tmp / "sets", tmp / f"victim{epochs}")
+        for epochs in victims:  # the pipeline's victim first: a cut-short run has it
+            train(dataclasses.replace(params["victim"], epochs=epochs, device="cpu"), sets, tmp / f"victim{epochs}")
             model, _ = load_victim(tmp / f"victim{epochs}")
-            name = f"resnet18 32px, {epochs} epochs" + (" (pipeline)" if epochs == params["victim"].epochs else "")
-            bn_batches = args.bn_batches if epochs == params["victim"].epochs else 0
-            run_setting(rows, name, epochs, model, "resnet18", pool, mean, std, args.batches, False, epochs,
-                        bn_batches, params["labels"].posterior_steps)
-        if args.resnet50_batches:
-            prepare(dataclasses.replace(params["data"], resolution=224, train_per_class=1, pool_per_class=8), tmp / "sets224")
+            run_setting(rows, names[epochs], epochs, model, "resnet18", pool, mean, std, args.batches, False, epochs, bn, save)
+        if resnet50:
             torch.manual_seed(0)
             model = torchvision.models.resnet50(weights=None, num_classes=1000).eval()
-            run_setting(rows, "resnet50 224px, untrained", None, model, "resnet50", load_set(tmp / "sets224", "pool"),
-                        mean, std, args.resnet50_batches, True, 50)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    columns = {key: [r[key] for r in rows] for key in rows[0]}
-    columns["machine"] = [machine()] * len(rows)
-    write_table(out / "label_accuracy.parquet", columns)
+            run_setting(rows, RESNET50, None, model, "resnet50", load_set(sets224, "pool"),
+                        mean, std, args.resnet50_batches, True, 50, on_point=save)
+    written = save()
+    print(f"wrote {written}")
     if not args.quick:
-        write_doc(rows, REPO / "docs" / "label_accuracy.png", REPO / "docs" / "label_accuracy.md", command)
-    print(f"wrote {out / 'label_accuracy.parquet'}")
+        try:
+            write_doc_from(written)
+        except ImportError:  # a GPU machine without matplotlib: rerun with --doc where it is installed
+            print("matplotlib is missing: the doc was not rewritten (run again with --doc)")
     return 0
 
 

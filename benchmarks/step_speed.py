@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/step_speed.py                # CPU suite: resnet18, 32 px, bs 8, G 1/4/8
     python benchmarks/step_speed.py --suite gpu              # GPU suite: ResNet-50, 224 px, bs 1/8/48, G 1/4/8
+    python benchmarks/step_speed.py --suite gpu --resume     # only the configurations the results file lacks
 
 Needs only torch and torchvision (and gradinv's own safetensors / pyarrow): no Prefect, DVC or
 MLflow, no data and no weights (random weights; the step's cost does not depend on them). On a
@@ -261,15 +262,32 @@ def measure_here(spec: dict) -> dict:
         torch.cuda.empty_cache()
 
 
-def run_suite(name: str, device: torch.device, out: Path) -> dict:
+def resumed_result(name: str, device: torch.device, out: Path) -> dict:
+    """The results in `out`, to be completed on this machine: refused when they were measured on
+    another kind of device, whose figures would not compare."""
+    result = json.loads(out.read_text())
+    here, there = machine(device), result["machine"]
+    if (here.get("gpu"), here["cpu"]) != (there.get("gpu"), there["cpu"]):
+        raise SystemExit(f"step_speed: {out} was measured on {there.get('gpu') or there['cpu']}, not on this machine "
+                         f"({here.get('gpu') or here['cpu']}); rerun without --resume.")
+    result["runs"] = result.get("runs", 1) + 1
+    return result
+
+
+def run_suite(name: str, device: torch.device, out: Path, resume: bool = False) -> dict:
+    """Every configuration of the suite; with `resume`, only those missing from `out`."""
     suite = SUITES[name]
-    result = {"suite": name, "machine": machine(device), "peak": device_peak(device), "rows": [],
-              "command": f"python benchmarks/step_speed.py --suite {name}"}
+    result = resumed_result(name, device, out) if resume else {
+        "suite": name, "machine": machine(device), "peak": device_peak(device), "rows": [],
+        "command": f"python benchmarks/step_speed.py --suite {name}"}
+    done = {(r["batch"], r["seeds"], r["variant"]) for r in result["rows"]}
     for batch, seeds, variant in suite_configs(name):
+        if (batch, seeds, variant) in done:
+            continue
         spec = {"suite": name, "device": str(device), "arch": suite["arch"], "classes": suite["classes"],
                 "px": suite["px"], "batch": batch, "seeds": seeds, "variant": variant, "iterations": suite["iterations"]}
         row = measure_here(spec) if device.type == "cuda" else measure_in_subprocess(spec)
-        result["rows"].append(row)
+        result["rows"].append({**row, "run": result.get("runs", 1)})
         out.write_text(json.dumps(result, indent=1))
         if "error" in row:
             print(f"{variant:32s} bs {batch:2d} G {seeds}: failed ({row['error']})", flush=True)
@@ -285,7 +303,8 @@ def table(result: dict) -> str:
                 if r["variant"] == "baseline" and "error" not in r}
     lines = [f"### {result['suite'].upper()}: {result['rows'][0]['arch']}, {result['rows'][0]['px']} px",
              "", f"Machine: {json.dumps(result['machine'])}.", f"Peak used for the fraction: {peak['source']}.",
-             f"Command: `{result['command']}`", "",
+             f"Command: `{result['command']}`" + (f" (and `--resume` on the same kind of machine: {result['runs']} runs, "
+                                                  "each row's `run` in the results file)" if result.get("runs", 1) > 1 else ""), "",
              "| bs | G | variant | s / iteration | speed-up vs baseline | GFLOP / iteration | achieved GFLOP/s | of peak | peak memory |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: (r["batch"], r["seeds"])):
@@ -382,6 +401,8 @@ def main() -> int:
     parser.add_argument("--device", default=None, help="default: cuda for the gpu suite, cpu otherwise")
     parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/step_speed-<suite>.json)")
     parser.add_argument("--doc", action="store_true", help="only rewrite docs/step_speed.md from the results files")
+    parser.add_argument("--resume", action="store_true",
+                        help="measure only the configurations missing from the results file (same kind of machine)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -396,7 +417,7 @@ def main() -> int:
         return 2
     out = Path(args.out) if args.out else RESULTS / f"step_speed-{args.suite}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    run_suite(args.suite, device, out)
+    run_suite(args.suite, device, out, args.resume and out.is_file())
     print(f"results: {out}\ndoc:     {write_doc()}")
     return 0
 

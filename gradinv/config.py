@@ -82,6 +82,7 @@ class CaptureConfig:
 class LabelsConfig:
     strategy: str = rule("yin", _one_of("yin", "idlg", "counts"))
     posterior_steps: int = rule(1000, _non_negative)
+    posterior_restarts: int = rule(2, _positive)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ from gradinv.defenses import as_gradient
 from gradinv.errors import UserError
 from gradinv.io import write_json
 from gradinv.models import final_linear, penultimate_features
-from gradinv.objective import bn_distance
 from gradinv.progress import progress
 from gradinv.victim import load_victim
 
@@ -94,31 +93,69 @@ def dummy_posterior(model: nn.Module, artifact: GradientArtifact, batches: int =
     return torch.stack(means).mean(0)
 
 
-def bn_matched_posterior(model: nn.Module, artifact: GradientArtifact, steps: int, seed: int = 0,
-                         lr: float = 0.2, first_bn_multiplier: float = 10.0) -> torch.Tensor:
-    """Mean softmax of a surrogate batch: N(0, 1) images moved by Adam (cosine-decayed learning
-    rate) until their BatchNorm statistics match the ones that leaked with the gradient (the
-    inversion's BN prior, alone), then read in the client's train mode. Deep layers' statistics
-    carry what the batch shows, so this p̄ follows the real batch's predictions where noise
-    cannot (docs/label_accuracy.md)."""
+def standardized_bn_distance(stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                             targets: dict[str, tuple[torch.Tensor, torch.Tensor]], eps: float = 1e-5) -> torch.Tensor:
+    """Σ_l RMS_c((μ̂_lc − μ_lc) / σ_lc) + RMS_c(log σ̂²_lc − log σ²_lc): each channel's mean
+    error in units of its own standard deviation, its variance error as a log ratio (eps as in
+    BatchNorm). Every channel and layer weighs the same whatever its scale, so the deep layers,
+    which carry the batch's classes, are matched as tightly as the first (the inversion's
+    absolute R_BN leaves them loosest: docs/label_accuracy.md)."""
+    total = 0.0
+    for name, (mean, var) in targets.items():
+        batch_mean, batch_var = stats[name]
+        total = total + (((batch_mean - mean) / (var + eps).sqrt()).pow(2).mean().sqrt()
+                         + ((batch_var + eps).log() - (var + eps).log()).pow(2).mean().sqrt())
+    return total
+
+
+def match_bn_statistics(model: nn.Module, bn_means: dict[str, torch.Tensor], bn_vars: dict[str, torch.Tensor],
+                        batch_size: int, input_shape: list[int], steps: int, seed: int = 0, lr: float = 0.2,
+                        show_progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Surrogate batches whose BatchNorm statistics match given ones, and the model's logits on them.
+
+    bn_means / bn_vars hold K target statistics per BN layer, shaped (K, C). K batches of N(0, 1)
+    images move by Adam (cosine-decayed learning rate) on `standardized_bn_distance`, all K at once
+    (torch.func.vmap, each batch with its own BN statistics, as the client's train mode computes
+    them); returns the images (K, batch_size, *input_shape) and their logits in that mode,
+    (K, batch_size, classes)."""
     client = train_mode_copy(model)
-    for p in client.parameters():
-        p.requires_grad_(False)
+    torch.func.replace_all_batch_norm_modules_(client)  # vmap forbids updating running statistics
     device = next(client.parameters()).device
-    targets = {n: (artifact.bn_mean[n].to(device), artifact.bn_var[n].to(device)) for n in artifact.bn_mean}
+    weights = {n: p.detach() for n, p in client.named_parameters()}
+    count = next(iter(bn_means.values())).shape[0]
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn((artifact.batch_size, *artifact.meta["input_shape"]), generator=generator).to(device).requires_grad_(True)
+    x = torch.randn((count, batch_size, *input_shape), generator=generator).to(device).requires_grad_(True)
+
+    def run(images, means, variances):
+        with recorded_bn_statistics(client) as stats:
+            logits = torch.func.functional_call(client, weights, (images,))
+        targets = {n: (means[n], variances[n]) for n in means}
+        return standardized_bn_distance(stats, targets), logits
+
+    batched = torch.func.vmap(run)
+    means = {n: m.to(device) for n, m in bn_means.items()}
+    variances = {n: v.to(device) for n, v in bn_vars.items()}
     optimizer = torch.optim.Adam([x], lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    for _ in progress(range(steps), "labels: BN-matched batch", leave=False):
-        with recorded_bn_statistics(client) as stats:
-            client(x)
-        loss = bn_distance(stats, targets, first_bn_multiplier, x.new_zeros(()))
-        (x.grad,) = torch.autograd.grad(loss, x)
+    for _ in progress(range(steps), "labels: BN-matched batch", leave=False, disable=not show_progress):
+        losses, _ = batched(x, means, variances)
+        (x.grad,) = torch.autograd.grad(losses.sum(), x)
         optimizer.step()
         schedule.step()
     with torch.no_grad():
-        return torch.softmax(client(x), 1).mean(0).double().cpu()
+        return x.detach(), batched(x, means, variances)[1]
+
+
+def bn_matched_posterior(model: nn.Module, artifact: GradientArtifact, steps: int, restarts: int = 2,
+                         seed: int = 0) -> torch.Tensor:
+    """Mean softmax of `restarts` surrogate batches matched to the BN statistics that leaked with
+    the gradient (`match_bn_statistics`), read in the client's train mode. Deep layers' statistics
+    carry what the batch shows, so this p̄ follows the real batch's predictions where noise
+    cannot (docs/label_accuracy.md)."""
+    expand = lambda stats: {n: t.expand(restarts, -1) for n, t in stats.items()}  # noqa: E731
+    _, logits = match_bn_statistics(model, expand(artifact.bn_mean), expand(artifact.bn_var), artifact.batch_size,
+                               artifact.meta["input_shape"], steps, seed)
+    return torch.softmax(logits.double(), -1).mean((0, 1)).cpu()
 
 
 def posterior_source(artifact: GradientArtifact, steps: int) -> str:
@@ -127,22 +164,23 @@ def posterior_source(artifact: GradientArtifact, steps: int) -> str:
     return "bn_matched" if steps and artifact.has_bn_statistics else "noise"
 
 
-def batch_posterior(model: nn.Module, artifact: GradientArtifact, steps: int) -> tuple[torch.Tensor, str]:
+def batch_posterior(model: nn.Module, artifact: GradientArtifact, steps: int,
+                    restarts: int = 2) -> tuple[torch.Tensor, str]:
     """The attacker's estimate of p̄, and its `posterior_source`."""
     source = posterior_source(artifact, steps)
     if source == "bn_matched":
-        return bn_matched_posterior(model, artifact, steps), source
+        return bn_matched_posterior(model, artifact, steps, restarts), source
     return dummy_posterior(model, artifact), source
 
 
 def count_labels(model: nn.Module, artifact: GradientArtifact, posterior: torch.Tensor | None = None,
-                 posterior_steps: int = 0) -> tuple[list[int], torch.Tensor]:
+                 posterior_steps: int = 0, posterior_restarts: int = 2) -> tuple[list[int], torch.Tensor]:
     """Labels with multiplicities from the last layer's bias gradient (impact estimation).
 
     For mean cross-entropy over B samples, ∂L/∂b = p̄ − n/B, with p̄ the batch's mean softmax
     and n the label counts, so n = B (p̄ − ∂L/∂b) exactly. p̄ is estimated (`batch_posterior`)
-    from a surrogate batch whose BN statistics match the leaked ones (`posterior_steps` of
-    Adam), or, without leaked statistics, from the model's mean softmax on noise: accurate when
+    from surrogate batches whose BN statistics match the leaked ones (`posterior_steps` of
+    Adam, mean over `posterior_restarts` of them), or, without leaked statistics, from the model's mean softmax on noise: accurate when
     the posteriors depend little on the input (untrained or early models), poor for confident
     trained ones. The estimate is rounded to integers summing to B; a class with a negative bias
     gradient (certainly present) keeps at least one label. `posterior` replaces the estimate of
@@ -151,7 +189,7 @@ def count_labels(model: nn.Module, artifact: GradientArtifact, posterior: torch.
     batch = artifact.batch_size
     bias_grad = bias_grad.double()
     if posterior is None:
-        posterior, _ = batch_posterior(model, artifact, posterior_steps)
+        posterior, _ = batch_posterior(model, artifact, posterior_steps, posterior_restarts)
     estimate = batch * (posterior.double() - bias_grad)
     counts = round_to_total(estimate, batch, (bias_grad < 0).double())
     labels = sorted(int(c) for c, n in enumerate(counts.tolist()) for _ in range(n))
@@ -161,7 +199,8 @@ def count_labels(model: nn.Module, artifact: GradientArtifact, posterior: torch.
 STRATEGIES = {  # name -> (model, artifact, labels config) -> (labels, scores)
     "yin": lambda model, artifact, _: yin_labels(model, artifact),
     "idlg": lambda model, artifact, _: idlg_label(model, artifact),
-    "counts": lambda model, artifact, config: count_labels(model, artifact, posterior_steps=config.posterior_steps),
+    "counts": lambda model, artifact, config: count_labels(model, artifact, posterior_steps=config.posterior_steps,
+                                                           posterior_restarts=config.posterior_restarts),
 }
 
 
