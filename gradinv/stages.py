@@ -66,7 +66,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("capture", "capture", (SETS, VICTIM), (GRADIENT, TRUTH),
           _ATTACK_MODULES + ("gradinv/client.py", "gradinv/capture.py"), _capture),
     Stage("labels", "labels", (VICTIM, GRADIENT), (LABELS,),
-          _ATTACK_MODULES + ("gradinv/client.py", "gradinv/objective.py", "gradinv/labels.py"), _labels),
+          _ATTACK_MODULES + ("gradinv/client.py", "gradinv/labels.py"), _labels),
     Stage("invert", "inversion", (VICTIM, GRADIENT, LABELS), (INVERT,),
           _ATTACK_MODULES + ("gradinv/client.py", "gradinv/objective.py", "gradinv/consensus.py", "gradinv/checkpoint.py",
                              "gradinv/inversion.py"), _invert),
