@@ -154,7 +154,7 @@ def bn_matched_posterior(model: nn.Module, artifact: GradientArtifact, steps: in
     cannot (docs/label_accuracy.md)."""
     expand = lambda stats: {n: t.expand(restarts, -1) for n, t in stats.items()}  # noqa: E731
     _, logits = match_bn_statistics(model, expand(artifact.bn_mean), expand(artifact.bn_var), artifact.batch_size,
-                               artifact.meta["input_shape"], steps, seed)
+                                    artifact.meta["input_shape"], steps, seed)
     return torch.softmax(logits.double(), -1).mean((0, 1)).cpu()
 
 
@@ -180,9 +180,9 @@ def count_labels(model: nn.Module, artifact: GradientArtifact, posterior: torch.
     For mean cross-entropy over B samples, ∂L/∂b = p̄ − n/B, with p̄ the batch's mean softmax
     and n the label counts, so n = B (p̄ − ∂L/∂b) exactly. p̄ is estimated (`batch_posterior`)
     from surrogate batches whose BN statistics match the leaked ones (`posterior_steps` of
-    Adam, mean over `posterior_restarts` of them), or, without leaked statistics, from the model's mean softmax on noise: accurate when
-    the posteriors depend little on the input (untrained or early models), poor for confident
-    trained ones. The estimate is rounded to integers summing to B; a class with a negative bias
+    Adam, mean over `posterior_restarts` of them), or, without leaked statistics, from the
+    model's mean softmax on noise: accurate when the posteriors depend little on the input
+    (untrained or early models), poor for confident trained ones. The estimate is rounded to integers summing to B; a class with a negative bias
     gradient (certainly present) keeps at least one label. `posterior` replaces the estimate of
     p̄. Returns (labels, real-valued counts)."""
     fc, _, bias_grad = _head_gradients(model, artifact, "counts", need_bias=True)

@@ -257,3 +257,24 @@ def test_benchmarks_head_only_gradient_equals_the_full_capture():
     assert set(head.grads) == {"fc.weight", "fc.bias"}
     for name in head.grads:
         assert torch.allclose(head.grads[name], full.grads[name], atol=1e-7)
+
+
+def test_benchmark_rerun_of_some_settings_keeps_the_others(tmp_path):
+    """A partial rerun (or one cut short) replaces the settings it measured, row for row, and
+    keeps every other setting's rows from the earlier results file, with their machine."""
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from label_accuracy import earlier_rows, write_results
+
+    row = {"setting": "a", "arch": "resnet18", "batch_size": 2, "strategy": "yin", "accuracy": 0.5}
+    device = torch.device("cpu")
+    write_results([row, {**row, "setting": "b"}], [], tmp_path, device, "first run")
+    earlier = earlier_rows(tmp_path / "label_accuracy.parquet")
+    write_results([{**row, "accuracy": 1.0}], earlier, tmp_path, device, "second run")
+    rows = {r["setting"]: r for r in earlier_rows(tmp_path / "label_accuracy.parquet")}
+    assert rows["a"]["accuracy"] == 1.0 and rows["a"]["command"] == "second run"
+    assert rows["b"]["accuracy"] == 0.5 and rows["b"]["command"] == "first run"
+    assert len(rows) == 2 and "threads" in rows["b"]["machine"]
