@@ -1,7 +1,7 @@
 """Label-recovery accuracy against batch size, for every strategy.
 
     python benchmarks/label_accuracy.py                # full run: a GPU matches the surrogates (minutes)
-    python benchmarks/label_accuracy.py --bn-batches 8 # on 2 CPU cores (about an hour)
+    python benchmarks/label_accuracy.py --bn-batches 4 # on 2 CPU cores: about 20 minutes per victim
     python benchmarks/label_accuracy.py --quick        # smoke run, results in a temporary folder
     python benchmarks/label_accuracy.py --doc          # doc and plot from the results file
 
@@ -51,7 +51,7 @@ from gradinv.config import load_params  # noqa: E402
 from gradinv.data import load_set, normalize, prepare  # noqa: E402
 from gradinv.errors import UserError  # noqa: E402
 from gradinv.io import write_table  # noqa: E402
-from gradinv.labels import match_bn_statistics, count_labels, dummy_posterior, idlg_label, yin_labels  # noqa: E402
+from gradinv.labels import count_labels, dummy_posterior, idlg_label, match_bn_statistics, yin_labels  # noqa: E402
 from gradinv.metrics import label_accuracy  # noqa: E402
 from gradinv.models import final_linear  # noqa: E402
 from gradinv.victim import load_victim, train  # noqa: E402
@@ -108,7 +108,8 @@ def bn_matched_counts(model, artifacts: list[GradientArtifact], steps: int, rest
             [getattr(a, field)[name] for a in group]).repeat_interleave(restarts, 0)
         names = list(group[0].bn_mean)
         _, logits = match_bn_statistics(matcher, {n: stack(n, "bn_mean") for n in names},
-                                        {n: stack(n, "bn_var") for n in names}, group[0].batch_size, group[0].meta["input_shape"], steps, show_progress=False)
+                                        {n: stack(n, "bn_var") for n in names}, group[0].batch_size,
+                                        group[0].meta["input_shape"], steps, show_progress=False)
         posteriors = torch.softmax(logits.double(), -1).unflatten(0, (len(group), restarts)).mean((1, 2)).cpu()
         recovered += [count_labels(model, artifact, posterior)[0] for artifact, posterior in zip(group, posteriors)]
     return recovered

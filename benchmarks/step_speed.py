@@ -262,7 +262,7 @@ def measure_here(spec: dict) -> dict:
         torch.cuda.empty_cache()
 
 
-def resumed_result(name: str, device: torch.device, out: Path) -> dict:
+def resumed_result(device: torch.device, out: Path) -> dict:
     """The results in `out`, to be completed on this machine: refused when they were measured on
     another kind of device, whose figures would not compare."""
     result = json.loads(out.read_text())
@@ -277,7 +277,7 @@ def resumed_result(name: str, device: torch.device, out: Path) -> dict:
 def run_suite(name: str, device: torch.device, out: Path, resume: bool = False) -> dict:
     """Every configuration of the suite; with `resume`, only those missing from `out`."""
     suite = SUITES[name]
-    result = resumed_result(name, device, out) if resume else {
+    result = resumed_result(device, out) if resume else {
         "suite": name, "machine": machine(device), "peak": device_peak(device), "rows": [],
         "command": f"python benchmarks/step_speed.py --suite {name}"}
     done = {(r["batch"], r["seeds"], r["variant"]) for r in result["rows"]}

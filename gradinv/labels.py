@@ -182,9 +182,9 @@ def count_labels(model: nn.Module, artifact: GradientArtifact, posterior: torch.
     from surrogate batches whose BN statistics match the leaked ones (`posterior_steps` of
     Adam, mean over `posterior_restarts` of them), or, without leaked statistics, from the
     model's mean softmax on noise: accurate when the posteriors depend little on the input
-    (untrained or early models), poor for confident trained ones. The estimate is rounded to integers summing to B; a class with a negative bias
-    gradient (certainly present) keeps at least one label. `posterior` replaces the estimate of
-    p̄. Returns (labels, real-valued counts)."""
+    (untrained or early models), poor for confident trained ones. The estimate is rounded to
+    integers summing to B; a class with a negative bias gradient (certainly present) keeps at
+    least one label. `posterior` replaces the estimate of p̄. Returns (labels, real-valued counts)."""
     fc, _, bias_grad = _head_gradients(model, artifact, "counts", need_bias=True)
     batch = artifact.batch_size
     bias_grad = bias_grad.double()
