@@ -46,9 +46,10 @@ sys.path.insert(0, str(REPO))
 from gradinv.capture import client_update  # noqa: E402
 from gradinv.client import train_mode_copy  # noqa: E402
 from gradinv.config import build_section  # noqa: E402
-from gradinv.inversion import invert, random_view  # noqa: E402
+from gradinv.inversion import invert  # noqa: E402
 from gradinv.models import build_model  # noqa: E402
 from gradinv.objective import Objective  # noqa: E402
+from gradinv.views import draw_view  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 DOC = REPO / "docs" / "step_speed.md"
@@ -93,6 +94,17 @@ def problem(arch: str, classes: int, px: int, batch: int):
     return model, artifact, labels.tolist()
 
 
+def rolled_view(config, generator: torch.Generator):
+    """The straightforward view: torch.roll by the drawn shift, then a flip."""
+    down, right, flip = draw_view(config, generator)
+
+    def view(x: torch.Tensor) -> torch.Tensor:
+        x = torch.roll(x, shifts=(down, right), dims=(-2, -1))
+        return x.flip(-1) if flip else x
+
+    return view
+
+
 def baseline_seconds(model, artifact, labels, config, device, iterations: int) -> float:
     """The straightforward loop: backward() into every leaf, seeds one after the other."""
     attacker = train_mode_copy(model).to(device)
@@ -106,7 +118,7 @@ def baseline_seconds(model, artifact, labels, config, device, iterations: int) -
         for x, optimizer in zip(seeds, optimizers):
             optimizer.zero_grad(set_to_none=True)
             attacker.zero_grad(set_to_none=True)
-            objective.terms(x, None, random_view(config, generator))["total"].backward()
+            objective.terms(x, None, rolled_view(config, generator))["total"].backward()
             optimizer.step()
 
     step()  # warm-up
@@ -373,6 +385,35 @@ def probes_section(result: dict) -> str:
     return "\n".join(lines)
 
 
+def cuda_graph_section(result: dict) -> str:
+    """benchmarks/cuda_graph_check.py: the engine's graphed step against its eager step."""
+    check = result["check"]
+    lines = [f"### The engine's step as a CUDA graph ({result['machine'].get('gpu', 'GPU')})", "",
+             f"Command: `{result['command']}`. Same path (resnet18, 32 px, bs 4, G 4, jitter, flips, Langevin, "
+             f"consensus): {'passed' if check['passed'] else 'FAILED'}: iteration-0 totals within "
+             f"{check['iteration0_total_max_rel_diff']:.1e}, logged totals within {check['logged_totals_max_rel_diff']:.1%}, "
+             f"images within {check['images_drift_of_movement']:.1%} of their movement, a resumed graphed run within "
+             f"{check['resume_drift_of_movement']:.1%}.", ""]
+    if result.get("speed"):
+        lines += ["ResNet-50, 224 px, TF32, seeds batched; s / iteration from the difference of two run lengths.", "",
+                  "| bs | G | eager s / it | graphed s / it | speed-up | peak memory eager / graphed |", "|---|---|---|---|---|---|"]
+        rows = {(r["batch"], r["seeds"], r["cuda_graph"]): r for r in result["speed"]}
+        for (batch, seeds, graph), row in rows.items():
+            if graph:
+                continue
+            other = rows.get((batch, seeds, True), {"error": "not run"})
+            cell = lambda r: r.get("error") or f"{r['seconds_per_iteration']:.3f}"  # noqa: E731
+            memory = lambda r: "-" if "error" in r else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"  # noqa: E731
+            ratio = ("-" if "error" in row or "error" in other
+                     else f"{row['seconds_per_iteration'] / other['seconds_per_iteration']:.2f}x")
+            lines.append(f"| {batch} | {seeds} | {cell(row)} | {cell(other)} | {ratio} | {memory(row)} / {memory(other)} |")
+        for r in result["speed"]:
+            if "paper_preset_minutes" in r:
+                lines += ["", f"Paper preset projected {'with' if r['cuda_graph'] else 'without'} the graph: "
+                              f"{r['paper_preset_minutes']:.0f} minutes."]
+    return "\n".join(lines)
+
+
 def write_doc() -> Path:
     parts = ["# Inversion step speed", "",
              "Written by `benchmarks/step_speed.py` from benchmarks/results/step_speed-*.json; every figure is",
@@ -384,7 +425,8 @@ def write_doc() -> Path:
     probes = json.loads((RESULTS / "gpu_probes.json").read_text()) if (RESULTS / "gpu_probes.json").is_file() else None
     if "gpu" in found:
         parts += [paper_projection(found["gpu"], probes), ""]
-    for name, section in (("tf32_quality", tf32_quality_section), ("gpu_probes", probes_section)):
+    for name, section in (("tf32_quality", tf32_quality_section), ("gpu_probes", probes_section),
+                          ("cuda_graph", cuda_graph_section)):
         if (RESULTS / f"{name}.json").is_file():
             parts += [section(json.loads((RESULTS / f"{name}.json").read_text())), ""]
     if "gpu" not in found:

@@ -111,6 +111,7 @@ class InversionConfig:
     seed_batch: int = rule(0, _non_negative)
     channels_last: bool = rule(False)
     tf32: bool = rule(True)
+    cuda_graph: bool = rule(False)
     log_every: int = rule(25, _positive)
     seed: int = rule(0)
     device: str = rule("auto")
@@ -230,6 +231,9 @@ def _check_cross_field(name: str, config) -> None:
         if checked and checked[0]["kind"] == "fedavg" and config.bn_leak == "exact":
             raise UserError("params: 'capture.bn_leak' exact is not defined under fedavg (every local step has its own "
                             "batch statistics); set it to none.")
+    if name == "inversion" and config.channels_last and config.cuda_graph:
+        raise UserError("params: 'inversion.channels_last' cannot be combined with 'inversion.cuda_graph' (the graphed "
+                        "step batches the seeds with vmap, which cannot keep the channels_last layout); set one of them back.")
     if name == "inversion" and config.channels_last and config.seed_batch > 1:
         raise UserError("params: 'inversion.channels_last' cannot be combined with 'inversion.seed_batch' above 1 "
                         "(vmap over seeds cannot keep the channels_last layout); set one of them back.")

@@ -23,6 +23,7 @@ from gradinv.checkpoint import InversionState, load_checkpoint, save_checkpoint
 from gradinv.client import train_mode_copy
 from gradinv.config import InversionConfig, as_dict
 from gradinv.consensus import consensus as fuse
+from gradinv.cuda_graph import GraphedStep
 from gradinv.data import denormalize
 from gradinv.errors import UserError
 from gradinv.io import read_json, write_json, write_table, write_tensors
@@ -30,6 +31,7 @@ from gradinv.models import resolve_device
 from gradinv.objective import LOSS_TERMS, Objective
 from gradinv.progress import progress
 from gradinv.victim import load_victim
+from gradinv.views import apply_views, draw_view, view_indices, views_enabled
 
 RECONSTRUCTION_FILE = "reconstruction.safetensors"
 LogCallback = Callable[[int, dict[str, float]], None]
@@ -58,19 +60,6 @@ def pixel_box(mean: list[float], std: list[float], device) -> tuple[torch.Tensor
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
     return (0 - m) / s, (1 - m) / s
-
-
-def random_view(config: InversionConfig, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A random shift (within ±jitter pixels, wrapping) and horizontal flip, drawn from `generator`."""
-    shift = torch.randint(-config.jitter, config.jitter + 1, (2,), generator=generator).tolist() if config.jitter else [0, 0]
-    flip = bool(torch.rand((), generator=generator) < 0.5) if config.flip else False
-
-    def view(x: torch.Tensor) -> torch.Tensor:
-        if shift != [0, 0]:
-            x = torch.roll(x, shifts=shift, dims=(-2, -1))
-        return x.flip(-1) if flip else x
-
-    return view
 
 
 # Auto seed batching on CUDA stacks seeds up to this many images per call: measured on an H200
@@ -132,11 +121,23 @@ def _group_refresh_due(step: int, config: InversionConfig) -> bool:
     return config.alpha_group > 0 and step >= config.group_start and (step - config.group_start) % config.group_refresh == 0
 
 
+def _noise_generator(config: InversionConfig, device: torch.device) -> torch.Generator:
+    """The Langevin noise's generator, on the device (no host-side draws and copies per step),
+    seeded apart from the seeds' own generators (config.seed * 1000 + g)."""
+    return torch.Generator(device).manual_seed(config.seed * 1000 + 999_999)
+
+
 def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], config: InversionConfig,
            on_log: LogCallback | None = None, checkpoint: Path | None = None, checkpoint_key: str = "") -> InversionResult:
     """Reconstruct the batch behind `artifact`. Reads only the model, the artifact and the labels.
     With `checkpoint`, state is saved there every `checkpoint_every` iterations and a matching
-    checkpoint found there is resumed (same final images as an uninterrupted run)."""
+    checkpoint found there is resumed (same final images as an uninterrupted run).
+
+    All G seeds live in one (G, B, 3, H, W) tensor with one Adam (elementwise, so the same as an
+    Adam per seed). Each iteration fills the step's inputs (learning rate, each seed's view, the
+    Langevin noise, the consensus) into tensors of fixed place, then runs the step: image
+    gradients seed by seed (on threads on a CPU) or of chunks of seeds at once (vmap), the Adam
+    update, the noise and the pixel box. With `cuda_graph` the step is replayed as a CUDA graph."""
     if len(labels) != artifact.batch_size:
         raise UserError(f"{len(labels)} labels were given for a gradient of batch size {artifact.batch_size}.")
     device = resolve_device(config.device)
@@ -145,85 +146,126 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
     objective = Objective(attacker, artifact, torch.tensor(labels, dtype=torch.int64, device=device), config)
     shape = (artifact.batch_size, *artifact.meta["input_shape"])
     low, high = pixel_box(artifact.meta["mean"], artifact.meta["std"], device)
+    graphed = config.cuda_graph and device.type == "cuda"
+    if graphed and objective.fedavg is not None:
+        raise UserError("inversion.cuda_graph needs the seeds batched, which a FedAvg update's replay does not allow; "
+                        "set inversion.cuda_graph: false.")
 
     generators = [torch.Generator().manual_seed(config.seed * 1000 + g) for g in range(config.seeds)]
-    seeds = [torch.randn(shape, generator=gen).to(device, memory_format=memory_format).requires_grad_(True)
-             for gen in generators]
-    initial = torch.stack([x.detach().clone() for x in seeds]).cpu()
-    optimizers = [torch.optim.Adam([x], lr=config.lr) for x in seeds]
+    initial = torch.stack([torch.randn(shape, generator=gen) for gen in generators])
+    images = initial.to(device, copy=True).requires_grad_(True)
+    images.grad = torch.zeros_like(images)  # filled in place by every step (a graph keeps its address)
+    # Under a CUDA graph the learning rate is a tensor, whose value each replay reads.
+    optimizer = torch.optim.Adam([images], lr=torch.tensor(config.lr, device=device) if graphed else config.lr,
+                                 capturable=graphed)
+    noise_generator = _noise_generator(config, device)
     consensus: torch.Tensor | None = None
     log: list[dict] = []
     first_step = 0
-    resumed = load_checkpoint(checkpoint, checkpoint_key, optimizers[0].state_dict()) if checkpoint else None
+    resumed = load_checkpoint(checkpoint, checkpoint_key, optimizer.state_dict()) if checkpoint else None
     if resumed is not None:
         first_step, log = resumed.step, resumed.log
         consensus = resumed.consensus.to(device) if resumed.consensus is not None else None
-        for x, optimizer, generator, g in zip(seeds, optimizers, generators, range(config.seeds)):
-            with torch.no_grad():
-                x.copy_(resumed.images[g])
-            optimizer.load_state_dict(resumed.optimizers[g])
-            generator.set_state(resumed.generators[g])
+        with torch.no_grad():
+            images.copy_(resumed.images)
+        optimizer.load_state_dict(resumed.optimizer)
+        for generator, state in zip(generators, resumed.generators):
+            generator.set_state(state)
+        noise_generator.set_state(resumed.noise_generator)
+    hyper = optimizer.param_groups[0]
 
     batch = seed_batch(config, device, artifact.batch_size, can_batch=objective.fedavg is None)
-    workers = seed_workers(config, device) if batch == 1 else 1
+    batched = batch > 1 or graphed
+    workers = 1 if batched else seed_workers(config, device)
     # Threads must not share a model: the BN hooks of one seed's forward would see the other's.
     objectives = [objective] * config.seeds if workers == 1 else [
         Objective(train_mode_copy(model).to(device, memory_format=memory_format), artifact, objective.labels, config)
         for _ in range(config.seeds)]
-    chunks = [list(range(first, min(first + batch, config.seeds))) for first in range(0, config.seeds, batch)]
+    chunks = [slice(first, min(first + batch, config.seeds)) for first in range(0, config.seeds, batch)]
+    height, width = shape[-2:]
+    rows, cols = (t.to(device) for t in view_indices([(0, 0, False)] * config.seeds, height, width))
+    noise = torch.zeros_like(images) if config.langevin else None
+    consensus_in = torch.zeros(shape, device=device)
 
-    def update(g: int, grad: torch.Tensor, terms: dict[str, torch.Tensor], step: int, lr: float) -> dict | None:
-        """Adam step of seed g with its gradient, Langevin noise, back into the pixel box."""
-        x, optimizer, generator = seeds[g], optimizers[g], generators[g]
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x.grad = grad
+    def seed_gradient(g: int, consensus: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        x = images[g].detach().contiguous(memory_format=memory_format).requires_grad_(True)
+        view = (lambda t: apply_views(t[None], rows[g:g + 1], cols[g:g + 1])[0]) if views_enabled(config) else None
+        terms = objectives[g].terms(x, consensus, view)
+        (grad,) = torch.autograd.grad(terms["total"], x)
+        images.grad[g].copy_(grad)
+        return {k: v.detach() for k, v in terms.items()}
+
+    def chunk_gradient(chunk: slice, consensus: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        xs = images[chunk].detach().requires_grad_(True)
+        seen = apply_views(xs, rows[chunk], cols[chunk]) if views_enabled(config) else xs
+        terms = objective.batched_terms(xs, seen, consensus)
+        (grad,) = torch.autograd.grad(terms["total"].sum(), xs)
+        images.grad[chunk].copy_(grad)
+        return {k: v.detach() for k, v in terms.items()}
+
+    def step(with_consensus: bool, run_seeds: Callable) -> dict[str, torch.Tensor]:
+        """Every seed's gradient and update from the filled inputs; the terms, each shaped (G,)."""
+        pull = consensus_in if with_consensus else None
+        if batched:
+            parts = [chunk_gradient(chunk, pull) for chunk in chunks]
+            terms = {k: torch.cat([part[k] for part in parts]) for k in LOSS_TERMS}
+        else:
+            parts = run_seeds(lambda g: seed_gradient(g, pull), range(config.seeds))
+            terms = {k: torch.stack([part[k] for part in parts]) for k in LOSS_TERMS}
         optimizer.step()
         with torch.no_grad():
-            if config.langevin:
-                x.add_(torch.randn(shape, generator=generator).to(device), alpha=lr * config.langevin)
-            x.copy_(torch.maximum(torch.minimum(x, high), low))
-        if step % config.log_every == 0 or step == config.iterations - 1:
-            return {"iteration": step, "seed": g, "lr": lr, **{k: float(terms[k].detach()) for k in LOSS_TERMS}}
-        return None
+            if noise is not None:
+                images.add_(noise * (hyper["lr"] * config.langevin))
+            images.copy_(torch.maximum(torch.minimum(images, high), low))
+        return terms
 
-    def step_seed(g: int, step: int, lr: float, consensus: torch.Tensor | None) -> dict | None:
-        terms = objectives[g].terms(seeds[g], consensus, random_view(config, generators[g]))
-        (grad,) = torch.autograd.grad(terms["total"], seeds[g])
-        return update(g, grad, terms, step, lr)
-
-    def step_chunk(chunk: list[int], step: int, lr: float, consensus: torch.Tensor | None) -> list[dict | None]:
-        xs = [seeds[g] for g in chunk]
-        seen = torch.stack([random_view(config, generators[g])(x) for g, x in zip(chunk, xs)])
-        terms = objective.batched_terms(torch.stack(xs), seen, consensus)
-        grads = torch.autograd.grad(terms["total"].sum(), xs)
-        return [update(g, grad, {k: v[i] for k, v in terms.items()}, step, lr)
-                for i, (g, grad) in enumerate(zip(chunk, grads))]
+    def fill_inputs(step_index: int, new_consensus: torch.Tensor | None) -> None:
+        """This iteration's draws, in each seed generator's order (view); values copied, never
+        rebound, so that a captured step sees them."""
+        if graphed:
+            hyper["lr"].fill_(learning_rate(step_index, config))
+        else:
+            hyper["lr"] = learning_rate(step_index, config)
+        if views_enabled(config):
+            drawn = view_indices([draw_view(config, gen) for gen in generators], height, width)
+            for buffer, values in zip((rows, cols), drawn):
+                buffer.copy_(values.pin_memory() if device.type == "cuda" else values, non_blocking=True)
+        if noise is not None:
+            noise.normal_(generator=noise_generator)
+        if new_consensus is not None:
+            consensus_in.copy_(new_consensus)
 
     start = time.perf_counter()
     with tf32_matmuls(config.tf32), seed_runner(workers) as run_seeds:
-        for step in progress(range(first_step, config.iterations), "invert", unit="it", initial=first_step,
-                             total=config.iterations):
-            lr = learning_rate(step, config)
-            if _group_refresh_due(step, config):
-                consensus = fuse(torch.stack([x.detach() for x in seeds]), config.registration)
-            if batch == 1:
-                rows = run_seeds(lambda g: step_seed(g, step, lr, consensus), range(config.seeds))
-            else:
-                rows = [row for chunk in chunks for row in step_chunk(chunk, step, lr, consensus)]
-            for row in filter(None, rows):
-                log.append(row)
-                if on_log is not None:
-                    on_log(step, {f"seed{row['seed']}_{k}": row[k] for k in LOSS_TERMS})
-            done = step + 1
+        run_step = (GraphedStep(lambda with_consensus: step(with_consensus, run_seeds), device) if graphed
+                    else lambda with_consensus: step(with_consensus, run_seeds))
+        if consensus is not None:
+            consensus_in.copy_(consensus)
+        for step_index in progress(range(first_step, config.iterations), "invert", unit="it", initial=first_step,
+                                   total=config.iterations):
+            refreshed = None
+            if _group_refresh_due(step_index, config):
+                consensus = refreshed = fuse(images.detach(), config.registration).to(device)
+            fill_inputs(step_index, refreshed)
+            terms = run_step(consensus is not None)
+            if step_index % config.log_every == 0 or step_index == config.iterations - 1:
+                values = {k: v.tolist() for k, v in terms.items()}
+                lr = learning_rate(step_index, config)
+                for g in range(config.seeds):
+                    row = {"iteration": step_index, "seed": g, "lr": lr, **{k: values[k][g] for k in LOSS_TERMS}}
+                    log.append(row)
+                    if on_log is not None:
+                        on_log(step_index, {f"seed{g}_{k}": row[k] for k in LOSS_TERMS})
+            done = step_index + 1
             if checkpoint and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.iterations:
                 save_checkpoint(checkpoint, checkpoint_key, InversionState(
-                    done, [x.detach() for x in seeds], [o.state_dict() for o in optimizers],
-                    [gen.get_state() for gen in generators], consensus, log))
+                    done, images.detach(), optimizer.state_dict(), [gen.get_state() for gen in generators],
+                    noise_generator.get_state(), consensus, log))
         seconds = time.perf_counter() - start
-        final = [float(objective.terms(x)["grad"].detach()) for x in seeds]
-    images = torch.stack([x.detach() for x in seeds]).cpu()
-    return InversionResult(images, initial, final, int(torch.tensor(final).argmin()), log, seconds)
+        final = [float(objective.terms(x.contiguous(memory_format=memory_format))["grad"].detach())
+                 for x in images.detach()]
+    result_images = images.detach().cpu()
+    return InversionResult(result_images, initial, final, int(torch.tensor(final).argmin()), log, seconds)
 
 
 def read_labels(labels_dir: str | Path, num_classes: int) -> list[int]:
@@ -238,7 +280,7 @@ def run_key(gradient_file: Path, labels: list[int], config: InversionConfig) -> 
     """What a checkpoint must match to be resumed: the gradient, the labels and every setting
     that changes the result."""
     digest = hashlib.sha256(gradient_file.read_bytes())
-    settings = {k: v for k, v in as_dict(config).items() if k not in ("log_every", "checkpoint_every", "device", "seed_workers", "seed_batch", "channels_last")}
+    settings = {k: v for k, v in as_dict(config).items() if k not in ("log_every", "checkpoint_every", "device", "seed_workers", "seed_batch", "channels_last", "cuda_graph")}
     digest.update(json.dumps([labels, settings], sort_keys=True).encode())
     return digest.hexdigest()
 

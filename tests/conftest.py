@@ -58,6 +58,22 @@ def tiny_project(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def attack(tiny_project):
+    """The tiny project's victim, its gradient artifact, the true batch (normalised) and labels."""
+    from gradinv.artifacts import load_gradient
+    from gradinv.capture import TRUTH_FILE
+    from gradinv.data import normalize
+    from gradinv.io import read_tensors
+    from gradinv.stages import GRADIENT, TRUTH, VICTIM
+    from gradinv.victim import load_victim
+
+    model, meta = load_victim(tiny_project / VICTIM)
+    artifact = load_gradient(tiny_project / GRADIENT, model)
+    truth = read_tensors(tiny_project / TRUTH / TRUTH_FILE, "truth")
+    return model, meta, artifact, normalize(truth["images"], meta.mean, meta.std), truth["labels"]
+
+
+@pytest.fixture
 def project_copy(tiny_project, tmp_path) -> Path:
     """A private copy of the tiny project, for tests that break or rewrite its files."""
     root = tmp_path / "project"

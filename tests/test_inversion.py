@@ -3,25 +3,11 @@ import dataclasses
 import pytest
 import torch
 
-from gradinv.artifacts import load_gradient
-from gradinv.capture import TRUTH_FILE
 from gradinv.client import train_mode_copy
 from gradinv.config import build_section
-from gradinv.data import normalize
 from gradinv.errors import UserError
 from gradinv.inversion import invert, learning_rate, pixel_box, seed_batch, tf32_matmuls
 from gradinv.objective import LOSS_TERMS, Objective
-from gradinv.io import read_tensors
-from gradinv.stages import GRADIENT, TRUTH, VICTIM
-from gradinv.victim import load_victim
-
-
-@pytest.fixture
-def attack(tiny_project):
-    model, meta = load_victim(tiny_project / VICTIM)
-    artifact = load_gradient(tiny_project / GRADIENT, model)
-    truth = read_tensors(tiny_project / TRUTH / TRUTH_FILE, "truth")
-    return model, meta, artifact, normalize(truth["images"], meta.mean, meta.std), truth["labels"]
 
 
 def test_attackers_gradient_of_the_true_batch_reproduces_the_capture(attack):

@@ -1,0 +1,106 @@
+"""One inversion iteration of all G seeds, as `invert` runs it: each seed's image gradient of the
+objective, seed by seed (on threads on a CPU) or chunks of seeds at once (torch.func.vmap); then
+one Adam update of the stacked seeds (elementwise, so the same as an Adam per seed), the Langevin
+noise and the pixel box. The iteration's inputs (learning rate, each seed's view, the noise, the
+consensus) live in tensors of fixed place that `fill` rewrites, so that the same step can be
+captured once as a CUDA graph and replayed (gradinv.cuda_graph)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from gradinv.config import InversionConfig
+from gradinv.cuda_graph import GraphedStep
+from gradinv.objective import LOSS_TERMS, Objective
+from gradinv.views import View, apply_views, view_indices, views_enabled
+
+SeedRunner = Callable[[Callable[[int], dict], range], list[dict]]
+
+
+class SeedStep:
+    def __init__(self, objectives: list[Objective], images: torch.Tensor, config: InversionConfig, box: tuple[torch.Tensor, torch.Tensor],
+                 batch: int, memory_format: torch.memory_format, graphed: bool):
+        """`images` (G, B, 3, H, W) on the device, the seeds' starting point; `objectives` one per
+        seed (threads need a model each) or the same one G times; chunks of `batch` seeds run
+        batched (1 with graphed=False: seed by seed)."""
+        self.objectives, self.config, self.box, self.memory_format = objectives, config, box, memory_format
+        self.graphed, self.device = graphed, images.device
+        self.images = images.requires_grad_(True)
+        self.images.grad = torch.zeros_like(images)  # rewritten in place by every step (a graph keeps its address)
+        # Under a CUDA graph the learning rate is a tensor, whose value each replay reads.
+        self.optimizer = torch.optim.Adam([self.images], lr=torch.tensor(config.lr, device=self.device) if graphed else config.lr,
+                                          capturable=graphed)
+        # The noise's own generator, on the device (no host-side draws and copies per iteration),
+        # seeded apart from the seeds' generators (config.seed * 1000 + g).
+        self.noise_generator = torch.Generator(self.device).manual_seed(config.seed * 1000 + 999_999)
+        seeds, height, width = images.shape[0], images.shape[-2], images.shape[-1]
+        self.batched = batch > 1 or graphed
+        self.chunks = [slice(first, min(first + batch, seeds)) for first in range(0, seeds, batch)]
+        self.rows, self.cols = (t.to(self.device) for t in view_indices([(0, 0, False)] * seeds, height, width))
+        self.noise = torch.zeros_like(images) if config.langevin else None
+        self.consensus = torch.zeros(images.shape[1:], device=self.device)
+
+    def restore(self, images: torch.Tensor, optimizer: dict, noise_generator: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.images.copy_(images)
+        self.optimizer.load_state_dict(optimizer)
+        self.noise_generator.set_state(noise_generator)
+
+    def set_consensus(self, consensus: torch.Tensor) -> None:
+        self.consensus.copy_(consensus)  # copied into place, as `fill` does
+
+    def fill(self, lr: float, views: list[View]) -> None:
+        """This iteration's inputs, copied into place (never rebound: a captured step reads them
+        where they were)."""
+        group = self.optimizer.param_groups[0]
+        if self.graphed:
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+        if views_enabled(self.config):
+            pinned = self.device.type == "cuda"
+            for buffer, values in zip((self.rows, self.cols), view_indices(views, *self.images.shape[-2:])):
+                buffer.copy_(values.pin_memory() if pinned else values, non_blocking=True)
+        if self.noise is not None:
+            self.noise.normal_(generator=self.noise_generator)
+
+    def runner(self, run_seeds: SeedRunner) -> Callable[[bool], dict[str, torch.Tensor]]:
+        """The step as a function of whether the consensus term is on: eager, or graphed."""
+        step = lambda with_consensus: self.step(with_consensus, run_seeds)  # noqa: E731
+        return GraphedStep(step, self.device) if self.graphed else step
+
+    def step(self, with_consensus: bool, run_seeds: SeedRunner) -> dict[str, torch.Tensor]:
+        """Every seed's gradient and update from the filled inputs; the loss terms, each (G,)."""
+        pull = self.consensus if with_consensus else None
+        if self.batched:
+            parts = [self._chunk_gradient(chunk, pull) for chunk in self.chunks]
+            terms = {k: torch.cat([part[k] for part in parts]) for k in LOSS_TERMS}
+        else:
+            parts = run_seeds(lambda g: self._seed_gradient(g, pull), range(self.images.shape[0]))
+            terms = {k: torch.stack([part[k] for part in parts]) for k in LOSS_TERMS}
+        self.optimizer.step()
+        low, high = self.box
+        with torch.no_grad():
+            if self.noise is not None:
+                self.images.add_(self.noise * (self.optimizer.param_groups[0]["lr"] * self.config.langevin))
+            self.images.copy_(torch.maximum(torch.minimum(self.images, high), low))
+        return terms
+
+    def _seed_gradient(self, g: int, consensus: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        x = self.images[g].detach().contiguous(memory_format=self.memory_format).requires_grad_(True)
+        rows, cols = self.rows[g:g + 1], self.cols[g:g + 1]
+        view = (lambda t: apply_views(t[None], rows, cols)[0]) if views_enabled(self.config) else None
+        terms = self.objectives[g].terms(x, consensus, view)
+        (grad,) = torch.autograd.grad(terms["total"], x)
+        self.images.grad[g].copy_(grad)
+        return {k: v.detach() for k, v in terms.items()}
+
+    def _chunk_gradient(self, chunk: slice, consensus: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        xs = self.images[chunk].detach().requires_grad_(True)
+        seen = apply_views(xs, self.rows[chunk], self.cols[chunk]) if views_enabled(self.config) else xs
+        terms = self.objectives[0].batched_terms(xs, seen, consensus)
+        (grad,) = torch.autograd.grad(terms["total"].sum(), xs)
+        self.images.grad[chunk].copy_(grad)
+        return {k: v.detach() for k, v in terms.items()}
