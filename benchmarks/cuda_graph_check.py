@@ -6,7 +6,8 @@
    (jitter, flips, Langevin noise, the consensus from iteration 20 on), TF32 off: eager and graphed
    runs agree at iteration 0 (same images, same draws) to float precision and stay within float
    noise after (Adam turns float differences into steps of size lr where a pixel's gradient is ~0:
-   images within 10 % of their movement, every logged total within 5 %); a graphed run interrupted after iteration 24 resumes from its checkpoint to the same images.
+   images within 10 % of their movement, every logged total within 5 %); a graphed run
+   interrupted after iteration 24 resumes from its checkpoint to the same images.
 2. Speed: ResNet-50 at 224 px (random weights), TF32 on, seeds batched, eager against graphed:
    seconds per iteration from two run lengths (the difference leaves out warm-up and capture),
    peak memory; the paper preset (bs 8, G 8, 20K iterations) projected in minutes.
@@ -75,7 +76,8 @@ def seconds_per_iteration(model, artifact, labels, settings: dict, short: int, l
     times = {}
     for iterations in (short, short, long):  # the first short run warms cuDNN and the allocator up
         torch.cuda.reset_peak_memory_stats()
-        times[iterations] = invert(model, artifact, labels, build_section("inversion", {**settings, "iterations": iterations})).seconds
+        config = build_section("inversion", {**settings, "iterations": iterations})
+        times[iterations] = invert(model, artifact, labels, config).seconds
     return (times[long] - times[short]) / (long - short), torch.cuda.max_memory_allocated()
 
 

@@ -396,7 +396,8 @@ def cuda_graph_section(result: dict) -> str:
              f"{check['resume_drift_of_movement']:.1%}.", ""]
     if result.get("speed"):
         lines += ["ResNet-50, 224 px, TF32, seeds batched; s / iteration from the difference of two run lengths.", "",
-                  "| bs | G | eager s / it | graphed s / it | speed-up | peak memory eager / graphed |", "|---|---|---|---|---|---|"]
+                  "| bs | G | eager s / it | graphed s / it | speed-up | peak memory eager / graphed |",
+                  "|---|---|---|---|---|---|"]
         rows = {(r["batch"], r["seeds"], r["cuda_graph"]): r for r in result["speed"]}
         for (batch, seeds, graph), row in rows.items():
             if graph:

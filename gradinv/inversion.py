@@ -23,15 +23,15 @@ from gradinv.checkpoint import InversionState, load_checkpoint, save_checkpoint
 from gradinv.client import train_mode_copy
 from gradinv.config import InversionConfig, as_dict
 from gradinv.consensus import consensus as fuse
-from gradinv.cuda_graph import GraphedStep
 from gradinv.data import denormalize
 from gradinv.errors import UserError
 from gradinv.io import read_json, write_json, write_table, write_tensors
 from gradinv.models import resolve_device
 from gradinv.objective import LOSS_TERMS, Objective
 from gradinv.progress import progress
+from gradinv.seed_step import SeedStep
 from gradinv.victim import load_victim
-from gradinv.views import apply_views, draw_view, view_indices, views_enabled
+from gradinv.views import draw_view
 
 RECONSTRUCTION_FILE = "reconstruction.safetensors"
 LogCallback = Callable[[int, dict[str, float]], None]
@@ -121,151 +121,76 @@ def _group_refresh_due(step: int, config: InversionConfig) -> bool:
     return config.alpha_group > 0 and step >= config.group_start and (step - config.group_start) % config.group_refresh == 0
 
 
-def _noise_generator(config: InversionConfig, device: torch.device) -> torch.Generator:
-    """The Langevin noise's generator, on the device (no host-side draws and copies per step),
-    seeded apart from the seeds' own generators (config.seed * 1000 + g)."""
-    return torch.Generator(device).manual_seed(config.seed * 1000 + 999_999)
-
-
 def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], config: InversionConfig,
            on_log: LogCallback | None = None, checkpoint: Path | None = None, checkpoint_key: str = "") -> InversionResult:
     """Reconstruct the batch behind `artifact`. Reads only the model, the artifact and the labels.
     With `checkpoint`, state is saved there every `checkpoint_every` iterations and a matching
-    checkpoint found there is resumed (same final images as an uninterrupted run).
-
-    All G seeds live in one (G, B, 3, H, W) tensor with one Adam (elementwise, so the same as an
-    Adam per seed). Each iteration fills the step's inputs (learning rate, each seed's view, the
-    Langevin noise, the consensus) into tensors of fixed place, then runs the step: image
-    gradients seed by seed (on threads on a CPU) or of chunks of seeds at once (vmap), the Adam
-    update, the noise and the pixel box. With `cuda_graph` the step is replayed as a CUDA graph."""
+    checkpoint found there is resumed (same final images as an uninterrupted run). Each
+    iteration: the consensus when due, the step's inputs (gradinv.seed_step), the step, the log."""
     if len(labels) != artifact.batch_size:
         raise UserError(f"{len(labels)} labels were given for a gradient of batch size {artifact.batch_size}.")
     device = resolve_device(config.device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     attacker = train_mode_copy(model).to(device, memory_format=memory_format)
     objective = Objective(attacker, artifact, torch.tensor(labels, dtype=torch.int64, device=device), config)
-    shape = (artifact.batch_size, *artifact.meta["input_shape"])
-    low, high = pixel_box(artifact.meta["mean"], artifact.meta["std"], device)
     graphed = config.cuda_graph and device.type == "cuda"
     if graphed and objective.fedavg is not None:
         raise UserError("inversion.cuda_graph needs the seeds batched, which a FedAvg update's replay does not allow; "
                         "set inversion.cuda_graph: false.")
-
-    generators = [torch.Generator().manual_seed(config.seed * 1000 + g) for g in range(config.seeds)]
-    initial = torch.stack([torch.randn(shape, generator=gen) for gen in generators])
-    images = initial.to(device, copy=True).requires_grad_(True)
-    images.grad = torch.zeros_like(images)  # filled in place by every step (a graph keeps its address)
-    # Under a CUDA graph the learning rate is a tensor, whose value each replay reads.
-    optimizer = torch.optim.Adam([images], lr=torch.tensor(config.lr, device=device) if graphed else config.lr,
-                                 capturable=graphed)
-    noise_generator = _noise_generator(config, device)
-    consensus: torch.Tensor | None = None
-    log: list[dict] = []
-    first_step = 0
-    resumed = load_checkpoint(checkpoint, checkpoint_key, optimizer.state_dict()) if checkpoint else None
-    if resumed is not None:
-        first_step, log = resumed.step, resumed.log
-        consensus = resumed.consensus.to(device) if resumed.consensus is not None else None
-        with torch.no_grad():
-            images.copy_(resumed.images)
-        optimizer.load_state_dict(resumed.optimizer)
-        for generator, state in zip(generators, resumed.generators):
-            generator.set_state(state)
-        noise_generator.set_state(resumed.noise_generator)
-    hyper = optimizer.param_groups[0]
-
     batch = seed_batch(config, device, artifact.batch_size, can_batch=objective.fedavg is None)
-    batched = batch > 1 or graphed
-    workers = 1 if batched else seed_workers(config, device)
+    workers = seed_workers(config, device) if batch == 1 and not graphed else 1
     # Threads must not share a model: the BN hooks of one seed's forward would see the other's.
     objectives = [objective] * config.seeds if workers == 1 else [
         Objective(train_mode_copy(model).to(device, memory_format=memory_format), artifact, objective.labels, config)
         for _ in range(config.seeds)]
-    chunks = [slice(first, min(first + batch, config.seeds)) for first in range(0, config.seeds, batch)]
-    height, width = shape[-2:]
-    rows, cols = (t.to(device) for t in view_indices([(0, 0, False)] * config.seeds, height, width))
-    noise = torch.zeros_like(images) if config.langevin else None
-    consensus_in = torch.zeros(shape, device=device)
 
-    def seed_gradient(g: int, consensus: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        x = images[g].detach().contiguous(memory_format=memory_format).requires_grad_(True)
-        view = (lambda t: apply_views(t[None], rows[g:g + 1], cols[g:g + 1])[0]) if views_enabled(config) else None
-        terms = objectives[g].terms(x, consensus, view)
-        (grad,) = torch.autograd.grad(terms["total"], x)
-        images.grad[g].copy_(grad)
-        return {k: v.detach() for k, v in terms.items()}
-
-    def chunk_gradient(chunk: slice, consensus: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        xs = images[chunk].detach().requires_grad_(True)
-        seen = apply_views(xs, rows[chunk], cols[chunk]) if views_enabled(config) else xs
-        terms = objective.batched_terms(xs, seen, consensus)
-        (grad,) = torch.autograd.grad(terms["total"].sum(), xs)
-        images.grad[chunk].copy_(grad)
-        return {k: v.detach() for k, v in terms.items()}
-
-    def step(with_consensus: bool, run_seeds: Callable) -> dict[str, torch.Tensor]:
-        """Every seed's gradient and update from the filled inputs; the terms, each shaped (G,)."""
-        pull = consensus_in if with_consensus else None
-        if batched:
-            parts = [chunk_gradient(chunk, pull) for chunk in chunks]
-            terms = {k: torch.cat([part[k] for part in parts]) for k in LOSS_TERMS}
-        else:
-            parts = run_seeds(lambda g: seed_gradient(g, pull), range(config.seeds))
-            terms = {k: torch.stack([part[k] for part in parts]) for k in LOSS_TERMS}
-        optimizer.step()
-        with torch.no_grad():
-            if noise is not None:
-                images.add_(noise * (hyper["lr"] * config.langevin))
-            images.copy_(torch.maximum(torch.minimum(images, high), low))
-        return terms
-
-    def fill_inputs(step_index: int, new_consensus: torch.Tensor | None) -> None:
-        """This iteration's draws, in each seed generator's order (view); values copied, never
-        rebound, so that a captured step sees them."""
-        if graphed:
-            hyper["lr"].fill_(learning_rate(step_index, config))
-        else:
-            hyper["lr"] = learning_rate(step_index, config)
-        if views_enabled(config):
-            drawn = view_indices([draw_view(config, gen) for gen in generators], height, width)
-            for buffer, values in zip((rows, cols), drawn):
-                buffer.copy_(values.pin_memory() if device.type == "cuda" else values, non_blocking=True)
-        if noise is not None:
-            noise.normal_(generator=noise_generator)
-        if new_consensus is not None:
-            consensus_in.copy_(new_consensus)
+    # Each seed's generator draws its starting noise, then its view of every iteration.
+    generators = [torch.Generator().manual_seed(config.seed * 1000 + g) for g in range(config.seeds)]
+    initial = torch.stack([torch.randn((artifact.batch_size, *artifact.meta["input_shape"]), generator=gen)
+                           for gen in generators])
+    box = pixel_box(artifact.meta["mean"], artifact.meta["std"], device)
+    seeds = SeedStep(objectives, initial.to(device, copy=True), config, box, batch, memory_format, graphed)
+    consensus: torch.Tensor | None = None
+    log: list[dict] = []
+    first_step = 0
+    resumed = load_checkpoint(checkpoint, checkpoint_key, seeds.optimizer.state_dict()) if checkpoint else None
+    if resumed is not None:
+        first_step, log = resumed.step, resumed.log
+        seeds.restore(resumed.images, resumed.optimizer, resumed.noise_generator)
+        for generator, state in zip(generators, resumed.generators):
+            generator.set_state(state)
+        if resumed.consensus is not None:
+            consensus = resumed.consensus.to(device)
+            seeds.set_consensus(consensus)
 
     start = time.perf_counter()
     with tf32_matmuls(config.tf32), seed_runner(workers) as run_seeds:
-        run_step = (GraphedStep(lambda with_consensus: step(with_consensus, run_seeds), device) if graphed
-                    else lambda with_consensus: step(with_consensus, run_seeds))
-        if consensus is not None:
-            consensus_in.copy_(consensus)
-        for step_index in progress(range(first_step, config.iterations), "invert", unit="it", initial=first_step,
-                                   total=config.iterations):
-            refreshed = None
-            if _group_refresh_due(step_index, config):
-                consensus = refreshed = fuse(images.detach(), config.registration).to(device)
-            fill_inputs(step_index, refreshed)
+        run_step = seeds.runner(run_seeds)
+        for step in progress(range(first_step, config.iterations), "invert", unit="it", initial=first_step,
+                             total=config.iterations):
+            if _group_refresh_due(step, config):
+                consensus = fuse(seeds.images.detach(), config.registration).to(device)
+                seeds.set_consensus(consensus)
+            lr = learning_rate(step, config)
+            seeds.fill(lr, [draw_view(config, gen) for gen in generators])
             terms = run_step(consensus is not None)
-            if step_index % config.log_every == 0 or step_index == config.iterations - 1:
+            if step % config.log_every == 0 or step == config.iterations - 1:
                 values = {k: v.tolist() for k, v in terms.items()}
-                lr = learning_rate(step_index, config)
                 for g in range(config.seeds):
-                    row = {"iteration": step_index, "seed": g, "lr": lr, **{k: values[k][g] for k in LOSS_TERMS}}
+                    row = {"iteration": step, "seed": g, "lr": lr, **{k: values[k][g] for k in LOSS_TERMS}}
                     log.append(row)
                     if on_log is not None:
-                        on_log(step_index, {f"seed{g}_{k}": row[k] for k in LOSS_TERMS})
-            done = step_index + 1
+                        on_log(step, {f"seed{g}_{k}": row[k] for k in LOSS_TERMS})
+            done = step + 1
             if checkpoint and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.iterations:
                 save_checkpoint(checkpoint, checkpoint_key, InversionState(
-                    done, images.detach(), optimizer.state_dict(), [gen.get_state() for gen in generators],
-                    noise_generator.get_state(), consensus, log))
+                    done, seeds.images.detach(), seeds.optimizer.state_dict(), [gen.get_state() for gen in generators],
+                    seeds.noise_generator.get_state(), consensus, log))
         seconds = time.perf_counter() - start
         final = [float(objective.terms(x.contiguous(memory_format=memory_format))["grad"].detach())
-                 for x in images.detach()]
-    result_images = images.detach().cpu()
-    return InversionResult(result_images, initial, final, int(torch.tensor(final).argmin()), log, seconds)
+                 for x in seeds.images.detach()]
+    images = seeds.images.detach().cpu()
+    return InversionResult(images, initial, final, int(torch.tensor(final).argmin()), log, seconds)
 
 
 def read_labels(labels_dir: str | Path, num_classes: int) -> list[int]:
@@ -280,7 +205,8 @@ def run_key(gradient_file: Path, labels: list[int], config: InversionConfig) -> 
     """What a checkpoint must match to be resumed: the gradient, the labels and every setting
     that changes the result."""
     digest = hashlib.sha256(gradient_file.read_bytes())
-    settings = {k: v for k, v in as_dict(config).items() if k not in ("log_every", "checkpoint_every", "device", "seed_workers", "seed_batch", "channels_last", "cuda_graph")}
+    speed_only = ("log_every", "checkpoint_every", "device", "seed_workers", "seed_batch", "channels_last", "cuda_graph")
+    settings = {k: v for k, v in as_dict(config).items() if k not in speed_only}
     digest.update(json.dumps([labels, settings], sort_keys=True).encode())
     return digest.hexdigest()
 

@@ -20,8 +20,8 @@ SeedRunner = Callable[[Callable[[int], dict], range], list[dict]]
 
 
 class SeedStep:
-    def __init__(self, objectives: list[Objective], images: torch.Tensor, config: InversionConfig, box: tuple[torch.Tensor, torch.Tensor],
-                 batch: int, memory_format: torch.memory_format, graphed: bool):
+    def __init__(self, objectives: list[Objective], images: torch.Tensor, config: InversionConfig,
+                 box: tuple[torch.Tensor, torch.Tensor], batch: int, memory_format: torch.memory_format, graphed: bool):
         """`images` (G, B, 3, H, W) on the device, the seeds' starting point; `objectives` one per
         seed (threads need a model each) or the same one G times; chunks of `batch` seeds run
         batched (1 with graphed=False: seed by seed)."""
@@ -30,8 +30,8 @@ class SeedStep:
         self.images = images.requires_grad_(True)
         self.images.grad = torch.zeros_like(images)  # rewritten in place by every step (a graph keeps its address)
         # Under a CUDA graph the learning rate is a tensor, whose value each replay reads.
-        self.optimizer = torch.optim.Adam([self.images], lr=torch.tensor(config.lr, device=self.device) if graphed else config.lr,
-                                          capturable=graphed)
+        lr = torch.tensor(config.lr, device=self.device) if graphed else config.lr
+        self.optimizer = torch.optim.Adam([self.images], lr=lr, capturable=graphed)
         # The noise's own generator, on the device (no host-side draws and copies per iteration),
         # seeded apart from the seeds' generators (config.seed * 1000 + g).
         self.noise_generator = torch.Generator(self.device).manual_seed(config.seed * 1000 + 999_999)

@@ -66,11 +66,12 @@ class Interrupted(Exception):
     pass
 
 
-def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_images(attack, tmp_path):
+@pytest.mark.parametrize("seeds_run", [{}, {"seed_batch": 2}], ids=["auto", "batched"])
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_images(attack, tmp_path, seeds_run):
     model, _, artifact, _, labels = attack
     labels = sorted(labels.tolist())
     config = _config(checkpoint_every=3, langevin=0.2, jitter=1, flip=True, alpha_group=0.01, group_start=2,
-                     group_refresh=2)
+                     group_refresh=2, **seeds_run)
     uninterrupted = invert(model, artifact, labels, config)
 
     def crash_at_step_7(step, _values):
