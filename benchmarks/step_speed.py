@@ -342,7 +342,8 @@ def paper_projection(result: dict, probes: dict | None) -> str:
             lines.append(f"- {r['variant']}: {r['seconds_per_iteration'] * 20000 / 60:.0f} minutes")
     for r in (probes or {}).get("rows", []):
         if r["probe"] == "graph-vmap" and "error" not in r:
-            lines.append(f"- the same step batched and replayed as a CUDA graph (probe, not in the engine): "
+            lines.append(f"- the same step batched and replayed as a CUDA graph (gpu_probes.py, before the engine's "
+                         f"`inversion.cuda_graph`): "
                          f"{r['graph_replay_s'] * 20000 / 60:.0f} minutes")
     return "\n".join(lines)
 
