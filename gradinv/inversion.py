@@ -133,10 +133,9 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     attacker = train_mode_copy(model).to(device, memory_format=memory_format)
     objective = Objective(attacker, artifact, torch.tensor(labels, dtype=torch.int64, device=device), config)
-    graphed = config.cuda_graph and device.type == "cuda"
-    if graphed and objective.fedavg is not None:
-        raise UserError("inversion.cuda_graph needs the seeds batched, which a FedAvg update's replay does not allow; "
-                        "set inversion.cuda_graph: false.")
+    # A speed setting, like seed_batch: where it cannot act (no CUDA; a FedAvg update, whose replay
+    # cannot be batched) the step runs eagerly.
+    graphed = config.cuda_graph and device.type == "cuda" and objective.fedavg is None
     batch = seed_batch(config, device, artifact.batch_size, can_batch=objective.fedavg is None)
     workers = seed_workers(config, device) if batch == 1 and not graphed else 1
     # Threads must not share a model: the BN hooks of one seed's forward would see the other's.

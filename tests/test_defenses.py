@@ -220,6 +220,12 @@ def test_the_attackers_fedavg_replay_reproduces_the_clients_update(tiny_project)
     assert aware < 1e-4 * plain  # the aware attack's objective vanishes at the true batch; the plain one does not
     with pytest.raises(UserError, match="FedAvg"):  # the replay cannot run under vmap: one clear sentence
         Objective(train_mode_copy(model), shared, labels, config).batched_terms(images.unsqueeze(0).repeat(2, 1, 1, 1, 1))
+    from gradinv.inversion import invert
+
+    settings = {"bn_prior": "none", "iterations": 2, "seeds": 2, "device": "cpu"}
+    eager = invert(model, shared, labels.tolist(), build_section("inversion", settings))
+    graphed = invert(model, shared, labels.tolist(), build_section("inversion", {**settings, "cuda_graph": True}))
+    assert torch.equal(graphed.images, eager.images)  # a speed setting: the replay runs eagerly, as seed_batch's auto does
 
 
 def test_labels_are_read_from_a_fedavg_update(tiny_project):
