@@ -416,6 +416,42 @@ def cuda_graph_section(result: dict) -> str:
     return "\n".join(lines)
 
 
+def roofline_section(result: dict, measured: dict | None, probes: dict | None) -> str:
+    """benchmarks/step_roofline.py: the step's bandwidth/compute bound, beside the H200's measured steps."""
+    gpus = result["gpus"]
+    lines = ["### The physical limit of the step as written", "",
+             f"Command: `{result['command']}` (counts the engine's batched step on fake tensors: every aten operation "
+             "that moves data, its bytes in and out and its FLOPs). Bound = Σ over operations of max(bytes / bandwidth, "
+             "FLOPs / TF32 rate), nominal " + ", ".join(f"{n}: {g['bandwidth'] / 1e12:.2f} TB/s, {g['tf32'] / 1e12:.0f} "
+                                                        "TFLOP/s" for n, g in gpus.items()) +
+             ": no kernel schedule of these operations runs faster, short of the L2 cache serving some: operations moving under "
+             "50 MB each account for " + ", ".join(f"{r['bytes_of_ops_under_l2'] / r['bytes']:.0%} (bs {r['batch']} G {r['seeds']})"
+                                                   for r in result["rows"]) + " of the bytes.", "",
+             "| bs | G | aten operations | GB moved | GFLOP | bound H100 | bound H200 | measured H200: fastest engine variant "
+             "/ graph replay (probe) |",
+             "|---|---|---|---|---|---|---|---|"]
+    eager: dict[tuple, float] = {}
+    for r in (measured or {}).get("rows", []):
+        if "error" not in r and r["variant"].startswith("engine"):
+            key = (r["batch"], r["seeds"])
+            eager[key] = min(eager.get(key, float("inf")), r["seconds_per_iteration"])
+    replay = {(r["batch"], r.get("seeds", 1)): r["graph_replay_s"] for r in (probes or {}).get("rows", [])
+              if r["probe"] in ("graph", "graph-vmap") and "error" not in r}
+    for r in result["rows"]:
+        key = (r["batch"], r["seeds"])
+        seen = " / ".join(f"{d[key] * 1e3:.0f} ms" if key in d else "-" for d in (eager, replay))
+        lines.append(f"| {r['batch']} | {r['seeds']} | {r['ops']} | {r['bytes'] / 1e9:.0f} | {r['flops'] / 1e9:.0f} | "
+                     f"{r['bound_s_H100'] * 1e3:.0f} ms | {r['bound_s_H200'] * 1e3:.0f} ms | {seen} |")
+    for r in result["rows"]:
+        if "paper_minutes_H100" in r:
+            lines += ["", f"Paper preset (bs 8, G 8, 20,000 iterations) at the bound: **{r['paper_minutes_H100']:.0f} minutes "
+                          f"on an H100**, {r['paper_minutes_H200']:.0f} on an H200; {r['paper_minutes_H100_large_ops_only']:.0f} on an H100 "
+                          "even if every operation under 50 MB cost nothing. The operations moving most data at bs 8 G 8:", ""]
+            lines += [f"- {o['op']}: {o['calls']} calls, {o['bytes'] / 1e9:.0f} GB, {o['flops'] / 1e9:.0f} GFLOP"
+                      for o in result["top_ops_bs8_g8"][:8]]
+    return "\n".join(lines)
+
+
 def write_doc() -> Path:
     parts = ["# Inversion step speed", "",
              "Written by `benchmarks/step_speed.py` from benchmarks/results/step_speed-*.json; every figure is",
@@ -427,6 +463,8 @@ def write_doc() -> Path:
     probes = json.loads((RESULTS / "gpu_probes.json").read_text()) if (RESULTS / "gpu_probes.json").is_file() else None
     if "gpu" in found:
         parts += [paper_projection(found["gpu"], probes), ""]
+    if (RESULTS / "step_roofline.json").is_file():
+        parts += [roofline_section(json.loads((RESULTS / "step_roofline.json").read_text()), found.get("gpu"), probes), ""]
     for name, section in (("tf32_quality", tf32_quality_section), ("gpu_probes", probes_section),
                           ("cuda_graph", cuda_graph_section)):
         if (RESULTS / f"{name}.json").is_file():

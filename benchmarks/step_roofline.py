@@ -1,0 +1,146 @@
+"""The physical limit of the inversion step: what one step must move and compute, and how fast a GPU could do it.
+
+    .venv/bin/python benchmarks/step_roofline.py           # on any machine (counts on the CPU)
+
+Runs the engine's step (gradinv.seed_step: the seeds batched as `inversion.cuda_graph` runs them;
+forward, parameter gradients with create_graph, objective, gradient to the images, Adam, pixel
+box) once for ResNet-50 at 224 px and counts every aten operation that moves data: bytes read and
+written (views excluded; a broadcast input counted at its stored size) and FLOPs
+(torch.utils.flop_counter's formulas). The operations and their sizes do not depend on the
+device, so the count runs on the CPU, on fake tensors (shapes only: FakeTensorMode), which lets
+it count bs 8 G 8 (64 images) in seconds and no memory.
+
+From the counts, for a GPU with memory bandwidth BW and TF32 rate P (nominal):
+    bound = Σ over operations of max(bytes / BW, FLOPs / P)
+the step as written cannot run faster, even with every kernel at the device's limit and no
+launch cost (except where the L2 cache serves an operation: the results say how many bytes
+belong to operations small enough for that); the rest of a measured time is what the kernels leave unused (small kernels,
+launch gaps). Writes benchmarks/results/step_roofline.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from gradinv.client import train_mode_copy  # noqa: E402
+from gradinv.config import build_section  # noqa: E402
+from gradinv.inversion import pixel_box  # noqa: E402
+from gradinv.objective import Objective  # noqa: E402
+from gradinv.seed_step import SeedStep  # noqa: E402
+from step_speed import machine, problem  # noqa: E402
+
+# Nominal: HBM bandwidth (bytes/s) and dense TF32 tensor-core rate (FLOP/s), SXM parts.
+GPUS = {"H100": {"bandwidth": 3.35e12, "tf32": 495e12}, "H200": {"bandwidth": 4.8e12, "tf32": 495e12}}
+L2_BYTES = 50 * 2**20  # the H100's L2: operations moving less in all could be served from it
+COUNTED = [(1, 1), (8, 1), (8, 8), (48, 1)]  # (bs, G): bs 8 G 8 is the paper preset
+PAPER_ITERATIONS = 20_000
+
+
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor as memory holds it (an expanded view reads its storage once)."""
+    return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+
+
+def operation_flops(func, args, kwargs, out) -> int:
+    """torch.utils.flop_counter's formula, except that a grouped convolution's weight gradient is
+    counted per group (the formula ignores groups there; vmap over seeds makes every convolution
+    whose weight differs per seed a grouped one)."""
+    formula = flop_registry.get(func._overloadpacket)
+    if formula is None:
+        return 0
+    if func._overloadpacket is torch.ops.aten.convolution_backward:
+        front, groups, mask, rest = args[:9], args[9], args[10], args[11:]
+        if groups > 1 and mask[1]:
+            grad_input = formula(*front, groups, [mask[0], False, mask[2]], *rest, **kwargs, out_val=out)
+            grad_weight = formula(*front, groups, [False, True, False], *rest, **kwargs, out_val=out)
+            return grad_input + grad_weight // groups
+    return formula(*args, **kwargs, out_val=out)
+
+
+class TrafficCount(TorchDispatchMode):
+    """Per aten operation that moves data: bytes in + out and FLOPs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        outputs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        writes = any(r.alias_info is not None and r.alias_info.is_write for r in func._schema.returns)
+        storages = {a.untyped_storage()._cdata for a in inputs}
+        aliases_only = all(o.untyped_storage()._cdata in storages for o in outputs)
+        if outputs and (writes or not aliases_only):
+            flops = operation_flops(func, args, kwargs, out)
+            moved = sum(stored_bytes(t) for t in inputs) + sum(stored_bytes(t) for t in outputs)
+            self.ops.append((str(func._overloadpacket.__name__), moved, flops))
+        return out
+
+
+def count_step(batch: int, seeds: int) -> dict:
+    """The counts of the engine's second step (the first creates Adam's state)."""
+    model, artifact, labels = problem("resnet50", 1000, 224, 1)  # weights and artifact do not depend on bs
+    config = build_section("inversion", {"seeds": seeds, "device": "cpu", "registration": "none"})
+    objective = Objective(train_mode_copy(model), artifact, torch.zeros(batch, dtype=torch.int64), config)
+    objective._functional_model()  # its copy of the model is made here: fake tensors cannot be deep-copied
+    box = pixel_box(artifact.meta["mean"], artifact.meta["std"], "cpu")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        # Chunks of max(G, 2): the vmapped path even at G 1, as the graphed step runs it.
+        step = SeedStep([objective] * seeds, torch.zeros(seeds, batch, 3, 224, 224), config, box, max(seeds, 2),
+                        torch.contiguous_format, graphed=False)
+        step.fill(config.lr, [(0, 0, False)] * seeds)
+        step.step(False, None)
+        with TrafficCount() as counter:
+            step.step(False, None)
+    return {"batch": batch, "seeds": seeds, "ops": len(counter.ops), "bytes": sum(b for _, b, _ in counter.ops),
+            "flops": sum(f for _, _, f in counter.ops), "per_op": counter.ops}
+
+
+def bound_seconds(ops: list[tuple[str, int, int]], gpu: dict) -> float:
+    """Σ max(bytes / BW, FLOPs / P) over the operations."""
+    return sum(max(moved / gpu["bandwidth"], flops / gpu["tf32"]) for _, moved, flops in ops)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "step_roofline.json"))
+    args = parser.parse_args()
+    rows, heaviest = [], {}
+    for batch, seeds in COUNTED:
+        c = count_step(batch, seeds)
+        row = {"batch": batch, "seeds": seeds, "ops": c["ops"], "bytes": c["bytes"], "flops": c["flops"],
+               "bytes_of_ops_under_l2": sum(moved for _, moved, _ in c["per_op"] if moved < L2_BYTES),
+               **{f"bound_s_{name}": bound_seconds(c["per_op"], gpu) for name, gpu in GPUS.items()}}
+        if (batch, seeds) == (8, 8):
+            row.update({f"paper_minutes_{name}": row[f"bound_s_{name}"] * PAPER_ITERATIONS / 60 for name in GPUS})
+            large = [op for op in c["per_op"] if op[1] >= L2_BYTES]
+            row["paper_minutes_H100_large_ops_only"] = bound_seconds(large, GPUS["H100"]) * PAPER_ITERATIONS / 60
+            for name, moved, flops in c["per_op"]:
+                entry = heaviest.setdefault(name, [0, 0, 0])
+                entry[0], entry[1], entry[2] = entry[0] + 1, entry[1] + moved, entry[2] + flops
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    h100 = GPUS["H100"]
+    top = sorted(heaviest.items(), key=lambda kv: -max(kv[1][1] / h100["bandwidth"], kv[1][2] / h100["tf32"]))
+    result = {"machine": machine(torch.device("cpu")), "command": "python benchmarks/step_roofline.py", "gpus": GPUS,
+              "rows": rows, "top_ops_bs8_g8": [{"op": n, "calls": c, "bytes": b, "flops": f} for n, (c, b, f) in top[:12]]}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
