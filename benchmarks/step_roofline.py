@@ -4,7 +4,8 @@
 
 Runs the engine's step (gradinv.seed_step: the seeds batched as `inversion.cuda_graph` runs them;
 forward, parameter gradients with create_graph, objective, gradient to the images, Adam, pixel
-box) once for ResNet-50 at 224 px and counts every aten operation that moves data: bytes read and
+box) once for ResNet-50 at 224 px, with either BatchNorm double backward
+(`inversion.bn_double_backward`: pytorch, explicit), and counts every aten operation that moves data: bytes read and
 written (views excluded; a broadcast input counted at its stored size) and FLOPs
 (torch.utils.flop_counter's formulas). The operations and their sizes do not depend on the
 device, so the count runs on the CPU, on fake tensors (shapes only: FakeTensorMode), which lets
@@ -45,6 +46,7 @@ from step_speed import machine, problem  # noqa: E402
 GPUS = {"H100": {"bandwidth": 3.35e12, "tf32": 495e12}, "H200": {"bandwidth": 4.8e12, "tf32": 495e12}}
 L2_BYTES = 50 * 2**20  # the H100's L2: operations moving less in all could be served from it
 COUNTED = [(1, 1), (8, 1), (8, 8), (48, 1)]  # (bs, G): bs 8 G 8 is the paper preset
+BN_DOUBLE_BACKWARDS = ("pytorch", "explicit")  # inversion.bn_double_backward
 PAPER_ITERATIONS = 20_000
 
 
@@ -91,10 +93,11 @@ class TrafficCount(TorchDispatchMode):
         return out
 
 
-def count_step(batch: int, seeds: int) -> dict:
+def count_step(batch: int, seeds: int, bn_double_backward: str) -> dict:
     """The counts of the engine's second step (the first creates Adam's state)."""
     model, artifact, labels = problem("resnet50", 1000, 224, 1)  # weights and artifact do not depend on bs
-    config = build_section("inversion", {"seeds": seeds, "device": "cpu", "registration": "none"})
+    config = build_section("inversion", {"seeds": seeds, "device": "cpu", "registration": "none",
+                                         "bn_double_backward": bn_double_backward})
     objective = Objective(train_mode_copy(model), artifact, torch.zeros(batch, dtype=torch.int64), config)
     objective._functional_model()  # its copy of the model is made here: fake tensors cannot be deep-copied
     box = pixel_box(artifact.meta["mean"], artifact.meta["std"], "cpu")
@@ -120,9 +123,10 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "step_roofline.json"))
     args = parser.parse_args()
     rows, heaviest = [], {}
-    for batch, seeds in COUNTED:
-        c = count_step(batch, seeds)
-        row = {"batch": batch, "seeds": seeds, "ops": c["ops"], "bytes": c["bytes"], "flops": c["flops"],
+    for mode, (batch, seeds) in ((m, config) for m in BN_DOUBLE_BACKWARDS for config in COUNTED):
+        c = count_step(batch, seeds, mode)
+        row = {"bn_double_backward": mode, "batch": batch, "seeds": seeds, "ops": c["ops"], "bytes": c["bytes"],
+               "flops": c["flops"],
                "bytes_of_ops_under_l2": sum(moved for _, moved, _ in c["per_op"] if moved < L2_BYTES),
                **{f"bound_s_{name}": bound_seconds(c["per_op"], gpu) for name, gpu in GPUS.items()}}
         if (batch, seeds) == (8, 8):
@@ -130,14 +134,16 @@ def main() -> int:
             large = [op for op in c["per_op"] if op[1] >= L2_BYTES]
             row["paper_minutes_H100_large_ops_only"] = bound_seconds(large, GPUS["H100"]) * PAPER_ITERATIONS / 60
             for name, moved, flops in c["per_op"]:
-                entry = heaviest.setdefault(name, [0, 0, 0])
+                entry = heaviest.setdefault(mode, {}).setdefault(name, [0, 0, 0])
                 entry[0], entry[1], entry[2] = entry[0] + 1, entry[1] + moved, entry[2] + flops
         rows.append(row)
         print(json.dumps(row), flush=True)
     h100 = GPUS["H100"]
-    top = sorted(heaviest.items(), key=lambda kv: -max(kv[1][1] / h100["bandwidth"], kv[1][2] / h100["tf32"]))
+    top = {mode: sorted(ops.items(), key=lambda kv: -max(kv[1][1] / h100["bandwidth"], kv[1][2] / h100["tf32"]))
+           for mode, ops in heaviest.items()}
     result = {"machine": machine(torch.device("cpu")), "command": "python benchmarks/step_roofline.py", "gpus": GPUS,
-              "rows": rows, "top_ops_bs8_g8": [{"op": n, "calls": c, "bytes": b, "flops": f} for n, (c, b, f) in top[:12]]}
+              "rows": rows, "top_ops_bs8_g8": {mode: [{"op": n, "calls": c, "bytes": b, "flops": f} for n, (c, b, f) in ops[:12]]
+                                               for mode, ops in top.items()}}
     Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
 

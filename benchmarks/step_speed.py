@@ -12,10 +12,10 @@ rewritten after each, so that a run cut short keeps what it measured. Variants:
 
 - `baseline`: the straightforward step: `loss.backward()` (parameter .grad filled too), strict
   float32, seeds one by one on all torch threads;
-- `engine-<seeds>[-tf32][-channels-last]`: gradinv's step as `invert` runs it (gradients to the
-  input only), seeds `loop` (one by one), `auto` (invert's default for the device), `vmap` (all
-  seeds in one vmapped call) or `vmapN` (chunks of N seeds); TF32 (`inversion.tf32`) and
-  channels_last as named.
+- `engine-<seeds>[-tf32][-channels-last][-bn-explicit]`: gradinv's step as `invert` runs it
+  (gradients to the input only), seeds `loop` (one by one), `auto` (invert's default for the
+  device), `vmap` (all seeds in one vmapped call) or `vmapN` (chunks of N seeds); TF32
+  (`inversion.tf32`), channels_last and `inversion.bn_double_backward: explicit` as named.
 
 FLOPs come from torch.utils.flop_counter on one seed's step; the peak is the device's nominal
 fp32 (or TF32) rate where known, else a measured large-GEMM rate (said so in the output).
@@ -66,7 +66,8 @@ def suite_configs(name: str) -> list[tuple[int, int, str]]:
     """(batch size, seeds, variant) in the order they run: on the GPU the paper preset's bs 8 and
     the bs 48 memory check first, so that a run cut short has measured what matters most."""
     if name == "cpu":
-        return [(8, g, v) for g in (1, 4, 8) for v in ("baseline", "engine-loop", "engine-auto", "engine-auto-channels-last")]
+        return [(8, g, v) for g in (1, 4, 8)
+                for v in ("baseline", "engine-loop", "engine-auto", "engine-auto-channels-last", "engine-auto-bn-explicit")]
     configs = []
     for batch in (8, 48, 1):
         for seeds in (8, 4, 1):
@@ -75,6 +76,8 @@ def suite_configs(name: str) -> list[tuple[int, int, str]]:
                 configs += [(batch, seeds, v) for v in ("engine-vmap", "engine-vmap-tf32")]
             if seeds == 8 and batch > 1:
                 configs.append((batch, seeds, "engine-loop-tf32-channels-last"))
+            if seeds == 8 and batch == 8:
+                configs.append((batch, seeds, "engine-vmap-tf32-bn-explicit"))
             if seeds == 8 and batch == 48:
                 configs += [(batch, seeds, v) for v in ("engine-vmap4-tf32", "engine-vmap2-tf32")]
             configs.append((batch, seeds, "baseline"))
@@ -136,7 +139,8 @@ def engine_settings(variant: str, seeds: int) -> dict:
     named = {"loop": 1, "auto": 0, "vmap": seeds}
     batch = named[mode] if mode in named else int(mode.removeprefix("vmap"))
     return {"seed_workers": 0 if mode == "auto" else 1, "seed_batch": batch,
-            "channels_last": "channels-last" in variant, "tf32": "tf32" in variant}
+            "channels_last": "channels-last" in variant, "tf32": "tf32" in variant,
+            "bn_double_backward": "explicit" if "bn-explicit" in variant else "pytorch"}
 
 
 def engine_seconds(model, artifact, labels, config, iterations: int) -> float:
@@ -387,49 +391,54 @@ def probes_section(result: dict) -> str:
 
 
 def cuda_graph_section(result: dict) -> str:
-    """benchmarks/cuda_graph_check.py: the engine's graphed step against its eager step."""
+    """benchmarks/cuda_graph_check.py: the graphed step and the explicit BN double backward against the default."""
     check = result["check"]
-    lines = [f"### The engine's step as a CUDA graph ({result['machine'].get('gpu', 'GPU')})", "",
-             f"Command: `{result['command']}`. Same path (resnet18, 32 px, bs 4, G 4, jitter, flips, Langevin, "
-             f"consensus): {'passed' if check['passed'] else 'FAILED'}: iteration-0 totals within "
-             f"{check['iteration0_total_max_rel_diff']:.1e}, logged totals within {check['logged_totals_max_rel_diff']:.1%}, "
-             f"images within {check['images_drift_of_movement']:.1%} of their movement, a resumed graphed run within "
-             f"{check['resume_drift_of_movement']:.1%}.", ""]
+    noise = check["float_noise_one_by_one_vs_batched"]
+    lines = [f"### CUDA graphs and the explicit BN double backward in the engine ({result['machine'].get('gpu', 'GPU')})", "",
+             f"Command: `{result['command']}`. Same path (resnet18, 32 px, bs 4, G 4, 40 iterations, jitter, flips, "
+             f"Langevin, consensus): {'passed' if check['passed'] else 'FAILED'}. Float noise alone (seeds one by one "
+             f"against batched): logged totals within {noise['logged_totals_max_rel_diff']:.1%}, images within "
+             f"{noise['images_drift_of_movement']:.1%} of their movement.", ""]
+    for name in ("graphed_vs_eager", "explicit_bn_vs_pytorch", "resumed_vs_uninterrupted_graphed"):
+        m = check[name]
+        lines.append(f"- {name.replace('_', ' ')}: iteration-0 totals within {m['iteration0_total_max_rel_diff']:.1e}, "
+                     f"logged totals within {m['logged_totals_max_rel_diff']:.1%}, images within "
+                     f"{m['images_drift_of_movement']:.1%}")
     if result.get("speed"):
-        lines += ["ResNet-50, 224 px, TF32, seeds batched; s / iteration from the difference of two run lengths.", "",
-                  "| bs | G | eager s / it | graphed s / it | speed-up | peak memory eager / graphed |",
-                  "|---|---|---|---|---|---|"]
-        rows = {(r["batch"], r["seeds"], r["cuda_graph"]): r for r in result["speed"]}
-        for (batch, seeds, graph), row in rows.items():
+        lines += ["", "ResNet-50, 224 px, TF32, seeds batched; s / iteration from the difference of two run lengths.", "",
+                  "| bs | G | BN double backward | eager s / it | graphed s / it | graphed speed-up | peak memory eager / graphed |",
+                  "|---|---|---|---|---|---|---|"]
+        rows = {(r["batch"], r["seeds"], r["bn_double_backward"], r["cuda_graph"]): r for r in result["speed"]}
+        cell = lambda r: r.get("error") or f"{r['seconds_per_iteration']:.3f}"  # noqa: E731
+        memory = lambda r: "-" if "error" in r else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"  # noqa: E731
+        for (batch, seeds, bn, graph), row in rows.items():
             if graph:
                 continue
-            other = rows.get((batch, seeds, True), {"error": "not run"})
-            cell = lambda r: r.get("error") or f"{r['seconds_per_iteration']:.3f}"  # noqa: E731
-            memory = lambda r: "-" if "error" in r else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"  # noqa: E731
+            other = rows.get((batch, seeds, bn, True), {"error": "not run"})
             ratio = ("-" if "error" in row or "error" in other
                      else f"{row['seconds_per_iteration'] / other['seconds_per_iteration']:.2f}x")
-            lines.append(f"| {batch} | {seeds} | {cell(row)} | {cell(other)} | {ratio} | {memory(row)} / {memory(other)} |")
-        for r in result["speed"]:
-            if "paper_preset_minutes" in r:
-                lines += ["", f"Paper preset projected {'with' if r['cuda_graph'] else 'without'} the graph: "
-                              f"{r['paper_preset_minutes']:.0f} minutes."]
+            lines.append(f"| {batch} | {seeds} | {bn} | {cell(row)} | {cell(other)} | {ratio} | {memory(row)} / {memory(other)} |")
+        lines += ["", "Paper preset projected (bs 8, G 8, 20,000 iterations): " + "; ".join(
+            f"{'graphed' if r['cuda_graph'] else 'eager'}, BN {r['bn_double_backward']}: {r['paper_preset_minutes']:.0f} minutes"
+            for r in result["speed"] if "paper_preset_minutes" in r) + "."]
     return "\n".join(lines)
 
 
 def roofline_section(result: dict, measured: dict | None, probes: dict | None) -> str:
     """benchmarks/step_roofline.py: the step's bandwidth/compute bound, beside the H200's measured steps."""
-    gpus = result["gpus"]
+    gpus, rows = result["gpus"], result["rows"]
     lines = ["### The physical limit of the step as written", "",
              f"Command: `{result['command']}` (counts the engine's batched step on fake tensors: every aten operation "
              "that moves data, its bytes in and out and its FLOPs). Bound = Σ over operations of max(bytes / bandwidth, "
              "FLOPs / TF32 rate), nominal " + ", ".join(f"{n}: {g['bandwidth'] / 1e12:.2f} TB/s, {g['tf32'] / 1e12:.0f} "
                                                         "TFLOP/s" for n, g in gpus.items()) +
-             ": no kernel schedule of these operations runs faster, short of the L2 cache serving some: operations moving under "
-             "50 MB each account for " + ", ".join(f"{r['bytes_of_ops_under_l2'] / r['bytes']:.0%} (bs {r['batch']} G {r['seeds']})"
-                                                   for r in result["rows"]) + " of the bytes.", "",
-             "| bs | G | aten operations | GB moved | GFLOP | bound H100 | bound H200 | measured H200: fastest engine variant "
-             "/ graph replay (probe) |",
-             "|---|---|---|---|---|---|---|---|"]
+             ": no kernel schedule of these operations runs faster, short of the L2 cache serving some: operations moving "
+             "under 50 MB each account for " + ", ".join(f"{r['bytes_of_ops_under_l2'] / r['bytes']:.0%}" for r in rows) +
+             " of the bytes (rows in order). `BN double backward`: `inversion.bn_double_backward` (pytorch: autograd's "
+             "generic formula; explicit: gradinv/batchnorm.py). Measured steps use pytorch's.", "",
+             "| BN double backward | bs | G | aten operations | GB moved | GFLOP | bound H100 | bound H200 | "
+             "measured H200: fastest engine variant / graph replay (probe) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     eager: dict[tuple, float] = {}
     for r in (measured or {}).get("rows", []):
         if "error" not in r and r["variant"].startswith("engine"):
@@ -437,18 +446,21 @@ def roofline_section(result: dict, measured: dict | None, probes: dict | None) -
             eager[key] = min(eager.get(key, float("inf")), r["seconds_per_iteration"])
     replay = {(r["batch"], r.get("seeds", 1)): r["graph_replay_s"] for r in (probes or {}).get("rows", [])
               if r["probe"] in ("graph", "graph-vmap") and "error" not in r}
-    for r in result["rows"]:
+    for r in rows:
         key = (r["batch"], r["seeds"])
-        seen = " / ".join(f"{d[key] * 1e3:.0f} ms" if key in d else "-" for d in (eager, replay))
-        lines.append(f"| {r['batch']} | {r['seeds']} | {r['ops']} | {r['bytes'] / 1e9:.0f} | {r['flops'] / 1e9:.0f} | "
-                     f"{r['bound_s_H100'] * 1e3:.0f} ms | {r['bound_s_H200'] * 1e3:.0f} ms | {seen} |")
-    for r in result["rows"]:
+        seen = (" / ".join(f"{d[key] * 1e3:.0f} ms" if key in d else "-" for d in (eager, replay))
+                if r["bn_double_backward"] == "pytorch" else "not measured")
+        lines.append(f"| {r['bn_double_backward']} | {r['batch']} | {r['seeds']} | {r['ops']} | {r['bytes'] / 1e9:.0f} | "
+                     f"{r['flops'] / 1e9:.0f} | {r['bound_s_H100'] * 1e3:.0f} ms | {r['bound_s_H200'] * 1e3:.0f} ms | {seen} |")
+    lines += ["", "Paper preset (bs 8, G 8, 20,000 iterations) at the bound:", ""]
+    for r in rows:
         if "paper_minutes_H100" in r:
-            lines += ["", f"Paper preset (bs 8, G 8, 20,000 iterations) at the bound: **{r['paper_minutes_H100']:.0f} minutes "
-                          f"on an H100**, {r['paper_minutes_H200']:.0f} on an H200; {r['paper_minutes_H100_large_ops_only']:.0f} on an H100 "
-                          "even if every operation under 50 MB cost nothing. The operations moving most data at bs 8 G 8:", ""]
-            lines += [f"- {o['op']}: {o['calls']} calls, {o['bytes'] / 1e9:.0f} GB, {o['flops'] / 1e9:.0f} GFLOP"
-                      for o in result["top_ops_bs8_g8"][:8]]
+            lines.append(f"- BN double backward {r['bn_double_backward']}: **{r['paper_minutes_H100']:.0f} minutes on an "
+                         f"H100**, {r['paper_minutes_H200']:.0f} on an H200; {r['paper_minutes_H100_large_ops_only']:.0f} on "
+                         "an H100 if every operation under 50 MB cost nothing")
+    for mode, ops in result["top_ops_bs8_g8"].items():
+        lines += ["", f"Operations moving most data at bs 8 G 8, BN double backward {mode}: " +
+                  "; ".join(f"{o['op']} {o['calls']}× {o['bytes'] / 1e9:.0f} GB" for o in ops[:8]) + "."]
     return "\n".join(lines)
 
 

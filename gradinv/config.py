@@ -112,6 +112,7 @@ class InversionConfig:
     channels_last: bool = rule(False)
     tf32: bool = rule(True)
     cuda_graph: bool = rule(False)
+    bn_double_backward: str = rule("pytorch", _one_of("pytorch", "explicit"))
     log_every: int = rule(25, _positive)
     seed: int = rule(0)
     device: str = rule("auto")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradinv.artifacts import GradientArtifact
+from gradinv.batchnorm import with_explicit_double_backward
 from gradinv.client import local_update, parameter_gradients, recorded_bn_statistics
 from gradinv.config import InversionConfig
 from gradinv.defenses import shared_update, transmitted_mask
@@ -68,7 +69,7 @@ class Objective:
     """The objective for one batch, against one gradient artifact."""
 
     def __init__(self, model: nn.Module, artifact: GradientArtifact, labels: torch.Tensor, config: InversionConfig):
-        self.model = model
+        self.model = with_explicit_double_backward(model) if config.bn_double_backward == "explicit" else model
         self.labels = labels
         self.config = config
         device = labels.device

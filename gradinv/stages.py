@@ -69,7 +69,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           _ATTACK_MODULES + ("gradinv/client.py", "gradinv/labels.py"), _labels),
     Stage("invert", "inversion", (VICTIM, GRADIENT, LABELS), (INVERT,),
           _ATTACK_MODULES + ("gradinv/client.py", "gradinv/objective.py", "gradinv/consensus.py", "gradinv/checkpoint.py",
-                             "gradinv/views.py", "gradinv/cuda_graph.py", "gradinv/seed_step.py",
+                             "gradinv/views.py", "gradinv/cuda_graph.py", "gradinv/seed_step.py", "gradinv/batchnorm.py",
                              "gradinv/inversion.py"), _invert),
     Stage("evaluate", "evaluation", (INVERT, LABELS, TRUTH, SETS, VICTIM), (EVAL,),
           _MODEL_MODULES + ("gradinv/metrics.py", "gradinv/perceptual.py", "gradinv/report.py",
