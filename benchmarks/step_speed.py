@@ -466,9 +466,10 @@ def roofline_section(result: dict, measured: dict | None, probes: dict | None) -
 
 def write_doc() -> Path:
     parts = ["# Inversion step speed", "",
-             "Written by `benchmarks/step_speed.py` from benchmarks/results/step_speed-*.json; every figure is",
-             "from a run of that script on the machine named above its table. What the figures mean, and",
-             "which settings they made the defaults: README, section Speed.", ""]
+             "Written by `benchmarks/step_speed.py` (`--doc` rewrites it alone) from the results files in",
+             "benchmarks/results/ of step_speed.py, step_roofline.py, tf32_quality.py, gpu_probes.py and",
+             "cuda_graph_check.py; each section names the command and the machine behind its figures. What",
+             "the figures mean, and which settings they made the defaults: README, section Speed.", ""]
     found = {path.stem.split("-", 1)[1]: json.loads(path.read_text()) for path in sorted(RESULTS.glob("step_speed-*.json"))}
     for result in found.values():
         parts += [table(result), ""]
