@@ -27,8 +27,8 @@ def view_indices(views: list[View], height: int, width: int) -> tuple[torch.Tens
     """Source rows (G, H) and columns (G, W) of each seed's view: view[..., i, j] = x[..., rows[i], cols[j]].
     The same pixels as torch.roll by the shift followed by a flip of the last dimension."""
     rows = torch.stack([(torch.arange(height) - down) % height for down, _, _ in views])
-    cols = torch.stack([((torch.arange(width) - right) % width).flip(0) if flip else (torch.arange(width) - right) % width
-                        for _, right, flip in views])
+    shifted = [(torch.arange(width) - right) % width for _, right, _ in views]
+    cols = torch.stack([c.flip(0) if flip else c for c, (_, _, flip) in zip(shifted, views)])
     return rows, cols
 
 

@@ -100,31 +100,3 @@ def test_a_checkpoint_of_another_layout_is_ignored(attack, tmp_path):
     again = invert(model, artifact, labels, config, None, checkpoint, "key")
     assert torch.equal(again.images, fresh.images) and again.log == fresh.log
 
-
-def test_roofline_counts_data_movement_and_grouped_convolutions_per_group():
-    """benchmarks/step_roofline.py: views move nothing, an add moves its inputs and output, and a
-    grouped convolution's backward costs what its groups cost one by one."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from step_roofline import TrafficCount
-
-    a, b = torch.randn(64, 32), torch.randn(64, 32)
-    with TrafficCount() as counter:
-        a.view(32, 64).t()
-        a + b
-    assert [(name, moved) for name, moved, _ in counter.ops] == [("add", 3 * 64 * 32 * 4)]
-
-    def backward_flops(x, weight, groups):
-        x = x.requires_grad_(True)
-        out = torch.nn.functional.conv2d(x, weight, groups=groups)
-        with TrafficCount() as counter:
-            torch.autograd.grad(out.sum(), (x, weight))
-        return sum(flops for name, _, flops in counter.ops if name == "convolution_backward")
-
-    x, weight = torch.randn(2, 6, 8, 8), torch.randn(4, 3, 3, 3)
-    grouped = backward_flops(x, weight.clone().requires_grad_(True), 2)
-    alone = sum(backward_flops(x[:, 3 * i:3 * i + 3].clone(), weight[2 * i:2 * i + 2].clone().requires_grad_(True), 1)
-                for i in range(2))
-    assert grouped == alone > 0
