@@ -15,9 +15,15 @@ Given upstream gradients u, p, q of (g_x, g_γ, g_β), the double backward is
            + r (p − γ r m_ux)(g − ḡ − x̂ m_gx)
 with m_vx = mean(v x̂). The forward and backward themselves are PyTorch's fused kernels; only
 the second derivative is ours (exact to float precision: tests/test_batchnorm.py, gradgradcheck).
-A third derivative is not defined (the inversion never takes one)."""
+A third derivative is not defined (the inversion never takes one).
+
+The layer also hands the BN prior (gradinv.objective.bn_distance) the batch statistics its fused
+forward computed anyway, differentiable, instead of a second pass over the activations: their
+gradient joins the layer's input gradient in one fused pass (μ' = 1/M, σ²' = 2 (x − μ)/M)."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,10 +39,48 @@ def _channel_mean(t: torch.Tensor) -> torch.Tensor:
     return t.mean([d for d in range(t.dim()) if d != 1])
 
 
-class _BatchNormBackward(torch.autograd.Function):
-    """(g, x, γ, μ, r) -> (g_x, g_γ, g_β): the backward, and its written-out backward."""
+def batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) per channel of x (N, C, ...), as BatchNorm in train mode computes them."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    return x.mean(dims), x.var(dims, unbiased=False)
 
-    generate_vmap_rule = True  # the first backward of batched seeds runs it under vmap
+
+def _seeds_first(t: torch.Tensor, dim: int | None, seeds: int) -> torch.Tensor:
+    """A tensor under vmap, its seed dimension `dim` (None: shared by all seeds) moved to the front."""
+    return t.movedim(dim, 0) if dim is not None else t.expand(seeds, *t.shape)
+
+
+def _fold_seeds(t: torch.Tensor, dim: int | None, seeds: int) -> torch.Tensor:
+    """(N, C, ...) per seed -> (N, G·C, ...): each seed's channels become channels of one batch."""
+    t = _seeds_first(t, dim, seeds)
+    return t.transpose(0, 1).reshape(t.shape[1], seeds * t.shape[2], *t.shape[3:])
+
+
+def _unfold_seeds(t: torch.Tensor, seeds: int) -> torch.Tensor:
+    """(N, G·C, ...) -> (G, N, C, ...): _fold_seeds undone, the seed dimension first."""
+    return t.reshape(t.shape[0], seeds, t.shape[1] // seeds, *t.shape[2:]).transpose(0, 1)
+
+
+def _per_seed_channels(t: torch.Tensor, dim: int | None, seeds: int) -> torch.Tensor:
+    """A per-channel (C,) tensor under vmap -> (G·C,), matching _fold_seeds."""
+    return _seeds_first(t, dim, seeds).reshape(-1)
+
+
+class _BatchNormBackward(torch.autograd.Function):
+    """(g, x, γ, μ, r) -> (g_x, g_γ, g_β): the backward, and its written-out backward. Under
+    vmap the seeds fold into the channels, as in _BatchNormTrain: one fused kernel for all
+    three outputs, where torch's batching rule spells the weight's gradient out in passes of
+    its own."""
+
+    @staticmethod
+    def vmap(info, in_dims, grad_out, x, weight, mean, rstd, eps):
+        seeds = info.batch_size
+        (g_dim, x_dim, weight_dim, mean_dim, rstd_dim, _) = in_dims
+        channels = lambda t, dim: _per_seed_channels(t, dim, seeds)  # noqa: E731
+        grad_x, grad_weight, grad_bias = _BatchNormBackward.apply(
+            _fold_seeds(grad_out, g_dim, seeds), _fold_seeds(x, x_dim, seeds), channels(weight, weight_dim),
+            channels(mean, mean_dim), channels(rstd, rstd_dim), eps)
+        return (_unfold_seeds(grad_x, seeds), grad_weight.view(seeds, -1), grad_bias.view(seeds, -1)), (0, 0, 0)
 
     @staticmethod
     def forward(grad_out, x, weight, mean, rstd, eps):
@@ -82,8 +126,9 @@ class _BatchNormBackward(torch.autograd.Function):
 
 
 class _BatchNormTrain(torch.autograd.Function):
-    """y = BN(x) with batch statistics; its backward is _BatchNormBackward, so that a second
-    backward runs the written-out formulas (the backward recomputes μ and r: one pass). Under
+    """(x, γ, β) -> (y, μ, σ²): y = BN(x) with the batch statistics μ, σ² (biased), all three
+    differentiable; the backward of y is _BatchNormBackward, so that a second backward runs the
+    written-out formulas (those of μ and σ² are plain operations autograd differentiates). Under
     torch.func.vmap (seeds batched: gradinv.objective.batched_terms) the seeds fold into the
     channels, each seed's channel normalised by its own statistics, as vmap requires; the
     result is no view of the Function's output, so that models may modify it in place
@@ -93,44 +138,60 @@ class _BatchNormTrain(torch.autograd.Function):
     def vmap(info, in_dims, x, weight, bias, eps):
         x_dim, weight_dim, bias_dim, _ = in_dims
         seeds = info.batch_size
-        x = x.movedim(x_dim, 0) if x_dim is not None else x.expand(seeds, *x.shape)
-        count, channels = x.shape[1], x.shape[2]
-
-        def per_seed(t: torch.Tensor, dim: int | None) -> torch.Tensor:
-            return (t.movedim(dim, 0) if dim is not None else t.expand(seeds, *t.shape)).reshape(seeds * channels)
-
-        folded = x.transpose(0, 1).reshape(count, seeds * channels, *x.shape[3:])
-        y = _BatchNormTrain.apply(folded, per_seed(weight, weight_dim), per_seed(bias, bias_dim), eps)
-        return y.reshape(count, seeds, channels, *x.shape[3:]).transpose(0, 1), 0
+        channels = lambda t, dim: _per_seed_channels(t, dim, seeds)  # noqa: E731
+        y, mean, var = _BatchNormTrain.apply(_fold_seeds(x, x_dim, seeds), channels(weight, weight_dim),
+                                             channels(bias, bias_dim), eps)
+        return (_unfold_seeds(y, seeds), mean.view(seeds, -1), var.view(seeds, -1)), (0, 0, 0)
 
     @staticmethod
     def forward(x, weight, bias, eps):
-        return torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)[0]
+        y, mean, rstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+        return y, mean, rstd.pow(-2) - eps
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, _, eps = inputs
+        _, mean, var = output
         ctx.eps = eps
-        ctx.save_for_backward(x, weight)
+        ctx.set_materialize_grads(False)  # most layers' μ, σ² get no gradient: no zero tensors for them
+        ctx.save_for_backward(x, weight, mean, var)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        var, mean = torch.var_mean(x.detach(), [d for d in range(x.dim()) if d != 1], correction=0)
-        rstd = torch.rsqrt(var + ctx.eps)
-        grad_x, grad_weight, grad_bias = _BatchNormBackward.apply(grad_out, x, weight, mean, rstd, ctx.eps)
+    def backward(ctx, grad_out, grad_mean, grad_var):
+        x, weight, mean, var = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if grad_out is not None:  # _BatchNormBackward's formulas differentiate μ and r through x
+            rstd = torch.rsqrt(var.detach() + ctx.eps)
+            grad_x, grad_weight, grad_bias = _BatchNormBackward.apply(grad_out, x, weight, mean.detach(), rstd, ctx.eps)
+        if grad_mean is not None or grad_var is not None:
+            count = x.numel() // x.shape[1]
+            grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+            slope = torch.zeros_like(mean) if grad_var is None else 2 * grad_var / count
+            offset = _channel_view(grad_mean / count - slope * mean, x)
+            grad_x = torch.addcmul(offset if grad_x is None else grad_x + offset, x, _channel_view(slope, x))
         return grad_x, grad_weight, grad_bias, None
+
+
+StatisticsSink = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 class TrainBatchNorm2d(nn.BatchNorm2d):
     """nn.BatchNorm2d that, in train mode with weights, normalises with the batch's statistics
     through _BatchNormTrain (running statistics are neither used nor updated, as the attacker's
-    copy keeps them fixed: gradinv.client.train_mode_copy)."""
+    copy keeps them fixed: gradinv.client.train_mode_copy). While `statistics_sink` is set, each
+    forward hands it the input's batch (mean, biased variance), differentiable."""
+
+    statistics_sink: StatisticsSink | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.weight is None:
+            if self.statistics_sink is not None:
+                self.statistics_sink(*batch_statistics(x))
             return super().forward(x)
-        return _BatchNormTrain.apply(x, self.weight, self.bias, self.eps)
+        y, mean, var = _BatchNormTrain.apply(x, self.weight, self.bias, self.eps)
+        if self.statistics_sink is not None:
+            self.statistics_sink(mean, var)
+        return y
 
 
 def with_explicit_double_backward(model: nn.Module) -> nn.Module:

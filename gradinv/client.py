@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradinv.batchnorm import TrainBatchNorm2d, batch_statistics
 from gradinv.models import batchnorm_layers
 
 
@@ -74,20 +75,29 @@ def per_example_gradients(model: nn.Module, images: torch.Tensor, labels: torch.
 @contextmanager
 def recorded_bn_statistics(model: nn.Module) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """While active, each forward fills {bn layer name: (batch mean, biased batch variance)} of
-    the layer's input, as BN itself computes them in train mode (still attached to the graph)."""
+    the layer's input, as BN itself computes them in train mode (still attached to the graph).
+    A TrainBatchNorm2d hands over the statistics of its own forward; any other BN layer's are
+    computed from its input by a hook."""
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def hook_for(name: str):
-        def hook(_module, inputs, _output):
-            x = inputs[0]
-            dims = [0] + list(range(2, x.ndim))
-            stats[name] = (x.mean(dims), x.var(dims, unbiased=False))
+    def store_for(name: str):
+        def store(mean: torch.Tensor, var: torch.Tensor):
+            stats[name] = (mean, var)
 
-        return hook
+        return store
 
-    handles = [bn.register_forward_hook(hook_for(name)) for name, bn in batchnorm_layers(model).items()]
+    handles, sinks = [], []
+    for name, bn in batchnorm_layers(model).items():
+        if isinstance(bn, TrainBatchNorm2d):
+            bn.statistics_sink = store_for(name)
+            sinks.append(bn)
+        else:
+            handles.append(bn.register_forward_hook(lambda _module, inputs, _output, store=store_for(name):
+                                                    store(*batch_statistics(inputs[0]))))
     try:
         yield stats
     finally:
         for handle in handles:
             handle.remove()
+        for bn in sinks:
+            del bn.statistics_sink

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradinv.batchnorm import _BatchNormTrain
-from gradinv.client import train_mode_copy
+from gradinv.batchnorm import TrainBatchNorm2d, _BatchNormTrain, batch_statistics, with_explicit_double_backward
+from gradinv.client import recorded_bn_statistics, train_mode_copy
 from gradinv.config import build_section
 from gradinv.inversion import invert
 from gradinv.objective import LOSS_TERMS, Objective
@@ -16,7 +16,10 @@ def test_first_and_second_derivatives_match_finite_differences():
     inputs = [torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
               for shape in ((3, 4, 5, 5), (4,), (4,))]
     batch_norm = lambda x, weight, bias: _BatchNormTrain.apply(x, weight, bias, 1e-5)  # noqa: E731
-    assert torch.allclose(batch_norm(*inputs), F.batch_norm(*inputs[:1], None, None, *inputs[1:], True, 0.0, 1e-5))
+    y, mean, var = batch_norm(*inputs)
+    assert torch.allclose(y, F.batch_norm(*inputs[:1], None, None, *inputs[1:], True, 0.0, 1e-5))
+    expected_mean, expected_var = batch_statistics(inputs[0])
+    assert torch.allclose(mean, expected_mean) and torch.allclose(var, expected_var)
     assert torch.autograd.gradcheck(batch_norm, inputs)
     assert torch.autograd.gradgradcheck(batch_norm, inputs)
 
@@ -80,3 +83,21 @@ def test_a_fedavg_replay_differentiates_the_same_with_either_double_backward(att
     (total, grad), (our_total, our_grad) = results
     assert our_total.item() == pytest.approx(total.item(), rel=1e-7)  # measured: 4e-10
     assert (our_grad - grad).norm() <= 1e-6 * grad.norm()  # measured: 2e-9
+
+
+def test_recorded_statistics_come_from_the_layers_forward_and_the_layer_forgets_its_recorder(attack):
+    model = with_explicit_double_backward(train_mode_copy(attack[0]))
+    images = attack[3]
+    layers = [m for m in model.modules() if isinstance(m, TrainBatchNorm2d)]
+    inputs = []
+    hooks = [m.register_forward_hook(lambda _m, args, _out: inputs.append(args[0])) for m in layers]
+    with recorded_bn_statistics(model) as stats:
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    assert len(stats) == len(layers) == len(inputs) > 0
+    for (mean, var), x in zip(stats.values(), inputs):
+        assert mean.grad_fn is not None and var.grad_fn is not None  # the BN prior differentiates them
+        expected_mean, expected_var = batch_statistics(x)
+        assert torch.allclose(mean, expected_mean, atol=1e-6) and torch.allclose(var, expected_var, rtol=1e-5, atol=1e-6)
+    assert all(m.statistics_sink is None for m in layers)  # no graph is kept alive past the forward
