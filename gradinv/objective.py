@@ -9,6 +9,10 @@ client's own train mode (gradinv.client), so x̂ is judged by the function the c
 Against declared defenses the attacker knows of, ∇_W L is replaced by what the client shared:
 only the transmitted entries under top-k pruning, and the replayed local update under FedAvg.
 
+The attacker's model computes the client's function with two layers of its own whose second
+derivatives move less data: ReLU (gradinv.relu, always) and BatchNorm (gradinv.batchnorm, with
+`inversion.bn_double_backward: explicit`).
+
 `batched_terms` evaluates several seeds in one call (torch.func.vmap over the seeds, per-seed
 BN statistics), the same function as `terms` seed by seed: on a GPU, one large launch instead
 of G small ones."""
@@ -29,6 +33,7 @@ from gradinv.config import InversionConfig
 from gradinv.defenses import shared_update, transmitted_mask
 from gradinv.errors import UserError
 from gradinv.models import batchnorm_layers
+from gradinv.relu import with_detached_relu_masks
 
 LOSS_TERMS = ("total", "grad", "tv", "l2", "bn", "group")
 
@@ -66,9 +71,13 @@ def gradient_distance(grads: dict[str, torch.Tensor], target: dict[str, torch.Te
 
 
 class Objective:
-    """The objective for one batch, against one gradient artifact."""
+    """The objective for one batch, against one gradient artifact. `model` becomes the
+    objective's own: its nn.ReLU layers (gradinv.relu) and, with `bn_double_backward: explicit`,
+    its nn.BatchNorm2d layers (gradinv.batchnorm) are swapped in place for the attacker's
+    versions of the same functions; pass a copy (gradinv.client.train_mode_copy)."""
 
     def __init__(self, model: nn.Module, artifact: GradientArtifact, labels: torch.Tensor, config: InversionConfig):
+        model = with_detached_relu_masks(model)
         self.model = with_explicit_double_backward(model) if config.bn_double_backward == "explicit" else model
         self.labels = labels
         self.config = config

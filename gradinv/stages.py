@@ -59,18 +59,19 @@ def _evaluate(config, root: Path, on_log=None):
 
 _MODEL_MODULES = ("gradinv/models.py", "gradinv/victim.py", "gradinv/data.py", "gradinv/progress.py")
 _ATTACK_MODULES = _MODEL_MODULES + ("gradinv/artifacts.py", "gradinv/defenses.py")
+_CLIENT_MODULES = ("gradinv/client.py", "gradinv/batchnorm.py")  # client.py takes BN statistics from batchnorm.py
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare", "data", (), (SETS,), ("gradinv/data.py",), _prepare),
     Stage("train", "victim", (SETS,), (VICTIM,), _MODEL_MODULES, _train),
     Stage("capture", "capture", (SETS, VICTIM), (GRADIENT, TRUTH),
-          _ATTACK_MODULES + ("gradinv/client.py", "gradinv/capture.py"), _capture),
+          _ATTACK_MODULES + _CLIENT_MODULES + ("gradinv/capture.py",), _capture),
     Stage("labels", "labels", (VICTIM, GRADIENT), (LABELS,),
-          _ATTACK_MODULES + ("gradinv/client.py", "gradinv/labels.py"), _labels),
+          _ATTACK_MODULES + _CLIENT_MODULES + ("gradinv/labels.py",), _labels),
     Stage("invert", "inversion", (VICTIM, GRADIENT, LABELS), (INVERT,),
-          _ATTACK_MODULES + ("gradinv/client.py", "gradinv/objective.py", "gradinv/consensus.py", "gradinv/checkpoint.py",
-                             "gradinv/views.py", "gradinv/cuda_graph.py", "gradinv/seed_step.py", "gradinv/batchnorm.py",
-                             "gradinv/inversion.py"), _invert),
+          _ATTACK_MODULES + _CLIENT_MODULES + (
+              "gradinv/objective.py", "gradinv/relu.py", "gradinv/consensus.py", "gradinv/checkpoint.py", "gradinv/views.py",
+              "gradinv/cuda_graph.py", "gradinv/seed_step.py", "gradinv/inversion.py"), _invert),
     Stage("evaluate", "evaluation", (INVERT, LABELS, TRUTH, SETS, VICTIM), (EVAL,),
           _MODEL_MODULES + ("gradinv/metrics.py", "gradinv/perceptual.py", "gradinv/report.py",
                             "gradinv/evaluate.py", "gradinv/capture.py", "gradinv/defenses.py", "gradinv/inversion.py"),

@@ -1,0 +1,42 @@
+"""gradinv.relu: the attacker's ReLU, its mask a constant to the second derivative."""
+
+import pytest
+import torch
+from torch import nn
+
+from gradinv.client import train_mode_copy
+from gradinv.config import build_section
+from gradinv.objective import LOSS_TERMS, Objective
+from gradinv.relu import DetachedMaskReLU, _ReLU
+
+
+def test_first_and_second_derivatives_match_finite_differences():
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)
+    assert torch.equal(_ReLU.apply(x), torch.relu(x))
+    assert torch.autograd.gradcheck(_ReLU.apply, (x,))
+    assert torch.autograd.gradgradcheck(_ReLU.apply, (x,))
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["seed by seed", "seeds batched"])
+def test_the_objective_and_its_image_gradient_are_those_of_torchs_relu(attack, batched):
+    model, _, artifact, images, labels = attack
+    xs = torch.stack([images, torch.randn(images.shape, generator=torch.Generator().manual_seed(1))]).requires_grad_(True)
+    config = build_section("inversion", {})
+    ours = Objective(train_mode_copy(model), artifact, labels, config)
+    reference = Objective(train_mode_copy(model), artifact, labels, config)
+    relus = [m for m in reference.model.modules() if type(m) is DetachedMaskReLU]
+    assert relus  # the victim has ReLU modules, and the objective's model uses ours
+    for module in relus:
+        module.__class__ = nn.ReLU
+    results = []
+    for objective in (ours, reference):
+        if batched:
+            terms = objective.batched_terms(xs)
+        else:
+            per_seed = [objective.terms(x) for x in xs]
+            terms = {k: torch.stack([t[k] for t in per_seed]) for k in LOSS_TERMS}
+        results.append((terms, *torch.autograd.grad(terms["total"].sum(), xs)))
+    (terms, grad), (expected, expected_grad) = results
+    for name in LOSS_TERMS:
+        assert torch.allclose(terms[name], expected[name], rtol=1e-6, atol=1e-7), name
+    assert (grad - expected_grad).norm() <= 1e-5 * expected_grad.norm()
