@@ -11,12 +11,14 @@ run in one process (peak allocated memory is reset per configuration) and the re
 rewritten after each, so that a run cut short keeps what it measured. Variants:
 
 - `baseline`: the straightforward step: `loss.backward()` (parameter .grad filled too), strict
-  float32, seeds one by one on all torch threads;
+  float32, torch's own layers (not gradinv.relu's), seeds one by one on all torch threads;
 - `engine-<seeds>[-tf32][-channels-last][-bn-explicit]`: gradinv's step as `invert` runs it
   (gradients to the input only), seeds `loop` (one by one), `auto` (invert's default for the
   device), `vmap` (all seeds in one vmapped call) or `vmapN` (chunks of N seeds); TF32
   (`inversion.tf32`), channels_last and `inversion.bn_double_backward: explicit` as named.
 
+Seconds per iteration: the median of the suite's `repeats` timed runs of `iterations` each
+(after a warm-up), so that one run disturbed by the machine's other work does not decide a row.
 FLOPs come from torch.utils.flop_counter on one seed's step; the peak is the device's nominal
 fp32 (or TF32) rate where known, else a measured large-GEMM rate (said so in the output).
 Writes benchmarks/results/step_speed-<suite>.json (with the machine's description) and
@@ -31,12 +33,14 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -57,8 +61,8 @@ DOC = REPO / "docs" / "step_speed.md"
 GPU_PEAKS = {"H100": (67e12, 495e12), "H200": (67e12, 495e12), "A100": (19.5e12, 156e12)}
 
 SUITES = {
-    "cpu": {"arch": "resnet18", "classes": 12, "px": 32, "iterations": 6},
-    "gpu": {"arch": "resnet50", "classes": 1000, "px": 224, "iterations": 5},
+    "cpu": {"arch": "resnet18", "classes": 12, "px": 32, "iterations": 6, "repeats": 3},
+    "gpu": {"arch": "resnet50", "classes": 1000, "px": 224, "iterations": 5, "repeats": 1},
 }
 
 
@@ -108,10 +112,13 @@ def rolled_view(config, generator: torch.Generator):
     return view
 
 
-def baseline_seconds(model, artifact, labels, config, device, iterations: int) -> float:
+def baseline_seconds(model, artifact, labels, config, device, iterations: int, repeats: int) -> list[float]:
     """The straightforward loop: backward() into every leaf, seeds one after the other."""
     attacker = train_mode_copy(model).to(device)
     objective = Objective(attacker, artifact, torch.tensor(labels, device=device), config)
+    for module in attacker.modules():  # torch's ReLU: the Objective swapped in gradinv.relu's
+        if isinstance(module, nn.ReLU):
+            module.__class__ = nn.ReLU
     shape = (artifact.batch_size, *artifact.meta["input_shape"])
     seeds = [torch.randn(shape, device=device, requires_grad=True) for _ in range(config.seeds)]
     optimizers = [torch.optim.Adam([x], lr=config.lr) for x in seeds]
@@ -125,12 +132,15 @@ def baseline_seconds(model, artifact, labels, config, device, iterations: int) -
             optimizer.step()
 
     step()  # warm-up
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(iterations):
-        step()
-    _sync(device)
-    return (time.perf_counter() - start) / iterations
+    timings = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(iterations):
+            step()
+        _sync(device)
+        timings.append((time.perf_counter() - start) / iterations)
+    return timings
 
 
 def engine_settings(variant: str, seeds: int) -> dict:
@@ -143,10 +153,9 @@ def engine_settings(variant: str, seeds: int) -> dict:
             "bn_double_backward": "explicit" if "bn-explicit" in variant else "pytorch"}
 
 
-def engine_seconds(model, artifact, labels, config, iterations: int) -> float:
+def engine_seconds(model, artifact, labels, config, iterations: int, repeats: int) -> list[float]:
     invert(model, artifact, labels, build_section("inversion", {**_as_dict(config), "iterations": 2}))  # warm-up
-    result = invert(model, artifact, labels, config)
-    return result.seconds / iterations
+    return [invert(model, artifact, labels, config).seconds / iterations for _ in range(repeats)]
 
 
 class FlopCount(TorchDispatchMode):
@@ -196,15 +205,16 @@ def measure(spec: dict) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     if variant == "baseline":
-        seconds = baseline_seconds(model, artifact, labels, config, device, spec["iterations"])
+        timings = baseline_seconds(model, artifact, labels, config, device, spec["iterations"], spec.get("repeats", 1))
     else:
-        seconds = engine_seconds(model, artifact, labels, config, spec["iterations"])
+        timings = engine_seconds(model, artifact, labels, config, spec["iterations"], spec.get("repeats", 1))
+    seconds = statistics.median(timings)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _max_rss_bytes()
     key = (spec["arch"], spec["px"], spec["batch"])
     if key not in _FLOPS_PER_SEED:  # the same for every variant
         _FLOPS_PER_SEED[key] = step_flops(model, artifact, labels, config, device)
     flops = spec["seeds"] * _FLOPS_PER_SEED[key]
-    return {**spec, "seconds_per_iteration": seconds, "flops_per_iteration": flops,
+    return {**spec, "seconds_per_iteration": seconds, "seconds_per_iteration_repeats": timings, "flops_per_iteration": flops,
             "achieved_flops": flops / seconds, "peak_memory_bytes": peak,
             "memory_kind": "max allocated (CUDA)" if device.type == "cuda" else "process max RSS",
             "rss_before_run_bytes": rss_before, "torch_threads": torch.get_num_threads()}
@@ -301,7 +311,8 @@ def run_suite(name: str, device: torch.device, out: Path, resume: bool = False) 
         if (batch, seeds, variant) in done:
             continue
         spec = {"suite": name, "device": str(device), "arch": suite["arch"], "classes": suite["classes"],
-                "px": suite["px"], "batch": batch, "seeds": seeds, "variant": variant, "iterations": suite["iterations"]}
+                "px": suite["px"], "batch": batch, "seeds": seeds, "variant": variant, "iterations": suite["iterations"],
+                "repeats": suite["repeats"]}
         row = measure_here(spec) if device.type == "cuda" else measure_in_subprocess(spec)
         result["rows"].append({**row, "run": result.get("runs", 1)})
         out.write_text(json.dumps(result, indent=1))
@@ -313,6 +324,14 @@ def run_suite(name: str, device: torch.device, out: Path, resume: bool = False) 
     return result
 
 
+def timing_note(row: dict) -> str:
+    repeats, iterations = row.get("repeats", 1), row["iterations"]
+    if repeats == 1:
+        return f"Seconds per iteration: one timed run of {iterations} iterations after a warm-up."
+    return (f"Seconds per iteration: the median of {repeats} timed runs of {iterations} iterations each, after a "
+            "warm-up (every run in the results file).")
+
+
 def table(result: dict) -> str:
     peak = result["peak"]
     baseline = {(r["batch"], r["seeds"]): r["seconds_per_iteration"] for r in result["rows"]
@@ -320,7 +339,8 @@ def table(result: dict) -> str:
     lines = [f"### {result['suite'].upper()}: {result['rows'][0]['arch']}, {result['rows'][0]['px']} px",
              "", f"Machine: {json.dumps(result['machine'])}.", f"Peak used for the fraction: {peak['source']}.",
              f"Command: `{result['command']}`" + (f" (and `--resume` on the same kind of machine: {result['runs']} runs, "
-                                                  "each row's `run` in the results file)" if result.get("runs", 1) > 1 else ""), "",
+                                                  "each row's `run` in the results file)" if result.get("runs", 1) > 1 else ""),
+             timing_note(result["rows"][0]), "",
              "| bs | G | variant | s / iteration | speed-up vs baseline | GFLOP / iteration | achieved GFLOP/s | of peak | peak memory |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: (r["batch"], r["seeds"])):
