@@ -17,8 +17,10 @@ rewritten after each, so that a run cut short keeps what it measured. Variants:
   device), `vmap` (all seeds in one vmapped call) or `vmapN` (chunks of N seeds); TF32
   (`inversion.tf32`), channels_last and `inversion.bn_double_backward: explicit` as named.
 
-Seconds per iteration: the median of the suite's `repeats` timed runs of `iterations` each
-(after a warm-up), so that one run disturbed by the machine's other work does not decide a row.
+Seconds per iteration: one timed run of `iterations` after a warm-up, in `rounds` rounds (CPU:
+3) that take the configurations of a batch size and seed count in turn, each in a fresh process;
+a row is the median of its rounds, so that a slow spell of the machine falls on every variant
+alike instead of deciding a row.
 FLOPs come from torch.utils.flop_counter on one seed's step; the peak is the device's nominal
 fp32 (or TF32) rate where known, else a measured large-GEMM rate (said so in the output).
 Writes benchmarks/results/step_speed-<suite>.json (with the machine's description) and
@@ -61,8 +63,8 @@ DOC = REPO / "docs" / "step_speed.md"
 GPU_PEAKS = {"H100": (67e12, 495e12), "H200": (67e12, 495e12), "A100": (19.5e12, 156e12)}
 
 SUITES = {
-    "cpu": {"arch": "resnet18", "classes": 12, "px": 32, "iterations": 6, "repeats": 3},
-    "gpu": {"arch": "resnet50", "classes": 1000, "px": 224, "iterations": 5, "repeats": 1},
+    "cpu": {"arch": "resnet18", "classes": 12, "px": 32, "iterations": 6, "rounds": 3},
+    "gpu": {"arch": "resnet50", "classes": 1000, "px": 224, "iterations": 5, "rounds": 1},
 }
 
 
@@ -112,7 +114,7 @@ def rolled_view(config, generator: torch.Generator):
     return view
 
 
-def baseline_seconds(model, artifact, labels, config, device, iterations: int, repeats: int) -> list[float]:
+def baseline_seconds(model, artifact, labels, config, device, iterations: int) -> float:
     """The straightforward loop: backward() into every leaf, seeds one after the other."""
     attacker = train_mode_copy(model).to(device)
     objective = Objective(attacker, artifact, torch.tensor(labels, device=device), config)
@@ -132,15 +134,12 @@ def baseline_seconds(model, artifact, labels, config, device, iterations: int, r
             optimizer.step()
 
     step()  # warm-up
-    timings = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(iterations):
-            step()
-        _sync(device)
-        timings.append((time.perf_counter() - start) / iterations)
-    return timings
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / iterations
 
 
 def engine_settings(variant: str, seeds: int) -> dict:
@@ -153,9 +152,9 @@ def engine_settings(variant: str, seeds: int) -> dict:
             "bn_double_backward": "explicit" if "bn-explicit" in variant else "pytorch"}
 
 
-def engine_seconds(model, artifact, labels, config, iterations: int, repeats: int) -> list[float]:
+def engine_seconds(model, artifact, labels, config, iterations: int) -> float:
     invert(model, artifact, labels, build_section("inversion", {**_as_dict(config), "iterations": 2}))  # warm-up
-    return [invert(model, artifact, labels, config).seconds / iterations for _ in range(repeats)]
+    return invert(model, artifact, labels, config).seconds / iterations
 
 
 class FlopCount(TorchDispatchMode):
@@ -205,16 +204,15 @@ def measure(spec: dict) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     if variant == "baseline":
-        timings = baseline_seconds(model, artifact, labels, config, device, spec["iterations"], spec.get("repeats", 1))
+        seconds = baseline_seconds(model, artifact, labels, config, device, spec["iterations"])
     else:
-        timings = engine_seconds(model, artifact, labels, config, spec["iterations"], spec.get("repeats", 1))
-    seconds = statistics.median(timings)
+        seconds = engine_seconds(model, artifact, labels, config, spec["iterations"])
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _max_rss_bytes()
     key = (spec["arch"], spec["px"], spec["batch"])
     if key not in _FLOPS_PER_SEED:  # the same for every variant
         _FLOPS_PER_SEED[key] = step_flops(model, artifact, labels, config, device)
     flops = spec["seeds"] * _FLOPS_PER_SEED[key]
-    return {**spec, "seconds_per_iteration": seconds, "seconds_per_iteration_repeats": timings, "flops_per_iteration": flops,
+    return {**spec, "seconds_per_iteration": seconds, "flops_per_iteration": flops,
             "achieved_flops": flops / seconds, "peak_memory_bytes": peak,
             "memory_kind": "max allocated (CUDA)" if device.type == "cuda" else "process max RSS",
             "rss_before_run_bytes": rss_before, "torch_threads": torch.get_num_threads()}
@@ -307,29 +305,53 @@ def run_suite(name: str, device: torch.device, out: Path, resume: bool = False) 
         "suite": name, "machine": machine(device), "peak": device_peak(device), "rows": [],
         "command": f"python benchmarks/step_speed.py --suite {name}"}
     done = {(r["batch"], r["seeds"], r["variant"]) for r in result["rows"]}
+    groups: dict[tuple[int, int], list[str]] = {}
     for batch, seeds, variant in suite_configs(name):
-        if (batch, seeds, variant) in done:
-            continue
-        spec = {"suite": name, "device": str(device), "arch": suite["arch"], "classes": suite["classes"],
-                "px": suite["px"], "batch": batch, "seeds": seeds, "variant": variant, "iterations": suite["iterations"],
-                "repeats": suite["repeats"]}
-        row = measure_here(spec) if device.type == "cuda" else measure_in_subprocess(spec)
-        result["rows"].append({**row, "run": result.get("runs", 1)})
+        if (batch, seeds, variant) not in done:
+            groups.setdefault((batch, seeds), []).append(variant)
+    measure_one = measure_here if device.type == "cuda" else measure_in_subprocess
+    for (batch, seeds), variants in groups.items():
+        specs = [{"suite": name, "device": str(device), "arch": suite["arch"], "classes": suite["classes"],
+                  "px": suite["px"], "batch": batch, "seeds": seeds, "variant": variant, "iterations": suite["iterations"]}
+                 for variant in variants]
+        for row in measured_in_rounds(specs, suite["rounds"], measure_one):
+            result["rows"].append({**row, "run": result.get("runs", 1)})
+            if "error" in row:
+                print(f"{row['variant']:32s} bs {batch:2d} G {seeds}: failed ({row['error']})", flush=True)
+            else:
+                print(f"{row['variant']:32s} bs {batch:2d} G {seeds}: {row['seconds_per_iteration']:.4f} s/it, "
+                      f"{row['peak_memory_bytes'] / 2**20:.0f} MiB", flush=True)
         out.write_text(json.dumps(result, indent=1))
-        if "error" in row:
-            print(f"{variant:32s} bs {batch:2d} G {seeds}: failed ({row['error']})", flush=True)
-        else:
-            print(f"{variant:32s} bs {batch:2d} G {seeds}: {row['seconds_per_iteration']:.4f} s/it, "
-                  f"{row['peak_memory_bytes'] / 2**20:.0f} MiB", flush=True)
     return result
 
 
+def measured_in_rounds(specs: list[dict], rounds: int, measure_one) -> list[dict]:
+    """Each spec measured `rounds` times, the specs in turn (round 1 of each, then round 2, ...);
+    per spec the median time (every round's kept) and the largest peak memory."""
+    runs: list[list[dict]] = [[] for _ in specs]
+    for _ in range(rounds):
+        for spec, spec_runs in zip(specs, runs):
+            spec_runs.append(measure_one(spec))
+    rows = []
+    for spec_runs in runs:
+        failed = [r for r in spec_runs if "error" in r]
+        if failed:
+            rows.append(failed[0])
+            continue
+        seconds = [r["seconds_per_iteration"] for r in spec_runs]
+        row = {**spec_runs[0], "rounds": rounds, "seconds_per_iteration": statistics.median(seconds),
+               "seconds_per_iteration_rounds": seconds, "peak_memory_bytes": max(r["peak_memory_bytes"] for r in spec_runs)}
+        row["achieved_flops"] = row["flops_per_iteration"] / row["seconds_per_iteration"]
+        rows.append(row)
+    return rows
+
+
 def timing_note(row: dict) -> str:
-    repeats, iterations = row.get("repeats", 1), row["iterations"]
-    if repeats == 1:
+    rounds, iterations = row.get("rounds", 1), row["iterations"]
+    if rounds == 1:
         return f"Seconds per iteration: one timed run of {iterations} iterations after a warm-up."
-    return (f"Seconds per iteration: the median of {repeats} timed runs of {iterations} iterations each, after a "
-            "warm-up (every run in the results file).")
+    return (f"Seconds per iteration: the median of {rounds} rounds, each a fresh process per configuration of a batch "
+            f"size and seed count in turn, timing {iterations} iterations after a warm-up (every round in the results file).")
 
 
 def table(result: dict) -> str:

@@ -3,8 +3,9 @@
 The inversion differentiates the parameter gradients, so every BatchNorm layer is differentiated
 twice. PyTorch's generic double backward of batch norm runs about a hundred passes over the
 layer's activations per step (benchmarks/step_roofline.py counts the traffic); the second
-derivative written out below needs three per-channel reductions (the backward's own sums give
-two more) and two elementwise outputs.
+derivative written out below needs three per-channel reductions (two reads of the upstream
+gradient through BatchNorm's own fused reduction kernel; the backward's own sums give two more)
+and two elementwise outputs.
 
 Per channel, with M elements, x̂ = (x − μ)·r, r = (σ² + ε)^-½ (biased σ²), and upstream gradient g:
     backward:  g_x = γ r (g − mean g − x̂ mean(g x̂)),   g_γ = Σ g x̂,   g_β = Σ g
@@ -18,8 +19,10 @@ the second derivative is ours (exact to float precision: tests/test_batchnorm.py
 A third derivative is not defined (the inversion never takes one).
 
 The layer also hands the BN prior (gradinv.objective.bn_distance) the batch statistics its fused
-forward computed anyway, differentiable, instead of a second pass over the activations: their
-gradient joins the layer's input gradient in one fused pass (μ' = 1/M, σ²' = 2 (x − μ)/M)."""
+forward computed anyway, differentiable, instead of a pass of its own over the activations:
+their gradient (μ' = 1/M, σ²' = 2 (x − μ)/M) joins the layer's input gradient in two
+elementwise operations, where the prior's own statistics took about a dozen passes (forward
+and backward)."""
 
 from __future__ import annotations
 
@@ -34,9 +37,12 @@ def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.view(1, -1, *([1] * (like.dim() - 2)))
 
 
-def _channel_mean(t: torch.Tensor) -> torch.Tensor:
-    """(N, C, ...) -> (C,): the mean over all but the channel dimension."""
-    return t.mean([d for d in range(t.dim()) if d != 1])
+def _channel_sums(v: torch.Tensor, t: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor):
+    """(Σ v·(t − μ)·r, Σ v) per channel, in one read of v and t: the reductions of BatchNorm's
+    backward kernel, its input gradient not computed."""
+    _, sum_v_t, sum_v = torch.ops.aten.native_batch_norm_backward(
+        v, t, None, None, None, mean, rstd, True, 0.0, [False, True, True])
+    return sum_v_t, sum_v
 
 
 def batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +102,8 @@ class _BatchNormBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, u, p, q):
         """The formulas of the module docstring, each output as a·u + b·g + c·x + d with
-        per-channel a, b, c, d (x̂ = r·x − r·μ): three passes per output, three reductions."""
+        per-channel a, b, c, d (x̂ = r·x − r·μ): three passes per output; the three means of u
+        read u, x and g once each, through BatchNorm's own fused reductions."""
         g, x, weight, mean, r, sum_g_xhat, sum_g = ctx.saved_tensors
         count = x.numel() // x.shape[1]
         channel = lambda t: _channel_view(t, x)  # noqa: E731
@@ -104,9 +111,9 @@ class _BatchNormBackward(torch.autograd.Function):
         if u is None:
             u_mean = m_ux = m_ug = torch.zeros_like(r)
         else:
-            u_mean = _channel_mean(u)
-            m_ux = r * (_channel_mean(u * x) - mean * u_mean)
-            m_ug = _channel_mean(u * g)
+            sum_u_xhat, sum_u = _channel_sums(u, x, mean, r)
+            sum_u_g, _ = _channel_sums(u, g, torch.zeros_like(mean), torch.ones_like(r))
+            u_mean, m_ux, m_ug = sum_u / count, sum_u_xhat / count, sum_u_g / count
         p = torch.zeros_like(r) if p is None else p
         q = torch.zeros_like(r) if q is None else q
         cross = m_ug - u_mean * g_mean - m_ux * m_gx
