@@ -500,6 +500,14 @@ def roofline_section(result: dict, measured: dict | None, probes: dict | None) -
             lines.append(f"- BN double backward {r['bn_double_backward']}: **{r['paper_minutes_H100']:.0f} minutes on an "
                          f"H100**, {r['paper_minutes_H200']:.0f} on an H200; {r['paper_minutes_H100_large_ops_only']:.0f} on "
                          "an H100 if every operation under 50 MB cost nothing")
+    stacked = result.get("stacked_seeds_rows", [])
+    if stacked:
+        lines += ["", "The same objective with the seeds stacked into the channels (benchmarks/stacked_seeds.py: grouped "
+                  "convolutions, one copy of the weights per seed, no layout changes between BatchNorm and the "
+                  "convolutions; not in the engine; counted without the views, Adam and the pixel box), bs 8 G 8: " +
+                  "; ".join(f"BN double backward {r['bn_double_backward']}: {r['ops']} operations, {r['bytes'] / 1e9:.0f} "
+                            f"GB, **{r['paper_minutes_H100']:.0f} minutes on an H100** ({r['paper_minutes_H200']:.0f} on an "
+                            "H200) for the paper preset" for r in stacked) + "."]
     for mode, ops in result["top_ops_bs8_g8"].items():
         lines += ["", f"Operations moving most data at bs 8 G 8, BN double backward {mode}: " +
                   "; ".join(f"{o['op']} {o['calls']}× {o['bytes'] / 1e9:.0f} GB" for o in ops[:8]) + "."]

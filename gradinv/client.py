@@ -86,14 +86,21 @@ def recorded_bn_statistics(model: nn.Module) -> Iterator[dict[str, tuple[torch.T
 
         return store
 
+    def hook_for(name: str):
+        store = store_for(name)
+
+        def hook(_module, inputs, _output):
+            store(*batch_statistics(inputs[0]))
+
+        return hook
+
     handles, sinks = [], []
     for name, bn in batchnorm_layers(model).items():
         if isinstance(bn, TrainBatchNorm2d):
             bn.statistics_sink = store_for(name)
             sinks.append(bn)
         else:
-            handles.append(bn.register_forward_hook(lambda _module, inputs, _output, store=store_for(name):
-                                                    store(*batch_statistics(inputs[0]))))
+            handles.append(bn.register_forward_hook(hook_for(name)))
     try:
         yield stats
     finally:
