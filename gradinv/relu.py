@@ -30,7 +30,8 @@ class _ReLU(torch.autograd.Function):
 
 
 class DetachedMaskReLU(nn.ReLU):
-    """nn.ReLU through _ReLU (never in place: its input is not saved, so nothing is lost)."""
+    """nn.ReLU through _ReLU, always out of place (`inplace` is ignored: nothing else keeps the
+    input, which is freed once the output exists)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ReLU.apply(x)
