@@ -1,16 +1,18 @@
-"""Checks `inversion.cuda_graph` and `bn_double_backward: explicit` against the default step on a GPU, and times them.
+"""Checks `inversion.cuda_graph`, `bn_double_backward: explicit` and `batched_seeds: stacked` against the default step on a GPU, and times them.
 
     python benchmarks/cuda_graph_check.py            # on a CUDA machine; torch and torchvision only
 
 1. Same path: resnet18 at 32 px, bs 4, G 4, with every per-iteration input a graph must refresh
    (jitter, flips, Langevin noise, the consensus from iteration 20 on), TF32 off: eager and graphed
-   runs agree, and so do the two BatchNorm double backwards (eager), at iteration 0 (same images,
+   runs agree, and so do the two BatchNorm double backwards and the seeds stacked into the
+   channels against vmapped (eager), at iteration 0 (same images,
    same draws) to float precision, and later no further apart than float noise alone takes two
    runs (seeds one by one against batched: Adam turns float differences into steps of size lr
    where a pixel's gradient is ~0); so does a graphed run interrupted after iteration 24 and
    resumed from its checkpoint.
 2. Speed: ResNet-50 at 224 px (random weights), TF32 on, seeds batched, eager against graphed,
-   each with either BatchNorm double backward: seconds per iteration from two run lengths (the
+   each with either BatchNorm double backward, and (G > 1) the seeds stacked with the explicit
+   one: seconds per iteration from two run lengths (the
    difference leaves out warm-up and capture), peak memory; the paper preset (bs 8, G 8, 20K
    iterations) projected in minutes.
 
@@ -39,7 +41,9 @@ CHECK_SETTINGS = {"iterations": 40, "seeds": 4, "warmup": 4, "jitter": 2, "flip"
                   "alpha_group": 0.01, "group_start": 20, "group_refresh": 10, "registration": "none",
                   "log_every": 1, "tf32": False, "seed_batch": 4, "checkpoint_every": 5}
 SPEED_CONFIGS = [(8, 8), (1, 8), (1, 1)]  # (bs, G): the paper preset first
-VARIANTS = [(False, "pytorch"), (True, "pytorch"), (False, "explicit"), (True, "explicit")]  # (cuda_graph, BN double backward)
+# (cuda_graph, BN double backward, batched_seeds); stacked only where G > 1
+VARIANTS = [(False, "pytorch", "vmap"), (True, "pytorch", "vmap"), (False, "explicit", "vmap"), (True, "explicit", "vmap"),
+            (False, "explicit", "stacked"), (True, "explicit", "stacked")]
 
 
 class Interrupted(Exception):
@@ -69,11 +73,13 @@ def agrees(measured: dict, float_noise: dict) -> bool:
 def same_path_check(device: str) -> dict:
     model, artifact, labels = problem("resnet18", 12, 32, 4)
 
-    def config(graph: bool, bn: str = "pytorch"):
-        return build_section("inversion", {**CHECK_SETTINGS, "device": device, "cuda_graph": graph, "bn_double_backward": bn})
+    def config(graph: bool, bn: str = "pytorch", layout: str = "vmap"):
+        return build_section("inversion", {**CHECK_SETTINGS, "device": device, "cuda_graph": graph, "bn_double_backward": bn,
+                                           "batched_seeds": layout})
 
     eager, graphed = invert(model, artifact, labels, config(False)), invert(model, artifact, labels, config(True))
     explicit = invert(model, artifact, labels, config(False, "explicit"))
+    stacked = invert(model, artifact, labels, config(False, layout="stacked"))
     one_by_one = invert(model, artifact, labels, build_section("inversion", {
         **CHECK_SETTINGS, "device": device, "seed_batch": 1, "seed_workers": 1}))
 
@@ -89,7 +95,7 @@ def same_path_check(device: str) -> dict:
             pass
         resumed = invert(model, artifact, labels, config(True), None, checkpoint, "key")
     result = {"graphed_vs_eager": agreement(eager, graphed), "explicit_bn_vs_pytorch": agreement(eager, explicit),
-              "resumed_vs_uninterrupted_graphed": agreement(graphed, resumed)}
+              "stacked_vs_vmapped": agreement(eager, stacked), "resumed_vs_uninterrupted_graphed": agreement(graphed, resumed)}
     float_noise = agreement(eager, one_by_one)
     result["passed"] = all(agrees(measured, float_noise) for measured in result.values())
     result["float_noise_one_by_one_vs_batched"] = float_noise
@@ -110,17 +116,18 @@ def speed(device: str, short: int, long: int) -> list[dict]:
     rows = []
     for batch, seeds in SPEED_CONFIGS:
         model, artifact, labels = problem("resnet50", 1000, 224, batch)
-        for graph, bn in VARIANTS:
+        for graph, bn, layout in VARIANTS:
+            if layout == "stacked" and seeds == 1:
+                continue
             settings = {"seeds": seeds, "seed_batch": seeds, "device": device, "tf32": True, "cuda_graph": graph,
-                        "bn_double_backward": bn, "registration": "none", "checkpoint_every": 0, "log_every": 100_000,
-                        "warmup": 1}
+                        "bn_double_backward": bn, "batched_seeds": layout, "registration": "none", "checkpoint_every": 0,
+                        "log_every": 100_000, "warmup": 1}
+            variant = {"batch": batch, "seeds": seeds, "cuda_graph": graph, "bn_double_backward": bn, "batched_seeds": layout}
             try:
                 seconds, peak = seconds_per_iteration(model, artifact, labels, settings, short, long)
-                row = {"batch": batch, "seeds": seeds, "cuda_graph": graph, "bn_double_backward": bn,
-                       "seconds_per_iteration": seconds, "peak_memory_bytes": peak}
+                row = {**variant, "seconds_per_iteration": seconds, "peak_memory_bytes": peak}
             except torch.cuda.OutOfMemoryError:
-                row = {"batch": batch, "seeds": seeds, "cuda_graph": graph, "bn_double_backward": bn,
-                       "error": "out of GPU memory"}
+                row = {**variant, "error": "out of GPU memory"}
             finally:
                 torch.cuda.empty_cache()
             rows.append(row)

@@ -16,8 +16,8 @@ From the counts, for a GPU with memory bandwidth BW and TF32 rate P (nominal):
 the step as written cannot run faster, even with every kernel at the device's limit and no
 launch cost (except where the L2 cache serves an operation: the results say how many bytes
 belong to operations small enough for that); the rest of a measured time is what the kernels leave unused (small kernels,
-launch gaps). It also counts bs 8 G 8 with the seeds stacked into the channels
-(benchmarks/stacked_seeds.py), a formulation the engine does not have yet. Writes
+launch gaps). It counts bs 8 G 8 once more with `inversion.batched_seeds: stacked` (the seeds
+stacked into the channels, gradinv/stacked_seeds.py) instead of vmap. Writes
 benchmarks/results/step_roofline.json.
 """
 
@@ -29,7 +29,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
@@ -38,14 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from gradinv.batchnorm import with_explicit_double_backward  # noqa: E402
-from gradinv.client import recorded_bn_statistics, train_mode_copy  # noqa: E402
+from gradinv.client import train_mode_copy  # noqa: E402
 from gradinv.config import build_section  # noqa: E402
 from gradinv.inversion import pixel_box  # noqa: E402
 from gradinv.objective import Objective  # noqa: E402
-from gradinv.relu import with_detached_relu_masks  # noqa: E402
 from gradinv.seed_step import SeedStep  # noqa: E402
-from stacked_seeds import fold_images, per_seed, stack_seeds  # noqa: E402
 from step_speed import machine, problem  # noqa: E402
 
 # Nominal: HBM bandwidth (bytes/s) and dense TF32 tensor-core rate (FLOP/s), SXM parts.
@@ -99,13 +95,15 @@ class TrafficCount(TorchDispatchMode):
         return out
 
 
-def count_step(batch: int, seeds: int, bn_double_backward: str) -> dict:
+def count_step(batch: int, seeds: int, bn_double_backward: str, batched_seeds: str = "vmap") -> dict:
     """The counts of the engine's second step (the first creates Adam's state)."""
     model, artifact, labels = problem("resnet50", 1000, 224, 1)  # weights and artifact do not depend on bs
     config = build_section("inversion", {"seeds": seeds, "device": "cpu", "registration": "none",
-                                         "bn_double_backward": bn_double_backward})
+                                         "bn_double_backward": bn_double_backward, "batched_seeds": batched_seeds})
     objective = Objective(train_mode_copy(model), artifact, torch.zeros(batch, dtype=torch.int64), config)
-    objective._functional_model()  # its copy of the model is made here: fake tensors cannot be deep-copied
+    objective._functional_model()  # the copies of the model are made here: fake tensors cannot be deep-copied
+    if batched_seeds == "stacked":
+        objective._stacked_model(max(seeds, 2))
     box = pixel_box(artifact.meta["mean"], artifact.meta["std"], "cpu")
     with FakeTensorMode(allow_non_fake_inputs=True):
         # Chunks of max(G, 2): the vmapped path even at G 1, as the graphed step runs it.
@@ -115,42 +113,6 @@ def count_step(batch: int, seeds: int, bn_double_backward: str) -> dict:
         step.step(False, None)
         with TrafficCount() as counter:
             step.step(False, None)
-    return {"batch": batch, "seeds": seeds, "ops": len(counter.ops), "bytes": sum(b for _, b, _ in counter.ops),
-            "flops": sum(f for _, _, f in counter.ops), "per_op": counter.ops}
-
-
-def count_stacked_step(batch: int, seeds: int, bn_double_backward: str) -> dict:
-    """The counts of the same objective with the seeds stacked into the channels
-    (benchmarks/stacked_seeds.py, not in the engine): forward, every seed's parameter gradients
-    from one backward, each seed's terms by the engine's own Objective._combine (vmapped over the
-    seeds, as in the engine's batched step), the gradient to the images; without the views, Adam
-    and the pixel box, which count_step includes."""
-    model, artifact, labels = problem("resnet50", 1000, 224, 1)
-    config = build_section("inversion", {"seeds": seeds, "device": "cpu", "registration": "none",
-                                         "bn_double_backward": bn_double_backward})
-    targets = torch.zeros(batch, dtype=torch.int64)
-    objective = Objective(train_mode_copy(model), artifact, targets, config)
-    stacked = with_detached_relu_masks(stack_seeds(train_mode_copy(model), seeds))  # the objective's layers
-    if bn_double_backward == "explicit":
-        with_explicit_double_backward(stacked)
-    shapes = {n: p.shape for n, p in model.named_parameters()}
-    names, params = zip(*stacked.named_parameters())
-
-    def step(xs: torch.Tensor) -> torch.Tensor:
-        with recorded_bn_statistics(stacked) as stats:
-            logits = stacked(fold_images(xs))
-        loss = sum(F.cross_entropy(logits[:, g], targets) for g in range(seeds))
-        grads = {n: per_seed(g, seeds, shapes[n]) for n, g in zip(names, torch.autograd.grad(loss, params, create_graph=True))}
-        seed_stats = {n: (mean.view(seeds, -1), var.view(seeds, -1)) for n, (mean, var) in stats.items()}
-        terms = torch.func.vmap(lambda x, seed_grads, statistics: objective._combine(x, seed_grads, statistics, None))(
-            xs, grads, seed_stats)
-        return torch.autograd.grad(terms["total"].sum(), xs)[0]
-
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        xs = torch.zeros(seeds, batch, 3, 224, 224, requires_grad=True)
-        step(xs)
-        with TrafficCount() as counter:
-            step(xs)
     return {"batch": batch, "seeds": seeds, "ops": len(counter.ops), "bytes": sum(b for _, b, _ in counter.ops),
             "flops": sum(f for _, _, f in counter.ops), "per_op": counter.ops}
 
@@ -182,7 +144,7 @@ def main() -> int:
         print(json.dumps(row), flush=True)
     stacked_rows = []
     for mode in BN_DOUBLE_BACKWARDS:
-        c = count_stacked_step(8, 8, mode)
+        c = count_step(8, 8, mode, "stacked")
         row = {"bn_double_backward": mode, "batch": 8, "seeds": 8, "ops": c["ops"], "bytes": c["bytes"], "flops": c["flops"],
                **{f"paper_minutes_{name}": bound_seconds(c["per_op"], gpu) * PAPER_ITERATIONS / 60 for name, gpu in GPUS.items()}}
         stacked_rows.append(row)

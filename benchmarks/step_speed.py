@@ -12,10 +12,11 @@ rewritten after each, so that a run cut short keeps what it measured. Variants:
 
 - `baseline`: the straightforward step: `loss.backward()` (parameter .grad filled too), strict
   float32, torch's own layers (not gradinv.relu's), seeds one by one on all torch threads;
-- `engine-<seeds>[-tf32][-channels-last][-bn-explicit]`: gradinv's step as `invert` runs it
+- `engine-<seeds>[-tf32][-channels-last][-bn-explicit][-stacked]`: gradinv's step as `invert` runs it
   (gradients to the input only), seeds `loop` (one by one), `auto` (invert's default for the
   device), `vmap` (all seeds in one vmapped call) or `vmapN` (chunks of N seeds); TF32
-  (`inversion.tf32`), channels_last and `inversion.bn_double_backward: explicit` as named.
+  (`inversion.tf32`), channels_last, `inversion.bn_double_backward: explicit` and
+  `inversion.batched_seeds: stacked` as named.
 
 Seconds per iteration: one timed run of `iterations` after a warm-up, in `rounds` rounds (CPU:
 3) that take the configurations of a batch size and seed count in turn, each in a fresh process;
@@ -83,7 +84,8 @@ def suite_configs(name: str) -> list[tuple[int, int, str]]:
             if seeds == 8 and batch > 1:
                 configs.append((batch, seeds, "engine-loop-tf32-channels-last"))
             if seeds == 8 and batch == 8:
-                configs.append((batch, seeds, "engine-vmap-tf32-bn-explicit"))
+                configs += [(batch, seeds, v) for v in ("engine-vmap-tf32-bn-explicit", "engine-vmap-tf32-stacked",
+                                                        "engine-vmap-tf32-bn-explicit-stacked")]
             if seeds == 8 and batch == 48:
                 configs += [(batch, seeds, v) for v in ("engine-vmap4-tf32", "engine-vmap2-tf32")]
             configs.append((batch, seeds, "baseline"))
@@ -149,7 +151,8 @@ def engine_settings(variant: str, seeds: int) -> dict:
     batch = named[mode] if mode in named else int(mode.removeprefix("vmap"))
     return {"seed_workers": 0 if mode == "auto" else 1, "seed_batch": batch,
             "channels_last": "channels-last" in variant, "tf32": "tf32" in variant,
-            "bn_double_backward": "explicit" if "bn-explicit" in variant else "pytorch"}
+            "bn_double_backward": "explicit" if "bn-explicit" in variant else "pytorch",
+            "batched_seeds": "stacked" if variant.endswith("-stacked") else "vmap"}
 
 
 def engine_seconds(model, artifact, labels, config, iterations: int) -> float:
@@ -436,32 +439,39 @@ def cuda_graph_section(result: dict) -> str:
     """benchmarks/cuda_graph_check.py: the graphed step and the explicit BN double backward against the default."""
     check = result["check"]
     noise = check["float_noise_one_by_one_vs_batched"]
-    lines = [f"### CUDA graphs and the explicit BN double backward in the engine ({result['machine'].get('gpu', 'GPU')})", "",
+    lines = [f"### CUDA graphs, the explicit BN double backward and stacked seeds in the engine "
+             f"({result['machine'].get('gpu', 'GPU')})", "",
              f"Command: `{result['command']}`. Same path (resnet18, 32 px, bs 4, G 4, 40 iterations, jitter, flips, "
              f"Langevin, consensus): {'passed' if check['passed'] else 'FAILED'}. Float noise alone (seeds one by one "
              f"against batched): logged totals within {noise['logged_totals_max_rel_diff']:.1%}, images within "
              f"{noise['images_drift_of_movement']:.1%} of their movement.", ""]
-    for name in ("graphed_vs_eager", "explicit_bn_vs_pytorch", "resumed_vs_uninterrupted_graphed"):
+    for name in ("graphed_vs_eager", "explicit_bn_vs_pytorch", "stacked_vs_vmapped", "resumed_vs_uninterrupted_graphed"):
+        if name not in check:
+            continue
         m = check[name]
         lines.append(f"- {name.replace('_', ' ')}: iteration-0 totals within {m['iteration0_total_max_rel_diff']:.1e}, "
                      f"logged totals within {m['logged_totals_max_rel_diff']:.1%}, images within "
                      f"{m['images_drift_of_movement']:.1%}")
     if result.get("speed"):
         lines += ["", "ResNet-50, 224 px, TF32, seeds batched; s / iteration from the difference of two run lengths.", "",
-                  "| bs | G | BN double backward | eager s / it | graphed s / it | graphed speed-up | peak memory eager / graphed |",
-                  "|---|---|---|---|---|---|---|"]
-        rows = {(r["batch"], r["seeds"], r["bn_double_backward"], r["cuda_graph"]): r for r in result["speed"]}
+                  "| bs | G | BN double backward | seeds batched by | eager s / it | graphed s / it | graphed speed-up | "
+                  "peak memory eager / graphed |",
+                  "|---|---|---|---|---|---|---|---|"]
+        rows = {(r["batch"], r["seeds"], r["bn_double_backward"], r.get("batched_seeds", "vmap"), r["cuda_graph"]): r
+                for r in result["speed"]}
         cell = lambda r: r.get("error") or f"{r['seconds_per_iteration']:.3f}"  # noqa: E731
         memory = lambda r: "-" if "error" in r else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"  # noqa: E731
-        for (batch, seeds, bn, graph), row in rows.items():
+        for (batch, seeds, bn, layout, graph), row in rows.items():
             if graph:
                 continue
-            other = rows.get((batch, seeds, bn, True), {"error": "not run"})
+            other = rows.get((batch, seeds, bn, layout, True), {"error": "not run"})
             ratio = ("-" if "error" in row or "error" in other
                      else f"{row['seconds_per_iteration'] / other['seconds_per_iteration']:.2f}x")
-            lines.append(f"| {batch} | {seeds} | {bn} | {cell(row)} | {cell(other)} | {ratio} | {memory(row)} / {memory(other)} |")
+            lines.append(f"| {batch} | {seeds} | {bn} | {layout} | {cell(row)} | {cell(other)} | {ratio} | "
+                         f"{memory(row)} / {memory(other)} |")
         lines += ["", "Paper preset projected (bs 8, G 8, 20,000 iterations): " + "; ".join(
-            f"{'graphed' if r['cuda_graph'] else 'eager'}, BN {r['bn_double_backward']}: {r['paper_preset_minutes']:.0f} minutes"
+            f"{'graphed' if r['cuda_graph'] else 'eager'}, BN {r['bn_double_backward']}, seeds "
+            f"{r.get('batched_seeds', 'vmap')}: {r['paper_preset_minutes']:.0f} minutes"
             for r in result["speed"] if "paper_preset_minutes" in r) + "."]
     return "\n".join(lines)
 
@@ -502,9 +512,9 @@ def roofline_section(result: dict, measured: dict | None, probes: dict | None) -
                          "an H100 if every operation under 50 MB cost nothing")
     stacked = result.get("stacked_seeds_rows", [])
     if stacked:
-        lines += ["", "The same objective with the seeds stacked into the channels (benchmarks/stacked_seeds.py: grouped "
-                  "convolutions, one copy of the weights per seed, no layout changes between BatchNorm and the "
-                  "convolutions; not in the engine; counted without the views, Adam and the pixel box), bs 8 G 8: " +
+        lines += ["", "The same step with the seeds stacked into the channels instead of vmapped (`inversion.batched_seeds: "
+                  "stacked`, gradinv/stacked_seeds.py: grouped convolutions, one copy of the weights per seed, no layout "
+                  "changes between BatchNorm and the convolutions), bs 8 G 8: " +
                   "; ".join(f"BN double backward {r['bn_double_backward']}: {r['ops']} operations, {r['bytes'] / 1e9:.0f} "
                             f"GB, **{r['paper_minutes_H100']:.0f} minutes on an H100** ({r['paper_minutes_H200']:.0f} on an "
                             "H200) for the paper preset" for r in stacked) + "."]

@@ -113,6 +113,7 @@ class InversionConfig:
     tf32: bool = rule(True)
     cuda_graph: bool = rule(False)
     bn_double_backward: str = rule("pytorch", _one_of("pytorch", "explicit"))
+    batched_seeds: str = rule("vmap", _one_of("vmap", "stacked"))
     log_every: int = rule(25, _positive)
     seed: int = rule(0)
     device: str = rule("auto")

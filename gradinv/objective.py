@@ -34,6 +34,7 @@ from gradinv.defenses import shared_update, transmitted_mask
 from gradinv.errors import UserError
 from gradinv.models import batchnorm_layers
 from gradinv.relu import with_detached_relu_masks
+from gradinv.stacked_seeds import fold_images, per_seed, stack_seeds
 
 LOSS_TERMS = ("total", "grad", "tv", "l2", "bn", "group")
 
@@ -122,6 +123,9 @@ class Objective:
         term comes back shaped (G,). Differentiable in xs like `terms`."""
         if self.fedavg is not None:
             raise UserError("seeds cannot be batched against a FedAvg update (set inversion.seed_batch: 1).")
+        seen = xs if seen is None else seen
+        if self.config.batched_seeds == "stacked":
+            return self._stacked_terms(xs, seen, consensus)
         model, params = self._functional_model()
 
         def one_seed(x: torch.Tensor, x_seen: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -133,7 +137,34 @@ class Objective:
             grads, stats = torch.func.grad(loss, has_aux=True)(params)
             return self._combine(x, grads, stats, consensus)
 
-        return torch.func.vmap(one_seed)(xs, xs if seen is None else seen)
+        return torch.func.vmap(one_seed)(xs, seen)
+
+    def _stacked_terms(self, xs: torch.Tensor, seen: torch.Tensor, consensus: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """batched_terms with the seeds stacked into the channels (gradinv.stacked_seeds): one
+        ordinary backward gives every seed's parameter gradients; the terms are vmapped over seeds."""
+        seeds = xs.shape[0]
+        stacked, names = self._stacked_model(seeds)
+        params = [stacked.get_parameter(n) for n in names]
+        with recorded_bn_statistics(stacked) as stats:
+            logits = stacked(fold_images(seen))  # (B, G, classes)
+        labels = self.labels[:, None].expand(-1, seeds)
+        loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(0).sum()  # Σ over seeds of mean CE
+        shapes = {n: p.shape for n, p in self.model.named_parameters()}
+        grads = {n: per_seed(g, seeds, shapes[n]) for n, g in zip(names, torch.autograd.grad(loss, params, create_graph=True))}
+        seed_stats = {n: (mean.view(seeds, -1), var.view(seeds, -1)) for n, (mean, var) in stats.items()}
+        return torch.func.vmap(lambda x, seed_grads, statistics: self._combine(x, seed_grads, statistics, consensus))(
+            xs, grads, seed_stats)
+
+    def _stacked_model(self, seeds: int) -> tuple[nn.Module, list[str]]:
+        """The model stacked for `seeds` seeds (made once per seed count), and its parameters' names."""
+        cache = self.__dict__.setdefault("_stacked", {})
+        if seeds not in cache:
+            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+            try:
+                cache[seeds] = stack_seeds(self.model, seeds), names
+            except ValueError as err:
+                raise UserError(f"inversion.batched_seeds 'stacked' cannot serve this model: {err} Use 'vmap'.") from err
+        return cache[seeds]
 
     def _functional_model(self) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         """A copy of the model for torch.func: BN keeps no running statistics (in train mode it

@@ -70,8 +70,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           _ATTACK_MODULES + _CLIENT_MODULES + ("gradinv/labels.py",), _labels),
     Stage("invert", "inversion", (VICTIM, GRADIENT, LABELS), (INVERT,),
           _ATTACK_MODULES + _CLIENT_MODULES + (
-              "gradinv/objective.py", "gradinv/relu.py", "gradinv/consensus.py", "gradinv/checkpoint.py", "gradinv/views.py",
-              "gradinv/cuda_graph.py", "gradinv/seed_step.py", "gradinv/inversion.py"), _invert),
+              "gradinv/objective.py", "gradinv/relu.py", "gradinv/stacked_seeds.py", "gradinv/consensus.py",
+              "gradinv/checkpoint.py", "gradinv/views.py", "gradinv/cuda_graph.py", "gradinv/seed_step.py",
+              "gradinv/inversion.py"), _invert),
     Stage("evaluate", "evaluation", (INVERT, LABELS, TRUTH, SETS, VICTIM), (EVAL,),
           _MODEL_MODULES + ("gradinv/metrics.py", "gradinv/perceptual.py", "gradinv/report.py",
                             "gradinv/evaluate.py", "gradinv/capture.py", "gradinv/defenses.py", "gradinv/inversion.py"),

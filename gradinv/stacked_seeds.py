@@ -1,14 +1,15 @@
-"""Seeds stacked into the channels: a formulation of the batched step the engine does not have yet.
+"""Seeds stacked into the channels (`inversion.batched_seeds: stacked`), instead of vmap.
 
-The engine batches G seeds with torch.func.vmap, whose convolutions fold the seeds into the
-batch while BatchNorm (per-seed statistics) folds them into the channels, so every BN layer's
+With `batched_seeds: vmap` the engine batches G seeds with torch.func.vmap, whose convolutions
+fold the seeds into the batch while BatchNorm (per-seed statistics) folds them into the
+channels, so every BN layer's
 activations are copied between the two layouts, forward and backward. Here every layer holds
 one copy of the weights per seed, laid out so that the seeds live in the channels throughout:
 convolutions become grouped (one group per seed), BatchNorm runs over G·C channels, the last
 Linear multiplies each seed's features by its own copy. One ordinary backward of the sum of
 the seeds' losses then gives each seed's parameter gradients (its copy's gradient), with no
-layout changes at all. benchmarks/step_roofline.py counts what such a step moves;
-tests/test_stacked_seeds.py checks that it computes every seed's gradients.
+layout changes at all (benchmarks/step_roofline.py counts what either step moves;
+tests/test_stacked_seeds.py checks that both compute the same).
 
     images (G, N, C, H, W) --fold_images--> (N, G·C, H, W) --stacked model--> logits (N, G, classes)
 """
@@ -46,7 +47,8 @@ def _stacked_conv(conv: nn.Conv2d, seeds: int) -> nn.Conv2d:
 
 
 def _stacked_batch_norm(bn: nn.BatchNorm2d, seeds: int) -> nn.BatchNorm2d:
-    stacked = nn.BatchNorm2d(seeds * bn.num_features, bn.eps, track_running_stats=False).train()
+    """The same class (gradinv.batchnorm's TrainBatchNorm2d stays one), over G·C channels."""
+    stacked = type(bn)(seeds * bn.num_features, bn.eps, track_running_stats=False).to(bn.weight.device).train()
     stacked.weight = nn.Parameter(bn.weight.detach().repeat(seeds))
     stacked.bias = nn.Parameter(bn.bias.detach().repeat(seeds))
     return stacked
@@ -61,7 +63,7 @@ def stack_seeds(model: nn.Module, seeds: int) -> nn.Module:
         for name, child in list(parent.named_children()):
             if type(child) is nn.Conv2d:
                 setattr(parent, name, _stacked_conv(child, seeds))
-            elif type(child) is nn.BatchNorm2d:
+            elif isinstance(child, nn.BatchNorm2d) and child.affine:
                 setattr(parent, name, _stacked_batch_norm(child, seeds))
             elif type(child) is nn.Linear:
                 setattr(parent, name, SeedLinear(child, seeds))
