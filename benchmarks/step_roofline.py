@@ -103,7 +103,7 @@ def count_step(batch: int, seeds: int, bn_double_backward: str, batched_seeds: s
     objective = Objective(train_mode_copy(model), artifact, torch.zeros(batch, dtype=torch.int64), config)
     objective._functional_model()  # the copies of the model are made here: fake tensors cannot be deep-copied
     if batched_seeds == "stacked":
-        objective._stacked_model(max(seeds, 2))
+        objective._stacked_model(torch.randn(max(seeds, 2), batch, 3, 224, 224))
     box = pixel_box(artifact.meta["mean"], artifact.meta["std"], "cpu")
     with FakeTensorMode(allow_non_fake_inputs=True):
         # Chunks of max(G, 2): the vmapped path even at G 1, as the graphed step runs it.

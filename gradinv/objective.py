@@ -143,7 +143,7 @@ class Objective:
         """batched_terms with the seeds stacked into the channels (gradinv.stacked_seeds): one
         ordinary backward gives every seed's parameter gradients; the terms are vmapped over seeds."""
         seeds = xs.shape[0]
-        stacked, names = self._stacked_model(seeds)
+        stacked, names = self._stacked_model(seen)
         params = [stacked.get_parameter(n) for n in names]
         with recorded_bn_statistics(stacked) as stats:
             logits = stacked(fold_images(seen))  # (B, G, classes)
@@ -155,15 +155,26 @@ class Objective:
         return torch.func.vmap(lambda x, seed_grads, statistics: self._combine(x, seed_grads, statistics, consensus))(
             xs, grads, seed_stats)
 
-    def _stacked_model(self, seeds: int) -> tuple[nn.Module, list[str]]:
-        """The model stacked for `seeds` seeds (made once per seed count), and its parameters' names."""
+    def _stacked_model(self, probe: torch.Tensor) -> tuple[nn.Module, list[str]]:
+        """The model stacked for probe.shape[0] seeds (made once per seed count), and its
+        parameters' names. Made, it must give each seed of `probe` (G, B, C, H, W) the model's
+        own logits: a forward that mixes channels (a concatenation or shuffle along them) would
+        mix the seeds, which no layer type reveals."""
+        seeds = probe.shape[0]
         cache = self.__dict__.setdefault("_stacked", {})
         if seeds not in cache:
             names = [n for n, p in self.model.named_parameters() if p.requires_grad]
             try:
-                cache[seeds] = stack_seeds(self.model, seeds), names
+                stacked = stack_seeds(self.model, seeds)
             except ValueError as err:
                 raise UserError(f"inversion.batched_seeds 'stacked' cannot serve this model: {err} Use 'vmap'.") from err
+            with torch.no_grad():
+                own = torch.stack([self.model(x) for x in probe], 1)
+                difference = (stacked(fold_images(probe)) - own).norm() / own.norm().clamp_min(1e-12)
+            if difference > 1e-2:  # float rounding (TF32 included) stays far below; mixed seeds far above
+                raise UserError("inversion.batched_seeds 'stacked' cannot serve this model: stacked, its logits differ "
+                                f"from its own by {difference:.0%} (its forward mixes channels). Use 'vmap'.")
+            cache[seeds] = stacked, names
         return cache[seeds]
 
     def _functional_model(self) -> tuple[nn.Module, dict[str, torch.Tensor]]:

@@ -86,3 +86,24 @@ def test_a_model_without_a_stacked_form_gets_one_sentence(attack):
     config = build_section("inversion", {"batched_seeds": "stacked", "bn_prior": "none"})
     with pytest.raises(UserError, match="batched_seeds 'stacked' cannot serve this model.*LayerNorm"):
         Objective(model, artifact, labels, config).batched_terms(torch.stack([images, images]))
+
+
+class ChannelsReversed(nn.Module):
+    """`inner`, its output's channels reversed: harmless for one seed, mixes the seeds when they
+    are stacked, and made of layers that all have a stacked form."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).flip(1)
+
+
+def test_a_forward_that_mixes_channels_is_caught_before_it_mixes_seeds(attack):
+    model, _, artifact, images, labels = attack
+    model = train_mode_copy(model)
+    model.layer1 = ChannelsReversed(model.layer1)
+    config = build_section("inversion", {"batched_seeds": "stacked", "bn_prior": "none"})
+    with pytest.raises(UserError, match="logits differ from its own by .*mixes channels"):
+        Objective(model, artifact, labels, config).batched_terms(torch.stack([images, images.flip(-1)]))
