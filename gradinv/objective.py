@@ -143,27 +143,27 @@ class Objective:
         """batched_terms with the seeds stacked into the channels (gradinv.stacked_seeds): one
         ordinary backward gives every seed's parameter gradients; the terms are vmapped over seeds."""
         seeds = xs.shape[0]
-        stacked, names = self._stacked_model(seen)
-        params = [stacked.get_parameter(n) for n in names]
+        stacked, names, params, shapes = self._stacked_model(seen)
         with recorded_bn_statistics(stacked) as stats:
             logits = stacked(fold_images(seen))  # (B, G, classes)
         labels = self.labels[:, None].expand(-1, seeds)
         loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(0).sum()  # Σ over seeds of mean CE
-        shapes = {n: p.shape for n, p in self.model.named_parameters()}
-        grads = {n: per_seed(g, seeds, shapes[n]) for n, g in zip(names, torch.autograd.grad(loss, params, create_graph=True))}
+        grads = {n: per_seed(g, seeds, shape)
+                 for n, shape, g in zip(names, shapes, torch.autograd.grad(loss, params, create_graph=True))}
         seed_stats = {n: (mean.view(seeds, -1), var.view(seeds, -1)) for n, (mean, var) in stats.items()}
         return torch.func.vmap(lambda x, seed_grads, statistics: self._combine(x, seed_grads, statistics, consensus))(
             xs, grads, seed_stats)
 
-    def _stacked_model(self, probe: torch.Tensor) -> tuple[nn.Module, list[str]]:
-        """The model stacked for probe.shape[0] seeds (made once per seed count), and its
-        parameters' names. Made, it must give each seed of `probe` (G, B, C, H, W) the model's
-        own logits: a forward that mixes channels (a concatenation or shuffle along them) would
-        mix the seeds, which no layer type reveals."""
+    def _stacked_model(self, probe: torch.Tensor) -> tuple[nn.Module, list[str], list[torch.Tensor], list[torch.Size]]:
+        """The model stacked for probe.shape[0] seeds (made once per seed count), its parameters'
+        names, the stacked parameters and the model's own shapes of them. Made, it must give
+        each seed of `probe` (G, B, C, H, W) the model's own logits: a forward that mixes
+        channels (a concatenation or shuffle along them) would mix the seeds, which no layer
+        type reveals."""
         seeds = probe.shape[0]
         cache = self.__dict__.setdefault("_stacked", {})
         if seeds not in cache:
-            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+            names, shapes = zip(*[(n, p.shape) for n, p in self.model.named_parameters() if p.requires_grad])
             try:
                 stacked = stack_seeds(self.model, seeds)
             except ValueError as err:
@@ -174,7 +174,7 @@ class Objective:
             if difference > 1e-2:  # float rounding (TF32 included) stays far below; mixed seeds far above
                 raise UserError("inversion.batched_seeds 'stacked' cannot serve this model: stacked, its logits differ "
                                 f"from its own by {difference:.0%} (its forward mixes channels). Use 'vmap'.")
-            cache[seeds] = stacked, names
+            cache[seeds] = stacked, list(names), [stacked.get_parameter(n) for n in names], list(shapes)
         return cache[seeds]
 
     def _functional_model(self) -> tuple[nn.Module, dict[str, torch.Tensor]]:

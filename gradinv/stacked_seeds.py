@@ -2,11 +2,11 @@
 
 With `batched_seeds: vmap` the engine batches G seeds with torch.func.vmap, whose convolutions
 fold the seeds into the batch while BatchNorm (per-seed statistics) folds them into the
-channels, so every BN layer's
-activations are copied between the two layouts, forward and backward. Here every layer holds
+channels, so every BN layer's activations are copied between the two layouts, forward and
+backward. Here every layer holds
 one copy of the weights per seed, laid out so that the seeds live in the channels throughout:
 convolutions become grouped (one group per seed), BatchNorm runs over G·C channels, the last
-Linear multiplies each seed's features by its own copy. One ordinary backward of the sum of
+Linear layers multiply each seed's features by its own copy. One ordinary backward of the sum of
 the seeds' losses then gives each seed's parameter gradients (its copy's gradient), with no
 layout changes at all (benchmarks/step_roofline.py counts what either step moves;
 tests/test_stacked_seeds.py checks that both compute the same).
@@ -31,10 +31,11 @@ class SeedLinear(nn.Module):
         super().__init__()
         self.seeds = seeds
         self.weight = nn.Parameter(linear.weight.detach().expand(seeds, *linear.weight.shape).clone())
-        self.bias = nn.Parameter(linear.bias.detach().expand(seeds, *linear.bias.shape).clone())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().expand(seeds, -1).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("ngi,goi->ngo", x.view(x.shape[0], self.seeds, -1), self.weight) + self.bias
+        out = torch.einsum("ngi,goi->ngo", x.reshape(x.shape[0], self.seeds, -1), self.weight)
+        return out if self.bias is None else out + self.bias
 
 
 def _stacked_conv(conv: nn.Conv2d, seeds: int) -> nn.Conv2d:
@@ -56,8 +57,10 @@ def _stacked_batch_norm(bn: nn.BatchNorm2d, seeds: int) -> nn.BatchNorm2d:
 
 def stack_seeds(model: nn.Module, seeds: int) -> nn.Module:
     """A copy of `model` (train mode, batch statistics) computing `seeds` seeds at once on
-    fold_images(xs); its logits are (N, G, classes). Models with layers other than convolutions,
-    BatchNorm2d, one final Linear and per-channel layers are refused (ValueError)."""
+    fold_images(xs); its logits are (N, G, classes). Models with layers other than 2-d
+    convolutions, affine BatchNorm2d, Linear layers on flattened features and per-channel layers
+    are refused (ValueError); a forward that mixes channels is not seen here (the caller checks
+    the logits)."""
     stacked = copy.deepcopy(model).train()
     for parent in list(stacked.modules()):
         for name, child in list(parent.named_children()):

@@ -107,3 +107,12 @@ def test_a_forward_that_mixes_channels_is_caught_before_it_mixes_seeds(attack):
     config = build_section("inversion", {"batched_seeds": "stacked", "bn_prior": "none"})
     with pytest.raises(UserError, match="logits differ from its own by .*mixes channels"):
         Objective(model, artifact, labels, config).batched_terms(torch.stack([images, images.flip(-1)]))
+
+
+def test_linear_layers_without_bias_and_in_a_stack_keep_each_seeds_logits():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(16, 8, bias=False), nn.ReLU(), nn.Linear(8, 5)).double().train()
+    xs = torch.randn(3, 4, 3, 9, 9, dtype=torch.float64)
+    logits = stack_seeds(model, 3)(fold_images(xs))
+    assert torch.allclose(logits, torch.stack([model(x) for x in xs], 1))
