@@ -85,7 +85,8 @@ def suite_configs(name: str) -> list[tuple[int, int, str]]:
                 configs.append((batch, seeds, "engine-loop-tf32-channels-last"))
             if seeds == 8 and batch == 8:
                 configs += [(batch, seeds, v) for v in ("engine-vmap-tf32-bn-explicit", "engine-vmap-tf32-stacked",
-                                                        "engine-vmap-tf32-bn-explicit-stacked")]
+                                                        "engine-vmap-tf32-bn-explicit-stacked",
+                                                        "engine-vmap-tf32-channels-last-bn-explicit-stacked")]
             if seeds == 8 and batch == 48:
                 configs += [(batch, seeds, v) for v in ("engine-vmap4-tf32", "engine-vmap2-tf32")]
             configs.append((batch, seeds, "baseline"))

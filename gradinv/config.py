@@ -233,12 +233,15 @@ def _check_cross_field(name: str, config) -> None:
         if checked and checked[0]["kind"] == "fedavg" and config.bn_leak == "exact":
             raise UserError("params: 'capture.bn_leak' exact is not defined under fedavg (every local step has its own "
                             "batch statistics); set it to none.")
-    if name == "inversion" and config.channels_last and config.cuda_graph:
+    vmapped = name == "inversion" and config.channels_last and config.batched_seeds == "vmap"
+    if vmapped and config.cuda_graph:
         raise UserError("params: 'inversion.channels_last' cannot be combined with 'inversion.cuda_graph' (the graphed "
-                        "step batches the seeds with vmap, which cannot keep the channels_last layout); set one of them back.")
-    if name == "inversion" and config.channels_last and config.seed_batch > 1:
+                        "step batches the seeds with vmap, which cannot keep the channels_last layout); set one of them back, "
+                        "or set 'inversion.batched_seeds' to stacked.")
+    if vmapped and config.seed_batch > 1:
         raise UserError("params: 'inversion.channels_last' cannot be combined with 'inversion.seed_batch' above 1 "
-                        "(vmap over seeds cannot keep the channels_last layout); set one of them back.")
+                        "(vmap over seeds cannot keep the channels_last layout); set one of them back, or set "
+                        "'inversion.batched_seeds' to stacked.")
     if name == "audit":
         from gradinv.audit import audit_points
 

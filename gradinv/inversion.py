@@ -73,11 +73,11 @@ def seed_batch(config: InversionConfig, device: torch.device, batch_size: int, c
     (auto) picks by measurement (docs/step_speed.md): on CUDA, as many seeds as keep the stacked
     batch within BATCHED_IMAGES images, since one seed's step alone leaves the GPU waiting on
     kernel launches; one by one on a CPU, where batching gains nothing and threads do better
-    (seed_workers), under channels_last (vmap cannot keep that layout) and against a FedAvg
-    update, whose replay cannot be vmapped."""
+    (seed_workers), under channels_last with vmap (which cannot keep that layout; stacked seeds
+    can) and against a FedAvg update, whose replay cannot be batched."""
     if config.seed_batch:
         return min(config.seed_batch, config.seeds)
-    if device.type != "cuda" or not can_batch or config.channels_last:
+    if device.type != "cuda" or not can_batch or (config.channels_last and config.batched_seeds == "vmap"):
         return 1
     return max(1, min(config.seeds, BATCHED_IMAGES // batch_size))
 

@@ -145,7 +145,7 @@ class Objective:
         seeds = xs.shape[0]
         stacked, names, params, shapes = self._stacked_model(seen)
         with recorded_bn_statistics(stacked) as stats:
-            logits = stacked(fold_images(seen))  # (B, G, classes)
+            logits = stacked(self._stacked_input(seen))  # (B, G, classes)
         labels = self.labels[:, None].expand(-1, seeds)
         loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(0).sum()  # Σ over seeds of mean CE
         grads = {n: per_seed(g, seeds, shape)
@@ -165,17 +165,24 @@ class Objective:
         if seeds not in cache:
             names, shapes = zip(*[(n, p.shape) for n, p in self.model.named_parameters() if p.requires_grad])
             try:
-                stacked = stack_seeds(self.model, seeds)
+                stacked = stack_seeds(self.model, seeds).to(memory_format=self._memory_format())
             except ValueError as err:
                 raise UserError(f"inversion.batched_seeds 'stacked' cannot serve this model: {err} Use 'vmap'.") from err
             with torch.no_grad():
-                own = torch.stack([self.model(x) for x in probe], 1)
-                difference = (stacked(fold_images(probe)) - own).norm() / own.norm().clamp_min(1e-12)
+                own = torch.stack([self.model(x.contiguous(memory_format=self._memory_format())) for x in probe], 1)
+                difference = (stacked(self._stacked_input(probe)) - own).norm() / own.norm().clamp_min(1e-12)
             if difference > 1e-2:  # float rounding (TF32 included) stays far below; mixed seeds far above
                 raise UserError("inversion.batched_seeds 'stacked' cannot serve this model: stacked, its logits differ "
                                 f"from its own by {difference:.0%} (its forward mixes channels). Use 'vmap'.")
             cache[seeds] = stacked, list(names), [stacked.get_parameter(n) for n in names], list(shapes)
         return cache[seeds]
+
+    def _memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.config.channels_last else torch.contiguous_format
+
+    def _stacked_input(self, images: torch.Tensor) -> torch.Tensor:
+        """(G, B, C, H, W) -> (B, G·C, H, W), in the model's memory format."""
+        return fold_images(images).contiguous(memory_format=self._memory_format())
 
     def _functional_model(self) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         """A copy of the model for torch.func: BN keeps no running statistics (in train mode it

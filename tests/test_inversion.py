@@ -161,6 +161,9 @@ def test_auto_seed_batching_stacks_seeds_on_cuda_only_up_to_the_image_budget():
     assert seed_batch(_config(seeds=8, seed_batch=3), cpu, 48) == 3  # an explicit choice wins
     with pytest.raises(UserError, match="channels_last"):
         _config(seed_batch=2, channels_last=True)
+    stacked = _config(seeds=8, channels_last=True, batched_seeds="stacked")  # stacked seeds keep the layout
+    assert seed_batch(stacked, cuda, 8) == 8
+    assert seed_batch(_config(seeds=8, seed_batch=2, channels_last=True, batched_seeds="stacked"), cpu, 8) == 2
 
 
 def test_tf32_setting_is_restored_after_the_run():
