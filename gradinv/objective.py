@@ -171,7 +171,7 @@ class Objective:
             with torch.no_grad():
                 own = torch.stack([self.model(x.contiguous(memory_format=self._memory_format())) for x in probe], 1)
                 difference = (stacked(self._stacked_input(probe)) - own).norm() / own.norm().clamp_min(1e-12)
-            if difference > 1e-2:  # float rounding (TF32 included) stays far below; mixed seeds far above
+            if difference > 0.1:  # rounding, TF32's included, stays orders below; mixed seeds are off by ~100 %
                 raise UserError("inversion.batched_seeds 'stacked' cannot serve this model: stacked, its logits differ "
                                 f"from its own by {difference:.0%} (its forward mixes channels). Use 'vmap'.")
             cache[seeds] = stacked, list(names), [stacked.get_parameter(n) for n in names], list(shapes)
