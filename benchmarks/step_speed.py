@@ -437,7 +437,7 @@ def probes_section(result: dict) -> str:
 
 
 def cuda_graph_section(result: dict) -> str:
-    """benchmarks/cuda_graph_check.py: the graphed step and the explicit BN double backward against the default."""
+    """benchmarks/cuda_graph_check.py: the graphed step, the explicit BN double backward and stacked seeds against the default."""
     check = result["check"]
     noise = check["float_noise_one_by_one_vs_batched"]
     lines = [f"### CUDA graphs, the explicit BN double backward and stacked seeds in the engine "
