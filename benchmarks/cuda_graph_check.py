@@ -4,19 +4,20 @@
 
 1. Same path: resnet18 at 32 px, bs 4, G 4, with every per-iteration input a graph must refresh
    (jitter, flips, Langevin noise, the consensus from iteration 20 on), TF32 off: eager and graphed
-   runs agree, and so do the two BatchNorm double backwards and the seeds stacked into the
-   channels against vmapped (eager), at iteration 0 (same images,
-   same draws) to float precision, and later no further apart than float noise alone takes two
+   runs agree, and so do the two BatchNorm double backwards, the seeds stacked into the
+   channels against vmapped (eager) and a graphed stacked run with explicit BN against the eager
+   default, at iteration 0 (same images, same draws) to float precision, and later no further apart than float noise alone takes two
    runs (seeds one by one against batched: Adam turns float differences into steps of size lr
    where a pixel's gradient is ~0); so does a graphed run interrupted after iteration 24 and
    resumed from its checkpoint.
 2. Speed: ResNet-50 at 224 px (random weights), TF32 on, seeds batched, eager against graphed,
    each with either BatchNorm double backward, and (G > 1) the seeds stacked with the explicit
-   one: seconds per iteration from two run lengths (the
-   difference leaves out warm-up and capture), peak memory; the paper preset (bs 8, G 8, 20K
-   iterations) projected in minutes.
+   one, in both memory formats: seconds per iteration from two run lengths (the difference
+   leaves out warm-up and capture), peak memory; the paper preset (bs 8, G 8, 20K iterations)
+   projected in minutes. A variant that fails is recorded with its error.
 
-Writes benchmarks/results/cuda_graph.json (with the machine); exit 1 when a check fails.
+Writes benchmarks/results/cuda_graph.json (with the machine) after the check and after every
+speed row; exit 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ CHECK_SETTINGS = {"iterations": 40, "seeds": 4, "warmup": 4, "jitter": 2, "flip"
                   "alpha_group": 0.01, "group_start": 20, "group_refresh": 10, "registration": "none",
                   "log_every": 1, "tf32": False, "seed_batch": 4, "checkpoint_every": 5}
 SPEED_CONFIGS = [(8, 8), (1, 8), (1, 1)]  # (bs, G): the paper preset first
-# (cuda_graph, BN double backward, batched_seeds); stacked only where G > 1
-VARIANTS = [(False, "pytorch", "vmap"), (True, "pytorch", "vmap"), (False, "explicit", "vmap"), (True, "explicit", "vmap"),
-            (False, "explicit", "stacked"), (True, "explicit", "stacked")]
+# (cuda_graph, BN double backward, batched_seeds, channels_last); stacked only where G > 1, channels_last
+# only stacked (vmap cannot keep the layout). The default step first, then the fewest bytes (step_roofline).
+VARIANTS = [(False, "pytorch", "vmap", False), (True, "explicit", "stacked", False), (False, "explicit", "stacked", False),
+            (True, "explicit", "stacked", True), (False, "explicit", "stacked", True), (True, "pytorch", "vmap", False),
+            (False, "explicit", "vmap", False), (True, "explicit", "vmap", False)]
 
 
 class Interrupted(Exception):
@@ -80,6 +83,7 @@ def same_path_check(device: str) -> dict:
     eager, graphed = invert(model, artifact, labels, config(False)), invert(model, artifact, labels, config(True))
     explicit = invert(model, artifact, labels, config(False, "explicit"))
     stacked = invert(model, artifact, labels, config(False, layout="stacked"))
+    graphed_stacked = invert(model, artifact, labels, config(True, "explicit", "stacked"))
     one_by_one = invert(model, artifact, labels, build_section("inversion", {
         **CHECK_SETTINGS, "device": device, "seed_batch": 1, "seed_workers": 1}))
 
@@ -95,7 +99,8 @@ def same_path_check(device: str) -> dict:
             pass
         resumed = invert(model, artifact, labels, config(True), None, checkpoint, "key")
     result = {"graphed_vs_eager": agreement(eager, graphed), "explicit_bn_vs_pytorch": agreement(eager, explicit),
-              "stacked_vs_vmapped": agreement(eager, stacked), "resumed_vs_uninterrupted_graphed": agreement(graphed, resumed)}
+              "stacked_vs_vmapped": agreement(eager, stacked), "graphed_stacked_vs_eager": agreement(eager, graphed_stacked),
+              "resumed_vs_uninterrupted_graphed": agreement(graphed, resumed)}
     float_noise = agreement(eager, one_by_one)
     result["passed"] = all(agrees(measured, float_noise) for measured in result.values())
     result["float_noise_one_by_one_vs_batched"] = float_noise
@@ -112,25 +117,33 @@ def seconds_per_iteration(model, artifact, labels, settings: dict, short: int, l
     return (times[long] - times[short]) / (long - short), torch.cuda.max_memory_allocated()
 
 
-def speed(device: str, short: int, long: int) -> list[dict]:
+def speed(device: str, short: int, long: int, on_row=lambda rows: None) -> list[dict]:
+    """Every variant at every (bs, G); `on_row(rows)` after each, so a run cut short keeps what it measured.
+    A variant that fails is a row with its error, and the others still run."""
     rows = []
     for batch, seeds in SPEED_CONFIGS:
         model, artifact, labels = problem("resnet50", 1000, 224, batch)
-        for graph, bn, layout in VARIANTS:
+        for graph, bn, layout, channels_last in VARIANTS:
             if layout == "stacked" and seeds == 1:
                 continue
             settings = {"seeds": seeds, "seed_batch": seeds, "device": device, "tf32": True, "cuda_graph": graph,
-                        "bn_double_backward": bn, "batched_seeds": layout, "registration": "none", "checkpoint_every": 0,
-                        "log_every": 100_000, "warmup": 1}
-            variant = {"batch": batch, "seeds": seeds, "cuda_graph": graph, "bn_double_backward": bn, "batched_seeds": layout}
+                        "bn_double_backward": bn, "batched_seeds": layout, "channels_last": channels_last,
+                        "registration": "none", "checkpoint_every": 0, "log_every": 100_000, "warmup": 1}
+            variant = {"batch": batch, "seeds": seeds, "cuda_graph": graph, "bn_double_backward": bn, "batched_seeds": layout,
+                       "channels_last": channels_last}
             try:
                 seconds, peak = seconds_per_iteration(model, artifact, labels, settings, short, long)
                 row = {**variant, "seconds_per_iteration": seconds, "peak_memory_bytes": peak}
+                if (batch, seeds) == (8, 8):
+                    row["paper_preset_minutes"] = seconds * 20000 / 60
             except torch.cuda.OutOfMemoryError:
                 row = {**variant, "error": "out of GPU memory"}
+            except Exception as error:  # noqa: BLE001 - one failing variant must not cost the others' figures
+                row = {**variant, "error": f"{type(error).__name__}: {error}"[:400]}
             finally:
                 torch.cuda.empty_cache()
             rows.append(row)
+            on_row(rows)
             print(json.dumps(row), flush=True)
     return rows
 
@@ -145,16 +158,18 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("cuda_graph_check: needs CUDA, and torch sees no GPU.", file=sys.stderr)
         return 2
-    result = {"machine": machine(torch.device("cuda")), "command": "python benchmarks/cuda_graph_check.py",
-              "check": same_path_check("cuda")}
+    result = {"machine": machine(torch.device("cuda")), "command": "python benchmarks/cuda_graph_check.py"}
+    try:
+        result["check"] = same_path_check("cuda")
+    except Exception as error:  # noqa: BLE001 - the speed figures are still worth having
+        result["check"] = {"passed": False, "error": f"{type(error).__name__}: {error}"[:400]}
     print(json.dumps(result["check"]), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     if not args.skip_speed:
-        result["speed"] = speed("cuda", args.short, args.long)
-        for row in result["speed"]:
-            if row["batch"] == 8 and row["seeds"] == 8 and "error" not in row:
-                row["paper_preset_minutes"] = row["seconds_per_iteration"] * 20000 / 60
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        def keep(rows):
+            result["speed"] = rows
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        speed("cuda", args.short, args.long, keep)
     return 0 if result["check"]["passed"] else 1
 
 

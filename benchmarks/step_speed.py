@@ -439,17 +439,25 @@ def probes_section(result: dict) -> str:
 def cuda_graph_section(result: dict) -> str:
     """benchmarks/cuda_graph_check.py: the graphed step, the explicit BN double backward and stacked seeds against the default."""
     check = result["check"]
-    noise = check["float_noise_one_by_one_vs_batched"]
-    lines = [f"### CUDA graphs, the explicit BN double backward and stacked seeds in the engine "
-             f"({result['machine'].get('gpu', 'GPU')})", "",
-             f"Command: `{result['command']}`. Same path (resnet18, 32 px, bs 4, G 4, 40 iterations, jitter, flips, "
-             f"Langevin, consensus): {'passed' if check['passed'] else 'FAILED'}. Float noise alone (seeds one by one "
-             f"against batched): logged totals within {noise['logged_totals_max_rel_diff']:.1%}, images within "
-             f"{noise['images_drift_of_movement']:.1%} of their movement.", ""]
-    for name in ("graphed_vs_eager", "explicit_bn_vs_pytorch", "stacked_vs_vmapped", "resumed_vs_uninterrupted_graphed"):
-        if name not in check:
+    title = (f"### CUDA graphs, the explicit BN double backward and stacked seeds in the engine "
+             f"({result['machine'].get('gpu', 'GPU')})")
+    if "error" in check:
+        verdict = f"FAILED to run: {check['error']}"
+    else:
+        noise = check["float_noise_one_by_one_vs_batched"]
+        verdict = (f"{'passed' if check['passed'] else 'FAILED'}. Float noise alone (seeds one by one against batched): "
+                   f"logged totals within {noise['logged_totals_max_rel_diff']:.1%}, images within "
+                   f"{noise['images_drift_of_movement']:.1%} of their movement.")
+    lines = [title, "", f"Command: `{result['command']}`. Same path (resnet18, 32 px, bs 4, G 4, 40 iterations, jitter, "
+             f"flips, Langevin, consensus): {verdict}", ""]
+    for name in ("graphed_vs_eager", "explicit_bn_vs_pytorch", "stacked_vs_vmapped", "graphed_stacked_vs_eager",
+                 "resumed_vs_uninterrupted_graphed"):
+        m = check.get(name)
+        if m is None:
             continue
-        m = check[name]
+        if "error" in m:
+            lines.append(f"- {name.replace('_', ' ')}: {m['error']}")
+            continue
         lines.append(f"- {name.replace('_', ' ')}: iteration-0 totals within {m['iteration0_total_max_rel_diff']:.1e}, "
                      f"logged totals within {m['logged_totals_max_rel_diff']:.1%}, images within "
                      f"{m['images_drift_of_movement']:.1%}")
@@ -458,8 +466,8 @@ def cuda_graph_section(result: dict) -> str:
                   "| bs | G | BN double backward | seeds batched by | eager s / it | graphed s / it | graphed speed-up | "
                   "peak memory eager / graphed |",
                   "|---|---|---|---|---|---|---|---|"]
-        rows = {(r["batch"], r["seeds"], r["bn_double_backward"], r.get("batched_seeds", "vmap"), r["cuda_graph"]): r
-                for r in result["speed"]}
+        layout_of = lambda r: r.get("batched_seeds", "vmap") + (", channels_last" if r.get("channels_last") else "")  # noqa: E731
+        rows = {(r["batch"], r["seeds"], r["bn_double_backward"], layout_of(r), r["cuda_graph"]): r for r in result["speed"]}
         cell = lambda r: r.get("error") or f"{r['seconds_per_iteration']:.3f}"  # noqa: E731
         memory = lambda r: "-" if "error" in r else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"  # noqa: E731
         for (batch, seeds, bn, layout, graph), row in rows.items():
@@ -472,7 +480,7 @@ def cuda_graph_section(result: dict) -> str:
                          f"{memory(row)} / {memory(other)} |")
         lines += ["", "Paper preset projected (bs 8, G 8, 20,000 iterations): " + "; ".join(
             f"{'graphed' if r['cuda_graph'] else 'eager'}, BN {r['bn_double_backward']}, seeds "
-            f"{r.get('batched_seeds', 'vmap')}: {r['paper_preset_minutes']:.0f} minutes"
+            f"{layout_of(r)}: {r['paper_preset_minutes']:.0f} minutes"
             for r in result["speed"] if "paper_preset_minutes" in r) + "."]
     return "\n".join(lines)
 
