@@ -26,6 +26,7 @@ import argparse
 import json
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import torch
@@ -139,6 +140,7 @@ def speed(device: str, short: int, long: int, on_row=lambda rows: None) -> list[
             except torch.cuda.OutOfMemoryError:
                 row = {**variant, "error": "out of GPU memory"}
             except Exception as error:  # noqa: BLE001 - one failing variant must not cost the others' figures
+                traceback.print_exc()
                 row = {**variant, "error": f"{type(error).__name__}: {error}"[:400]}
             finally:
                 torch.cuda.empty_cache()
@@ -162,6 +164,7 @@ def main() -> int:
     try:
         result["check"] = same_path_check("cuda")
     except Exception as error:  # noqa: BLE001 - the speed figures are still worth having
+        traceback.print_exc()
         result["check"] = {"passed": False, "error": f"{type(error).__name__}: {error}"[:400]}
     print(json.dumps(result["check"]), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

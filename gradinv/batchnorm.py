@@ -39,9 +39,11 @@ def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _channel_sums(v: torch.Tensor, t: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor):
     """(Σ v·(t − μ)·r, Σ v) per channel, in one read of v and t: the reductions of BatchNorm's
-    backward kernel, its input gradient not computed."""
+    backward kernel, its input gradient not computed. The kernel's weight argument only has to be
+    defined (CUDA allocates the weight gradient like it; without the input gradient its values are
+    never read): `rstd` stands in for it."""
     _, sum_v_t, sum_v = torch.ops.aten.native_batch_norm_backward(
-        v, t, None, None, None, mean, rstd, True, 0.0, [False, True, True])
+        v, t, rstd, None, None, mean, rstd, True, 0.0, [False, True, True])
     return sum_v_t, sum_v
 
 

@@ -1,0 +1,81 @@
+"""Where one eager inversion step spends its GPU time: the kernels of a few steps, by total time.
+
+    python benchmarks/step_profile.py                 # CUDA machine; torch and torchvision only
+    python benchmarks/step_profile.py --device cpu --arch resnet18 --px 32   # the same table on a CPU
+
+ResNet-50 at 224 px (random weights), bs 8, G 8 seeds batched, TF32 on; the step as configured by
+--bn-double-backward and --batched-seeds (default: explicit BN, seeds stacked). A graphed step
+runs the same kernels without launch gaps, so the table says which kernels a faster step must cut.
+Writes benchmarks/results/step_profile-<device>.json: the machine, the settings and the top
+kernels (name, calls, total and mean time per step, share of the kernel time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, schedule
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from gradinv.config import build_section  # noqa: E402
+from gradinv.inversion import invert  # noqa: E402
+from step_speed import machine, problem  # noqa: E402
+
+
+def kernel_table(prof, device: str, steps: int, top: int) -> list[dict]:
+    """The `top` kernels (CUDA) or operators (CPU) by their own time, per step."""
+    own = (lambda e: e.self_device_time_total) if device == "cuda" else (lambda e: e.self_cpu_time_total)
+    events = [e for e in prof.key_averages() if own(e) > 0 and not e.key.startswith("ProfilerStep")]
+    total = sum(own(e) for e in events)
+    events.sort(key=own, reverse=True)
+    return [{"name": e.key[:120], "calls_per_step": e.count / steps, "ms_per_step": own(e) / 1e3 / steps,
+             "share": own(e) / total} for e in events[:top]]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--px", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--bn-double-backward", default="explicit", choices=["pytorch", "explicit"])
+    parser.add_argument("--batched-seeds", default="stacked", choices=["vmap", "stacked"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("step_profile: --device cuda, and torch sees no GPU.", file=sys.stderr)
+        return 2
+    model, artifact, labels = problem(args.arch, 1000 if args.arch == "resnet50" else 10, args.px, args.batch)
+    settings = {"seeds": args.seeds, "seed_batch": args.seeds, "device": args.device, "tf32": True,
+                "bn_double_backward": args.bn_double_backward, "batched_seeds": args.batched_seeds,
+                "channels_last": args.channels_last, "registration": "none", "checkpoint_every": 0,
+                "log_every": 1, "warmup": 1}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    # the set-up and two warm-up steps go unrecorded: the profiler steps on every logged iteration
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=2, active=args.steps, repeat=1)) as prof:
+        config = build_section("inversion", {**settings, "iterations": args.steps + 3})
+        result = invert(model, artifact, labels, config, lambda _step, _values: prof.step())
+    rows = kernel_table(prof, args.device, args.steps, args.top)
+    report = {"machine": machine(torch.device(args.device)), "command": "python " + " ".join(["benchmarks/step_profile.py", *sys.argv[1:]]),
+              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "top")},
+              "seconds_per_step_profiled": result.seconds / (args.steps + 3), "kernels": rows}
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"step_profile-{args.device}.json"
+    out.write_text(json.dumps(report, indent=1))
+    for r in rows:
+        print(f"{r['ms_per_step']:9.2f} ms {r['share']:6.1%} {r['calls_per_step']:6.0f}x  {r['name']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
