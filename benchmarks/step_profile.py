@@ -67,9 +67,13 @@ def main() -> int:
         config = build_section("inversion", {**settings, "iterations": args.steps + 3})
         result = invert(model, artifact, labels, config, lambda _step, _values: prof.step())
     rows = kernel_table(prof, args.device, args.steps, args.top)
+    recorded = {"events": len(prof.events()),
+                "device_events": sum(e.device_type != torch.autograd.DeviceType.CPU for e in prof.events())}
+    if not rows:
+        print(f"step_profile: the profiler recorded no {args.device} time ({recorded}).", file=sys.stderr)
     report = {"machine": machine(torch.device(args.device)), "command": "python " + " ".join(["benchmarks/step_profile.py", *sys.argv[1:]]),
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "top")},
-              "seconds_per_step_profiled": result.seconds / (args.steps + 3), "kernels": rows}
+              "seconds_per_step_profiled": result.seconds / (args.steps + 3), "recorded": recorded, "kernels": rows}
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"step_profile-{args.device}.json"
     out.write_text(json.dumps(report, indent=1))
     for r in rows:
