@@ -3,13 +3,15 @@
     python benchmarks/cuda_graph_check.py            # on a CUDA machine; torch and torchvision only
 
 1. Same path: resnet18 at 32 px, bs 4, G 4, with every per-iteration input a graph must refresh
-   (jitter, flips, Langevin noise, the consensus from iteration 20 on), TF32 off, deterministic
-   kernels: a graphed run equals its eager twin at every logged iteration to float precision
-   (both BN double backwards; seeds vmapped and stacked), and so does a graphed run interrupted
-   after iteration 24 and resumed from its checkpoint, provided the eager run repeats itself
-   exactly. The explicit BN double backward and stacked seeds run other kernels: they must start
-   equal (iteration 0: same images, same draws) and later stay no further apart than float noise
-   alone takes two runs (seeds one by one against batched).
+   (jitter, flips, Langevin noise, the consensus from iteration 2 on, refreshed every other
+   iteration), TF32 off, deterministic kernels. A graphed run against its eager twin (both BN
+   double backwards; seeds vmapped and stacked), and a graphed run interrupted after iteration 24
+   and resumed from its checkpoint against an uninterrupted one: identical at every logged
+   iteration where an eager run repeats itself exactly; where it does not (CUDA, measured), within
+   1e-3 while the eager run repeats itself within 1e-4 (at least 4 iterations), and later no
+   further apart than two eager runs. The explicit BN double backward and stacked seeds run other
+   kernels: equal at iteration 0 (same images, same draws), later no further apart than float
+   noise alone takes two runs (seeds one by one against batched).
 2. Speed: ResNet-50 at 224 px (random weights), TF32 on, seeds batched, eager against graphed,
    each with either BatchNorm double backward, and (G > 1) the seeds stacked with the explicit
    one, in both memory formats: seconds per iteration from two run lengths (the difference
@@ -47,8 +49,11 @@ from gradinv.inversion import invert  # noqa: E402
 from step_speed import machine, problem  # noqa: E402
 
 IDENTICAL_TOTALS, IDENTICAL_IMAGES = 1e-5, 1e-4  # float precision, far below float noise's drift (~10 %, ~80 %)
+# Where an eager run does not repeat itself exactly (CUDA, measured on an H100 even with deterministic
+# kernels), a graphed run must follow its eager twin while the eager run still repeats itself.
+REPRODUCIBLE, FOLLOWS, MIN_WINDOW = 1e-4, 1e-3, 4  # the window must see the consensus refreshed (from iteration 2)
 CHECK_SETTINGS = {"iterations": 40, "seeds": 4, "warmup": 4, "jitter": 2, "flip": True, "langevin": 0.2,
-                  "alpha_group": 0.01, "group_start": 20, "group_refresh": 10, "registration": "none",
+                  "alpha_group": 0.01, "group_start": 2, "group_refresh": 2, "registration": "none",
                   "log_every": 1, "tf32": False, "seed_batch": 4, "checkpoint_every": 5}
 SPEED_CONFIGS = [(8, 8), (1, 8), (1, 1)]  # (bs, G): the paper preset first
 # (cuda_graph, BN double backward, batched_seeds, channels_last); stacked only where G > 1, channels_last
@@ -71,7 +76,26 @@ def agreement(reference, other) -> dict:
             "logged_totals_max_rel_diff": max(abs(a["total"] - b["total"]) / abs(a["total"])
                                               for a, b in zip(reference.log, other.log)),
             "images_drift_of_movement": (other.images - reference.images).abs().mean().item() / moved,
-            "same_log_rows": len(reference.log) == len(other.log)}
+            "same_log_rows": len(reference.log) == len(other.log), "by_iteration": by_iteration(reference, other)}
+
+
+def by_iteration(reference, other) -> list[float]:
+    """The largest relative difference of the seeds' totals at each logged iteration."""
+    worst: dict[int, float] = {}
+    for a, b in zip(reference.log, other.log):
+        worst[a["iteration"]] = max(worst.get(a["iteration"], 0.0), abs(a["total"] - b["total"]) / abs(a["total"]))
+    return [float(f"{worst[i]:.3g}") for i in sorted(worst)]
+
+
+def reproducible_iterations(repeated: dict) -> int:
+    """How many leading iterations an eager run repeats itself within REPRODUCIBLE."""
+    return next((i for i, diff in enumerate(repeated["by_iteration"]) if diff > REPRODUCIBLE), len(repeated["by_iteration"]))
+
+
+def follows(measured: dict, window: int) -> bool:
+    """Within FOLLOWS through the first `window` iterations: a step that refreshed a view, the noise
+    or the consensus wrongly would be off by far more at once."""
+    return measured["same_log_rows"] and all(diff <= FOLLOWS for diff in measured["by_iteration"][:window])
 
 
 def agrees(measured: dict, float_noise: dict) -> bool:
@@ -138,10 +162,15 @@ def same_path_check(device: str) -> dict:
         other_kernels = {"explicit_bn_vs_pytorch": agreement(eager, explicit),
                          "stacked_vs_vmapped": agreement(eager, run(False, "pytorch", "stacked"))}
     deterministic = identical(same["eager_repeated"])
-    passed = (deterministic and all(identical(m) for m in same.values())
-              and all(agrees(m, float_noise) for m in other_kernels.values()))
-    return {"deterministic": deterministic, "identical": same, "within_float_noise": other_kernels,
-            "float_noise_one_by_one_vs_batched": float_noise, "passed": passed}
+    window = reproducible_iterations(same["eager_repeated"])
+    if deterministic:
+        graphs_agree = all(identical(m) for m in same.values())
+    else:  # held to their eager twins while those repeat themselves, and no further apart later than they
+        graphs_agree = window >= MIN_WINDOW and all(follows(m, window) and agrees(m, same["eager_repeated"])
+                                                   for name, m in same.items() if name != "eager_repeated")
+    passed = graphs_agree and all(agrees(m, float_noise) for m in other_kernels.values())
+    return {"deterministic": deterministic, "reproducible_iterations": window, "identical": same,
+            "within_float_noise": other_kernels, "float_noise_one_by_one_vs_batched": float_noise, "passed": passed}
 
 
 def seconds_per_iteration(model, artifact, labels, settings: dict, short: int, long: int) -> tuple[float, int]:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile, schedule
+from torch.profiler import ProfilerActivity, profile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -60,12 +60,11 @@ def main() -> int:
     settings = {"seeds": args.seeds, "seed_batch": args.seeds, "device": args.device, "tf32": True,
                 "bn_double_backward": args.bn_double_backward, "batched_seeds": args.batched_seeds,
                 "channels_last": args.channels_last, "registration": "none", "checkpoint_every": 0,
-                "log_every": 1, "warmup": 1}
+                "log_every": 100_000, "warmup": 1}
+    invert(model, artifact, labels, build_section("inversion", {**settings, "iterations": 2}))  # cuDNN and the allocator warm
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-    # the set-up and two warm-up steps go unrecorded: the profiler steps on every logged iteration
-    with profile(activities=activities, schedule=schedule(wait=0, warmup=2, active=args.steps, repeat=1)) as prof:
-        config = build_section("inversion", {**settings, "iterations": args.steps + 3})
-        result = invert(model, artifact, labels, config, lambda _step, _values: prof.step())
+    with profile(activities=activities) as prof:  # the set-up (one forward and backward) is recorded too
+        result = invert(model, artifact, labels, build_section("inversion", {**settings, "iterations": args.steps}))
     rows = kernel_table(prof, args.device, args.steps, args.top)
     recorded = {"events": len(prof.events()),
                 "device_events": sum(e.device_type != torch.autograd.DeviceType.CPU for e in prof.events())}
@@ -73,7 +72,7 @@ def main() -> int:
         print(f"step_profile: the profiler recorded no {args.device} time ({recorded}).", file=sys.stderr)
     report = {"machine": machine(torch.device(args.device)), "command": "python " + " ".join(["benchmarks/step_profile.py", *sys.argv[1:]]),
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "top")},
-              "seconds_per_step_profiled": result.seconds / (args.steps + 3), "recorded": recorded, "kernels": rows}
+              "seconds_per_step_profiled": result.seconds / args.steps, "recorded": recorded, "kernels": rows}
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"step_profile-{args.device}.json"
     out.write_text(json.dumps(report, indent=1))
     for r in rows:
