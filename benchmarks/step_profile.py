@@ -31,8 +31,9 @@ from step_speed import machine, problem  # noqa: E402
 
 def kernel_table(prof, device: str, steps: int, top: int) -> list[dict]:
     """The `top` kernels (CUDA) or operators (CPU) by their own time, per step."""
-    own = (lambda e: e.self_device_time_total) if device == "cuda" else (lambda e: e.self_cpu_time_total)
-    events = [e for e in prof.key_averages() if own(e) > 0 and not e.key.startswith("ProfilerStep")]
+    kernel = lambda e: e.device_type != torch.autograd.DeviceType.CPU  # noqa: E731 - operators would count their kernels twice
+    own = (lambda e: e.self_device_time_total if kernel(e) else 0) if device == "cuda" else (lambda e: e.self_cpu_time_total)
+    events = [e for e in prof.key_averages() if own(e) > 0]
     total = sum(own(e) for e in events)
     events.sort(key=own, reverse=True)
     return [{"name": e.key[:120], "calls_per_step": e.count / steps, "ms_per_step": own(e) / 1e3 / steps,

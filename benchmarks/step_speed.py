@@ -146,14 +146,14 @@ def baseline_seconds(model, artifact, labels, config, device, iterations: int) -
 
 
 def engine_settings(variant: str, seeds: int) -> dict:
-    """inversion settings of an `engine-...` variant."""
+    """inversion settings of an `engine-...` variant: eager steps (benchmarks/cuda_graph_check.py times graphed ones)."""
     mode = variant.split("-")[1]
     named = {"loop": 1, "auto": 0, "vmap": seeds}
     batch = named[mode] if mode in named else int(mode.removeprefix("vmap"))
     return {"seed_workers": 0 if mode == "auto" else 1, "seed_batch": batch,
             "channels_last": "channels-last" in variant, "tf32": "tf32" in variant,
             "bn_double_backward": "explicit" if "bn-explicit" in variant else "pytorch",
-            "batched_seeds": "stacked" if variant.endswith("-stacked") else "vmap"}
+            "batched_seeds": "stacked" if variant.endswith("-stacked") else "vmap", "cuda_graph": False}
 
 
 def engine_seconds(model, artifact, labels, config, iterations: int) -> float:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 from gradinv.errors import UserError
 
@@ -111,8 +112,8 @@ class InversionConfig:
     seed_batch: int = rule(0, _non_negative)
     channels_last: bool = rule(False)
     tf32: bool = rule(True)
-    cuda_graph: bool = rule(False)
-    bn_double_backward: str = rule("pytorch", _one_of("pytorch", "explicit"))
+    cuda_graph: bool | str = rule("auto", _one_of("auto", True, False))
+    bn_double_backward: str = rule("auto", _one_of("auto", "pytorch", "explicit"))
     batched_seeds: str = rule("vmap", _one_of("vmap", "stacked"))
     log_every: int = rule(25, _positive)
     seed: int = rule(0)
@@ -173,6 +174,8 @@ SECTIONS: dict[str, type] = {
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
+    if isinstance(hint, types.UnionType) and type(None) not in get_args(hint):
+        return any(_type_ok(value, member) for member in get_args(hint))
     text = str(hint)
     if value is None:
         return "None" in text
@@ -234,7 +237,7 @@ def _check_cross_field(name: str, config) -> None:
             raise UserError("params: 'capture.bn_leak' exact is not defined under fedavg (every local step has its own "
                             "batch statistics); set it to none.")
     vmapped = name == "inversion" and config.channels_last and config.batched_seeds == "vmap"
-    if vmapped and config.cuda_graph:
+    if vmapped and config.cuda_graph is True:
         raise UserError("params: 'inversion.channels_last' cannot be combined with 'inversion.cuda_graph' (the graphed "
                         "step batches the seeds with vmap, which cannot keep the channels_last layout); set one of them back, "
                         "or set 'inversion.batched_seeds' to stacked.")

@@ -72,6 +72,16 @@ def gradient_distance(grads: dict[str, torch.Tensor], target: dict[str, torch.Te
     return sum(layer_weight(n, weights) * torch.linalg.vector_norm(grads[n] - t).pow(power) for n, t in target.items())
 
 
+def explicit_bn_double_backward(config: InversionConfig, device: torch.device) -> bool:
+    """`bn_double_backward: auto` picks by measurement (docs/step_speed.md): explicit on CUDA with
+    more than one seed, where the graphed step ran 1.4x faster with it on an H100 (ResNet-50, 224 px,
+    8 seeds, bs 8 and 1); PyTorch's with one seed (graphed, bs 1: 0.043 against 0.054 s/it) and on
+    a CPU, where explicit was no faster."""
+    if config.bn_double_backward != "auto":
+        return config.bn_double_backward == "explicit"
+    return device.type == "cuda" and config.seeds > 1
+
+
 class Objective:
     """The objective for one batch, against one gradient artifact. `model` becomes the
     objective's own: its nn.ReLU layers (gradinv.relu) and, with `bn_double_backward: explicit`,
@@ -79,11 +89,11 @@ class Objective:
     versions of the same functions; pass a copy (gradinv.client.train_mode_copy)."""
 
     def __init__(self, model: nn.Module, artifact: GradientArtifact, labels: torch.Tensor, config: InversionConfig):
+        device = labels.device
         model = with_detached_relu_masks(model)
-        self.model = with_explicit_double_backward(model) if config.bn_double_backward == "explicit" else model
+        self.model = with_explicit_double_backward(model) if explicit_bn_double_backward(config, device) else model
         self.labels = labels
         self.config = config
-        device = labels.device
         self.target = {n: g.to(device) for n, g in artifact.grads.items()}
         defenses = artifact.meta.get("defenses", [])
         # Pruning the attacker knows of: only the transmitted entries are matched.

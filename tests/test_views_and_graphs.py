@@ -74,14 +74,43 @@ def test_cuda_graph_setting_is_checked_and_is_a_no_op_off_cuda(attack):
 
     with pytest.raises(UserError, match="channels_last.*cuda_graph"):
         build_section("inversion", {"cuda_graph": True, "channels_last": True})
-    with pytest.raises(UserError, match="cuda_graph"):
-        build_section("inversion", {"cuda_graph": "yes"})
+    for wrong in ("yes", 1):
+        with pytest.raises(UserError, match="cuda_graph"):
+            build_section("inversion", {"cuda_graph": wrong})
     model, _, artifact, _, labels = attack
     labels = sorted(labels.tolist())
     settings = {"iterations": 4, "seeds": 2, "warmup": 1, "device": "cpu", "langevin": 0.2, "jitter": 1, "flip": True}
     plain = invert(model, artifact, labels, build_section("inversion", settings))
     graphed = invert(model, artifact, labels, build_section("inversion", {**settings, "cuda_graph": True}))
     assert torch.equal(plain.images, graphed.images)
+
+
+def test_cuda_graph_auto_graphs_wherever_the_graphed_step_can_run():
+    from gradinv.inversion import cuda_graph_on
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    auto = build_section("inversion", {})
+    assert auto.cuda_graph == "auto" and cuda_graph_on(auto, cuda, fedavg=False)
+    assert not cuda_graph_on(auto, cpu, fedavg=False) and not cuda_graph_on(auto, cuda, fedavg=True)
+    # channels_last under vmap cannot be graphed: auto runs it eagerly, where an explicit true is refused
+    vmapped_nhwc = build_section("inversion", {"channels_last": True})
+    assert not cuda_graph_on(vmapped_nhwc, cuda, fedavg=False)
+    assert cuda_graph_on(build_section("inversion", {"channels_last": True, "batched_seeds": "stacked"}), cuda, fedavg=False)
+    assert not cuda_graph_on(build_section("inversion", {"cuda_graph": False}), cuda, fedavg=False)
+    assert cuda_graph_on(build_section("inversion", {"cuda_graph": True}), cuda, fedavg=False)
+
+
+def test_bn_double_backward_auto_is_explicit_on_cuda_with_several_seeds():
+    from gradinv.objective import explicit_bn_double_backward
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert explicit_bn_double_backward(build_section("inversion", {"seeds": 8}), cuda)
+    assert not explicit_bn_double_backward(build_section("inversion", {"seeds": 1}), cuda)
+    assert not explicit_bn_double_backward(build_section("inversion", {"seeds": 8}), cpu)
+    assert explicit_bn_double_backward(build_section("inversion", {"seeds": 1, "bn_double_backward": "explicit"}), cpu)
+    assert not explicit_bn_double_backward(build_section("inversion", {"seeds": 8, "bn_double_backward": "pytorch"}), cuda)
+    with pytest.raises(UserError, match="bn_double_backward"):
+        build_section("inversion", {"bn_double_backward": "fast"})
 
 
 def test_a_checkpoint_of_another_layout_is_ignored(attack, tmp_path):

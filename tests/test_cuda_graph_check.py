@@ -1,0 +1,42 @@
+"""benchmarks/cuda_graph_check.py: how recorded differences become the same-path verdict."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from cuda_graph_check import graphs_agree, judged  # noqa: E402
+
+# The shape of the differences two eager CUDA runs showed on an H100 (iteration 0, 1, 2, ...).
+EAGER_NOISE = [0.0, 5e-5, 2.6e-3, 2e-2, 1.9e-2, 3.9e-2]
+
+
+def pair(by_iteration, rows=True):
+    return {"iteration0_total_max_rel_diff": by_iteration[0], "logged_totals_max_rel_diff": max(by_iteration),
+            "images_drift_of_movement": 0.8 if max(by_iteration) else 0.0, "same_log_rows": rows,
+            "by_iteration": by_iteration}
+
+
+def test_a_graph_that_follows_eager_as_closely_as_eager_follows_itself_agrees():
+    same = {"eager_repeated": pair(EAGER_NOISE), "graphed_vs_eager": pair([0.0, 4.8e-5, 2.7e-3, 2.2e-2, 8e-3, 3e-2]),
+            "resumed_vs_uninterrupted_graphed": pair([0.0] * 6)}
+    assert graphs_agree(same)
+
+
+def test_a_graph_off_at_once_or_with_other_log_rows_is_caught_where_eager_is_not_exact():
+    stale_view = pair([0.0, 1e-2, 2e-2, 2e-2, 2e-2, 3e-2])  # a wrongly refreshed input: far off at iteration 1
+    assert not graphs_agree({"eager_repeated": pair(EAGER_NOISE), "graphed_vs_eager": stale_view})
+    assert not graphs_agree({"eager_repeated": pair(EAGER_NOISE), "graphed_vs_eager": pair(EAGER_NOISE, rows=False)})
+
+
+def test_where_eager_repeats_itself_exactly_a_graph_must_too():
+    exact = pair([0.0] * 6)
+    assert graphs_agree({"eager_repeated": exact, "graphed_vs_eager": exact})
+    assert not graphs_agree({"eager_repeated": exact, "graphed_vs_eager": pair([0.0, 1e-6, 0, 0, 0, 0])})
+
+
+def test_the_recorded_h100_check_passes_under_the_scripts_criteria():
+    recorded = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/cuda_graph.json").read_text())
+    check = judged(recorded["check"])
+    assert check["passed"] == recorded["check"]["passed"] and not check["deterministic"]
