@@ -446,18 +446,19 @@ def cuda_graph_section(result: dict) -> str:
     else:
         noise = check["float_noise_one_by_one_vs_batched"]
         repeat = ("deterministic kernels repeat an eager run exactly" if check["deterministic"] else
-                  "an eager run does not repeat itself exactly even with deterministic kernels: it repeats within 1e-4 for "
-                  f"the first {check['reproducible_iterations']} iterations, where a graphed run must follow its eager twin "
-                  "within 1e-3, and later stay no further apart than two eager runs")
+                  "two eager runs differ from iteration 1 on even with deterministic kernels, so a graphed run may differ "
+                  "from its eager twin at each iteration by at most 10x the largest difference two eager runs have shown "
+                  "up to then")
         verdict = (f"{'passed' if check['passed'] else 'FAILED'}; {repeat}. Float noise "
                    f"(seeds one by one against batched): logged totals within {noise['logged_totals_max_rel_diff']:.1%}, "
                    f"images within {noise['images_drift_of_movement']:.1%} of their movement.")
     lines = [title, "", f"Command: `{result['command']}`. Same path (resnet18, 32 px, bs 4, G 4, 40 iterations, jitter, "
              f"flips, Langevin, consensus; TF32 off, deterministic kernels): {verdict}", ""]
-    for group, demand in (("identical", "must be identical"), ("within_float_noise", "other kernels, within float noise")):
+    graph_demand = "must be identical" if check.get("deterministic") else "held to two eager runs' difference"
+    for group, demand in (("identical", graph_demand), ("within_float_noise", "other kernels, within float noise")):
         for name, m in check.get(group, {}).items():
-            followed = next((i for i, diff in enumerate(m.get("by_iteration", [])) if diff > 1e-3), len(m.get("by_iteration", [])))
-            lines.append(f"- {name.replace('_', ' ')} ({demand}): within 1e-3 for the first {followed} iterations, iteration-0 totals within "
+            early = ", ".join(f"{d:.1e}" for d in m.get("by_iteration", [])[1:4])
+            lines.append(f"- {name.replace('_', ' ')} ({demand}): iterations 1-3 within {early}; iteration-0 totals within "
                          f"{m['iteration0_total_max_rel_diff']:.1e}, logged totals within {m['logged_totals_max_rel_diff']:.1e}, "
                          f"images within {m['images_drift_of_movement']:.1e} of their movement")
     if result.get("speed"):
