@@ -436,7 +436,27 @@ def probes_section(result: dict) -> str:
     return "\n".join(lines)
 
 
-def cuda_graph_section(result: dict) -> str:
+def against_bound(speed_rows: list[dict], roofline: dict, gpu: str) -> list[str]:
+    """Each timed bs 8 G 8 row (the layout step_roofline counted) beside its counted traffic and
+    arithmetic: achieved rates and how far above the bound it runs."""
+    counted = {(r["bn_double_backward"], "vmap"): r for r in roofline["rows"] if (r["batch"], r["seeds"]) == (8, 8)}
+    counted.update({(r["bn_double_backward"], "stacked"): r for r in roofline.get("stacked_seeds_rows", [])})
+    peak = roofline["gpus"][gpu]
+    lines = []
+    for r in speed_rows:
+        c = counted.get((r["bn_double_backward"], r.get("batched_seeds", "vmap")))
+        if (r["batch"], r["seeds"]) != (8, 8) or r.get("channels_last") or "error" in r or c is None:
+            continue
+        t = r["seconds_per_iteration"]
+        lines.append(f"- {'graphed' if r['cuda_graph'] else 'eager'}, BN {r['bn_double_backward']}, seeds "
+                     f"{r.get('batched_seeds', 'vmap')}: {c['bytes'] / t / 1e12:.2f} TB/s of the counted {c['bytes'] / 1e9:.0f} GB "
+                     f"({c['bytes'] / t / peak['bandwidth']:.0%} of the {gpu}'s {peak['bandwidth'] / 1e12:.2f} TB/s), "
+                     f"{c['flops'] / t / 1e12:.1f} TFLOP/s ({c['flops'] / t / peak['tf32']:.1%} of TF32), "
+                     f"{t / (c[f'paper_minutes_{gpu}'] * 60 / 20000):.1f}x its bound")
+    return lines
+
+
+def cuda_graph_section(result: dict, roofline: dict | None = None) -> str:
     """benchmarks/cuda_graph_check.py: the graphed step, the explicit BN double backward and stacked seeds against the default."""
     check = result["check"]
     title = (f"### CUDA graphs, the explicit BN double backward and stacked seeds in the engine "
@@ -482,6 +502,10 @@ def cuda_graph_section(result: dict) -> str:
             f"{'graphed' if r['cuda_graph'] else 'eager'}, BN {r['bn_double_backward']}, seeds "
             f"{layout_of(r)}: {r['paper_preset_minutes']:.0f} minutes"
             for r in result["speed"] if "paper_preset_minutes" in r) + "."]
+        gpu = next((name for name in (roofline or {}).get("gpus", {}) if name in result["machine"].get("gpu", "")), None)
+        if gpu:
+            lines += ["", f"Against what one step must move and compute (benchmarks/step_roofline.py; bs 8, G 8, "
+                          f"the layout it counted):", "", *against_bound(result["speed"], roofline, gpu)]
     return "\n".join(lines)
 
 
@@ -547,8 +571,9 @@ def write_doc() -> Path:
         parts += [paper_projection(found["gpu"], probes), ""]
     if (RESULTS / "step_roofline.json").is_file():
         parts += [roofline_section(json.loads((RESULTS / "step_roofline.json").read_text()), found.get("gpu"), probes), ""]
+    roofline = json.loads((RESULTS / "step_roofline.json").read_text()) if (RESULTS / "step_roofline.json").is_file() else None
     for name, section in (("tf32_quality", tf32_quality_section), ("gpu_probes", probes_section),
-                          ("cuda_graph", cuda_graph_section)):
+                          ("cuda_graph", lambda result: cuda_graph_section(result, roofline))):
         if (RESULTS / f"{name}.json").is_file():
             parts += [section(json.loads((RESULTS / f"{name}.json").read_text())), ""]
     if "gpu" not in found:

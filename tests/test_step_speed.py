@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from step_speed import measured_in_rounds  # noqa: E402
+from step_speed import against_bound, measured_in_rounds  # noqa: E402
 
 
 def test_rounds_take_the_variants_in_turn_and_a_row_keeps_the_median_and_the_largest_peak():
@@ -30,3 +30,16 @@ def test_a_failed_round_makes_the_row_a_failure():
                  {"variant": "engine", "error": "out of GPU memory"}])
     (row,) = measured_in_rounds([{"variant": "engine"}], 2, lambda spec: next(runs))
     assert row["error"] == "out of GPU memory"
+
+
+def test_a_timed_step_is_set_against_the_traffic_and_arithmetic_counted_for_its_variant():
+    roofline = {"gpus": {"H100": {"bandwidth": 2e12, "tf32": 400e12}},
+                "rows": [{"bn_double_backward": "explicit", "batch": 8, "seeds": 8, "bytes": 300e9, "flops": 4e12,
+                          "paper_minutes_H100": 0.1 * 20000 / 60}], "stacked_seeds_rows": []}
+    timed = {"batch": 8, "seeds": 8, "cuda_graph": True, "bn_double_backward": "explicit", "batched_seeds": "vmap",
+             "seconds_per_iteration": 0.3}
+    uncounted = [{**timed, "batched_seeds": "stacked"}, {**timed, "channels_last": True}, {**timed, "batch": 1},
+                 {**timed, "error": "out of GPU memory"}]
+    (line,) = against_bound([timed, *uncounted], roofline, "H100")
+    assert "1.00 TB/s of the counted 300 GB (50% of the H100's 2.00 TB/s)" in line
+    assert "13.3 TFLOP/s (3.3% of TF32)" in line and line.endswith("3.0x its bound")
