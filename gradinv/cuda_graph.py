@@ -5,10 +5,12 @@ kernel-launch overhead: the step must read everything that changes (learning rat
 consensus) from tensors it keeps, which the caller refills before each call, and must not read
 values back to the host. The first calls of each kind run eagerly on a side stream (cuDNN and
 cuBLAS set themselves up, Adam creates its state), as capture requires; a call of a new kind
-(the consensus appears) recaptures."""
+(the consensus appears) recaptures. A step that cannot be captured is an error when graphs were
+asked for (`cuda_graph: true`) and runs eagerly from then on under `auto`."""
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Hashable
 
 import torch
@@ -36,11 +38,14 @@ def capture_cuda_graph(step: Callable[[], dict], device: torch.device) -> Callab
 class GraphedStep:
     """Calls `step(kind)`: eagerly for its first WARMUP_CALLS calls of a kind, then replays a
     capture of it. Only one capture is kept: a new kind replaces it (the kinds of an inversion
-    follow each other and never come back)."""
+    follow each other and never come back). With `eager_if_uncapturable`, a failed capture
+    is reported once and every later call runs eagerly."""
 
     def __init__(self, step: Callable[[Hashable], dict], device: torch.device,
-                 capture: Callable[[Callable[[], dict], torch.device], Callable[[], dict]] = capture_cuda_graph):
+                 capture: Callable[[Callable[[], dict], torch.device], Callable[[], dict]] = capture_cuda_graph,
+                 eager_if_uncapturable: bool = False):
         self.step, self.device, self.capture = step, device, capture
+        self.eager_if_uncapturable, self.uncapturable = eager_if_uncapturable, False
         self.kind: Hashable = None
         self.eager_calls = 0
         self.replay: Callable[[], dict] | None = None
@@ -50,15 +55,20 @@ class GraphedStep:
             self.kind, self.eager_calls, self.replay = kind, 0, None
         if self.replay is not None:
             return self.replay()
-        if self.eager_calls < WARMUP_CALLS:
+        if self.eager_calls < WARMUP_CALLS or self.uncapturable:
             self.eager_calls += 1
             return self._eager(kind)
         try:
             self.replay = self.capture(lambda: self.step(kind), self.device)
         except RuntimeError as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"inversion.cuda_graph: the step could not be captured as a CUDA graph ({reason}); "
-                            "set inversion.cuda_graph: false.") from err
+            if not self.eager_if_uncapturable:
+                raise UserError(f"inversion.cuda_graph: the step could not be captured as a CUDA graph ({reason}); "
+                                "set inversion.cuda_graph: false.") from err
+            print(f"gradinv: warning: the step could not be captured as a CUDA graph ({reason}); it runs eagerly "
+                  "(inversion.cuda_graph: auto).", file=sys.stderr)
+            self.uncapturable = True
+            return self._eager(kind)
         return self.replay()
 
     def _eager(self, kind: Hashable) -> dict:

@@ -69,7 +69,9 @@ class SeedStep:
     def runner(self, run_seeds: SeedRunner) -> Callable[[bool], dict[str, torch.Tensor]]:
         """The step as a function of whether the consensus term is on: eager, or graphed."""
         step = lambda with_consensus: self.step(with_consensus, run_seeds)  # noqa: E731
-        return GraphedStep(step, self.device) if self.graphed else step
+        if not self.graphed:
+            return step
+        return GraphedStep(step, self.device, eager_if_uncapturable=self.config.cuda_graph == "auto")
 
     def step(self, with_consensus: bool, run_seeds: SeedRunner) -> dict[str, torch.Tensor]:
         """Every seed's gradient and update from the filled inputs; the loss terms, each (G,)."""

@@ -69,6 +69,25 @@ def test_a_step_that_cannot_be_captured_is_reported_in_one_sentence():
         run(False)
 
 
+def test_under_auto_a_step_that_cannot_be_captured_warns_once_and_runs_eagerly(capsys):
+    calls, captures = [], []
+
+    def failing_capture(fn, device):
+        captures.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    def step(kind):
+        calls.append(kind)
+        return {"call": len(calls)}
+
+    run = GraphedStep(step, torch.device("cpu"), capture=failing_capture, eager_if_uncapturable=True)
+    results = [run(False) for _ in range(WARMUP_CALLS + 3)]
+    assert [r["call"] for r in results] == list(range(1, WARMUP_CALLS + 4))  # every call ran the step itself
+    assert len(captures) == 1
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "could not be captured as a CUDA graph" in err and "runs eagerly" in err
+
+
 def test_cuda_graph_setting_is_checked_and_is_a_no_op_off_cuda(attack):
     from gradinv.inversion import invert
 
