@@ -85,8 +85,9 @@ def explicit_bn_double_backward(config: InversionConfig, device: torch.device) -
 class Objective:
     """The objective for one batch, against one gradient artifact. `model` becomes the
     objective's own: its nn.ReLU layers (gradinv.relu) and, where the BN double backward is
-    explicit (explicit_bn_double_backward), its nn.BatchNorm2d layers (gradinv.batchnorm) are swapped in place for the attacker's
-    versions of the same functions; pass a copy (gradinv.client.train_mode_copy)."""
+    explicit (explicit_bn_double_backward), its nn.BatchNorm2d layers (gradinv.batchnorm) are
+    swapped in place for the attacker's versions of the same functions; pass a copy
+    (gradinv.client.train_mode_copy)."""
 
     def __init__(self, model: nn.Module, artifact: GradientArtifact, labels: torch.Tensor, config: InversionConfig):
         device = labels.device
