@@ -4,8 +4,9 @@
     python benchmarks/step_profile.py --device cpu --arch resnet18 --px 32   # the same table on a CPU
 
 ResNet-50 at 224 px (random weights), bs 8, G 8 seeds batched, TF32 on; the step as configured by
---bn-double-backward and --batched-seeds (default: explicit BN, seeds stacked). A graphed step
-runs the same kernels without launch gaps, so the table says which kernels a faster step must cut.
+--bn-double-backward and --batched-seeds (default: as CUDA runs it by default, explicit BN, seeds
+under vmap), eager: the graphed step runs the same kernels without launch gaps, so the table says
+which kernels a faster step must cut.
 Writes benchmarks/results/step_profile-<device>.json: the machine, the settings and the top
 kernels (name, calls, total and mean time per step, share of the kernel time).
 """
@@ -48,7 +49,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--bn-double-backward", default="explicit", choices=["pytorch", "explicit"])
-    parser.add_argument("--batched-seeds", default="stacked", choices=["vmap", "stacked"])
+    parser.add_argument("--batched-seeds", default="vmap", choices=["vmap", "stacked"])
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
@@ -60,7 +61,7 @@ def main() -> int:
     model, artifact, labels = problem(args.arch, 1000 if args.arch == "resnet50" else 10, args.px, args.batch)
     settings = {"seeds": args.seeds, "seed_batch": args.seeds, "device": args.device, "tf32": True,
                 "bn_double_backward": args.bn_double_backward, "batched_seeds": args.batched_seeds,
-                "channels_last": args.channels_last, "registration": "none", "checkpoint_every": 0,
+                "channels_last": args.channels_last, "cuda_graph": False, "registration": "none", "checkpoint_every": 0,
                 "log_every": 100_000, "warmup": 1}
     invert(model, artifact, labels, build_section("inversion", {**settings, "iterations": 2}))  # cuDNN and the allocator warm
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
