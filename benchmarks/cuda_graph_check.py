@@ -60,7 +60,7 @@ CHECK_SETTINGS = {"iterations": 40, "seeds": 4, "warmup": 4, "jitter": 2, "flip"
                   "log_every": 1, "tf32": False, "seed_batch": 4, "checkpoint_every": 5}
 SPEED_CONFIGS = [(8, 8), (1, 8), (1, 1)]  # (bs, G): the paper preset first
 # (cuda_graph, BN double backward, batched_seeds, channels_last); stacked only where G > 1, channels_last
-# only stacked (vmap cannot keep the layout). The default step first, then the fewest bytes (step_roofline).
+# only stacked (the config refuses it under vmap: it failed there on CUDA). The default step first, then the fewest bytes (step_roofline).
 VARIANTS = [(False, "pytorch", "vmap", False), (True, "explicit", "stacked", False), (False, "explicit", "stacked", False),
             (True, "explicit", "stacked", True), (False, "explicit", "stacked", True), (True, "pytorch", "vmap", False),
             (False, "explicit", "vmap", False), (True, "explicit", "vmap", False)]
@@ -116,9 +116,10 @@ def graphs_agree(same: dict) -> bool:
 
 @contextmanager
 def deterministic_kernels() -> Iterator[None]:
-    """cuDNN's and torch's deterministic algorithms while active: the same computation twice gives
-    the same bits, so a graphed step can be held to its eager twin exactly, which a chaotic
-    40-iteration trajectory (Adam turns float differences into steps of size lr) would not allow."""
+    """cuDNN's and torch's deterministic algorithms while active, so that where the kernels allow
+    it the same computation twice gives the same bits and a graphed step can be held to its eager
+    twin exactly (a 40-iteration trajectory is chaotic: Adam turns float differences into steps of
+    size lr). On an H100 two eager runs still differed; `graphs_agree` then uses their difference."""
     before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -138,8 +139,8 @@ def identical(measured: dict) -> bool:
 def same_path_check(device: str) -> dict:
     """Under deterministic kernels: a graphed run against its eager twin (each BN double backward,
     vmapped and stacked seeds) and a graphed run interrupted and resumed against an uninterrupted
-    one must be identical, given that the eager run repeats itself exactly; the explicit BN double
-    backward and stacked seeds (other kernels) against the default within float noise."""
+    one, judged by `graphs_agree` against two eager runs; the explicit BN double backward and
+    stacked seeds (other kernels) against the default within float noise."""
     model, artifact, labels = problem("resnet18", 12, 32, 4)
 
     def config(graph: bool = False, bn: str = "pytorch", layout: str = "vmap", **extra):
