@@ -487,7 +487,8 @@ def cuda_graph_section(result: dict, roofline: dict | None = None) -> str:
                   "peak memory eager / graphed |",
                   "|---|---|---|---|---|---|---|---|"]
         layout_of = lambda r: r.get("batched_seeds", "vmap") + (", channels_last" if r.get("channels_last") else "")  # noqa: E731
-        rows = {(r["batch"], r["seeds"], r["bn_double_backward"], layout_of(r), r["cuda_graph"]): r for r in result["speed"]}
+        timed = [r for r in result["speed"] if not r.get("defaults")]
+        rows = {(r["batch"], r["seeds"], r["bn_double_backward"], layout_of(r), r["cuda_graph"]): r for r in timed}
         cell = lambda r: r.get("error") or f"{r['seconds_per_iteration']:.3f}"  # noqa: E731
         memory = lambda r: "-" if "error" in r else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"  # noqa: E731
         for (batch, seeds, bn, layout, graph), row in rows.items():
@@ -501,11 +502,17 @@ def cuda_graph_section(result: dict, roofline: dict | None = None) -> str:
         lines += ["", "Paper preset projected (bs 8, G 8, 20,000 iterations): " + "; ".join(
             f"{'graphed' if r['cuda_graph'] else 'eager'}, BN {r['bn_double_backward']}, seeds "
             f"{layout_of(r)}: {r['paper_preset_minutes']:.0f} minutes"
-            for r in result["speed"] if "paper_preset_minutes" in r) + "."]
+            for r in timed if "paper_preset_minutes" in r) + "."]
+        for r in result["speed"]:
+            if r.get("defaults"):
+                lines += ["", f"The defaults as shipped (seed_batch, cuda_graph, bn_double_backward: auto), bs {r['batch']}, "
+                              f"G {r['seeds']}: " + (r["error"] if "error" in r else
+                                                    f"{r['seconds_per_iteration']:.3f} s / it, peak memory "
+                                                    f"{r['peak_memory_bytes'] / 2**30:.1f} GiB") + "."]
         gpu = next((name for name in (roofline or {}).get("gpus", {}) if name in result["machine"].get("gpu", "")), None)
         if gpu:
             lines += ["", f"Against what one step must move and compute (benchmarks/step_roofline.py; bs 8, G 8, "
-                          f"the layout it counted):", "", *against_bound(result["speed"], roofline, gpu)]
+                          f"the layout it counted):", "", *against_bound(timed, roofline, gpu)]
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from cuda_graph_check import graphs_agree, judged  # noqa: E402
+from cuda_graph_check import graphs_agree, judged, speed_plan  # noqa: E402
 
 # The shape of the differences two eager CUDA runs showed on an H100 (iteration 0, 1, 2, ...).
 EAGER_NOISE = [0.0, 5e-5, 2.6e-3, 2e-2, 1.9e-2, 3.9e-2]
@@ -40,3 +40,12 @@ def test_the_recorded_h100_check_passes_under_the_scripts_criteria():
     recorded = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/cuda_graph.json").read_text())
     check = judged(recorded["check"])
     assert check["passed"] == recorded["check"]["passed"] and not check["deterministic"]
+
+
+def test_the_speed_plan_times_the_paper_preset_first_then_the_shipped_defaults_at_bs_48():
+    plan = speed_plan()
+    preset = [fixed for batch, seeds, fixed in plan if (batch, seeds) == (8, 8)]
+    assert plan[:len(preset)] == [(8, 8, fixed) for fixed in preset] and len(preset) >= 2
+    assert plan[len(preset)] == (48, 8, {})  # nothing fixed: auto seed_batch, cuda_graph, bn_double_backward
+    assert all(fixed["seed_batch"] == seeds for _, seeds, fixed in plan if fixed)
+    assert not [fixed for _, seeds, fixed in plan if seeds == 1 and fixed.get("batched_seeds") == "stacked"]
