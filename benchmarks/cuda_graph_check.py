@@ -171,9 +171,7 @@ def same_path_check(device: str) -> dict:
         float_noise = agreement(eager, run(seed_batch=1, seed_workers=1))
         other_kernels = {"explicit_bn_vs_pytorch": agreement(eager, explicit),
                          "stacked_vs_vmapped": agreement(eager, run(False, "pytorch", "stacked"))}
-    passed = graphs_agree(same) and all(agrees(m, float_noise) for m in other_kernels.values())
-    return {"deterministic": identical(same["eager_repeated"]), "identical": same, "within_float_noise": other_kernels,
-            "float_noise_one_by_one_vs_batched": float_noise, "passed": passed}
+    return judged({"identical": same, "within_float_noise": other_kernels, "float_noise_one_by_one_vs_batched": float_noise})
 
 
 def seconds_per_iteration(model, artifact, labels, settings: dict, short: int, long: int) -> tuple[float, int]:
@@ -229,7 +227,7 @@ def speed(device: str, short: int, long: int, on_row=lambda rows: None) -> list[
 
 
 def judged(check: dict) -> dict:
-    """A recorded check with its verdict under this script's criteria."""
+    """A check's differences with their verdict under this script's criteria (also of a recorded check)."""
     passed = graphs_agree(check["identical"]) and all(agrees(m, check["float_noise_one_by_one_vs_batched"])
                                                        for m in check["within_float_noise"].values())
     return {**check, "deterministic": identical(check["identical"]["eager_repeated"]), "passed": passed}

@@ -119,6 +119,11 @@ class InversionConfig:
     seed: int = rule(0)
     device: str = rule("auto")
 
+    @property
+    def channels_last_under_vmap(self) -> bool:
+        """channels_last with seeds batched by vmap, which cannot keep that layout (on CUDA it fails)."""
+        return self.channels_last and self.batched_seeds == "vmap"
+
 
 @dataclass(frozen=True)
 class EvaluationConfig:
@@ -236,7 +241,7 @@ def _check_cross_field(name: str, config) -> None:
         if checked and checked[0]["kind"] == "fedavg" and config.bn_leak == "exact":
             raise UserError("params: 'capture.bn_leak' exact is not defined under fedavg (every local step has its own "
                             "batch statistics); set it to none.")
-    vmapped = name == "inversion" and config.channels_last and config.batched_seeds == "vmap"
+    vmapped = name == "inversion" and config.channels_last_under_vmap
     if vmapped and config.cuda_graph is True:
         raise UserError("params: 'inversion.channels_last' cannot be combined with 'inversion.cuda_graph' (the graphed "
                         "step batches the seeds with vmap, which cannot keep the channels_last layout); set one of them back, "

@@ -77,7 +77,7 @@ def seed_batch(config: InversionConfig, device: torch.device, batch_size: int, c
     can) and against a FedAvg update, whose replay cannot be batched."""
     if config.seed_batch:
         return min(config.seed_batch, config.seeds)
-    if device.type != "cuda" or not can_batch or (config.channels_last and config.batched_seeds == "vmap"):
+    if device.type != "cuda" or not can_batch or config.channels_last_under_vmap:
         return 1
     return max(1, min(config.seeds, BATCHED_IMAGES // batch_size))
 
@@ -90,7 +90,7 @@ def cuda_graph_on(config: InversionConfig, device: torch.device, fedavg: bool) -
     which the graphed step cannot keep (an explicit `true` there is refused by the config)."""
     if device.type != "cuda" or fedavg or config.cuda_graph is False:
         return False
-    return config.cuda_graph is True or not (config.channels_last and config.batched_seeds == "vmap")
+    return config.cuda_graph is True or not config.channels_last_under_vmap
 
 
 def seed_workers(config: InversionConfig, device: torch.device) -> int:
