@@ -11,7 +11,10 @@ run in one process (peak allocated memory is reset per configuration) and the re
 rewritten after each, so that a run cut short keeps what it measured. Variants:
 
 - `baseline`: the straightforward step: `loss.backward()` (parameter .grad filled too), strict
-  float32, torch's own layers (not gradinv.relu's), seeds one by one on all torch threads;
+  float32, torch's own layers (not gradinv.relu's), the gradient distance spelled as it reads
+  (`vector_norm(g - t)`), seeds one by one on all torch threads, glibc's malloc as it comes;
+  `baseline-keep-freed-memory` the same with gradinv.cpu_allocator's setting, which every
+  engine row has (`inversion.keep_freed_memory`), to tell its share of the speed-up apart;
 - `engine-<seeds>[-tf32][-channels-last][-bn-explicit][-stacked]`: gradinv's step as `invert` runs it
   (gradients to the input only), seeds `loop` (one by one), `auto` (invert's default for the
   device), `vmap` (all seeds in one vmapped call) or `vmapN` (chunks of N seeds); TF32
@@ -41,6 +44,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -52,7 +56,9 @@ sys.path.insert(0, str(REPO))
 
 from gradinv.capture import client_update  # noqa: E402
 from gradinv.client import train_mode_copy  # noqa: E402
+import gradinv.objective as objective_module  # noqa: E402
 from gradinv.config import build_section  # noqa: E402
+from gradinv.cpu_allocator import keep_freed_memory  # noqa: E402
 from gradinv.inversion import invert  # noqa: E402
 from gradinv.models import build_model  # noqa: E402
 from gradinv.objective import Objective  # noqa: E402
@@ -74,7 +80,8 @@ def suite_configs(name: str) -> list[tuple[int, int, str]]:
     the bs 48 memory check first, so that a run cut short has measured what matters most."""
     if name == "cpu":
         return [(8, g, v) for g in (1, 4, 8)
-                for v in ("baseline", "engine-loop", "engine-auto", "engine-auto-channels-last", "engine-auto-bn-explicit")]
+                for v in ("baseline", "baseline-keep-freed-memory", "engine-loop", "engine-auto",
+                          "engine-auto-channels-last", "engine-auto-bn-explicit")]
     configs = []
     for batch in (8, 48, 1):
         for seeds in (8, 4, 1):
@@ -117,8 +124,17 @@ def rolled_view(config, generator: torch.Generator):
     return view
 
 
+def straightforward_layer_distance(grad: torch.Tensor, target: torch.Tensor, squared: bool) -> torch.Tensor:
+    return torch.linalg.vector_norm(grad - target).pow(2 if squared else 1)
+
+
 def baseline_seconds(model, artifact, labels, config, device, iterations: int) -> float:
     """The straightforward loop: backward() into every leaf, seeds one after the other."""
+    with mock.patch.object(objective_module, "layer_distance", straightforward_layer_distance):
+        return _baseline_seconds(model, artifact, labels, config, device, iterations)
+
+
+def _baseline_seconds(model, artifact, labels, config, device, iterations: int) -> float:
     attacker = train_mode_copy(model).to(device)
     objective = Objective(attacker, artifact, torch.tensor(labels, device=device), config)
     for module in attacker.modules():  # torch's ReLU: the Objective swapped in gradinv.relu's
@@ -200,14 +216,16 @@ def measure(spec: dict) -> dict:
     model, artifact, labels = problem(spec["arch"], spec["classes"], spec["px"], spec["batch"])
     settings = {"iterations": spec["iterations"], "seeds": spec["seeds"], "device": spec["device"],
                 "checkpoint_every": 0, "log_every": 1000, "registration": "none", "seed_batch": 1, "tf32": tf32}
-    if variant != "baseline":
+    if not variant.startswith("baseline"):
         settings.update(engine_settings(variant, spec["seeds"]))
     config = build_section("inversion", settings)
     rss_before = _max_rss_bytes()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    if variant == "baseline":
+    if variant == "baseline-keep-freed-memory":
+        keep_freed_memory()
+    if variant.startswith("baseline"):
         seconds = baseline_seconds(model, artifact, labels, config, device, spec["iterations"])
     else:
         seconds = engine_seconds(model, artifact, labels, config, spec["iterations"])

@@ -111,6 +111,7 @@ class InversionConfig:
     seed_workers: int = rule(0, _non_negative)
     seed_batch: int = rule(0, _non_negative)
     channels_last: bool = rule(False)
+    keep_freed_memory: bool = rule(True)
     tf32: bool = rule(True)
     cuda_graph: bool | str = rule("auto", _one_of("auto", True, False))
     bn_double_backward: str = rule("auto", _one_of("auto", "pytorch", "explicit"))

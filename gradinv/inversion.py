@@ -23,6 +23,7 @@ from gradinv.checkpoint import InversionState, load_checkpoint, save_checkpoint
 from gradinv.client import train_mode_copy
 from gradinv.config import InversionConfig, as_dict
 from gradinv.consensus import consensus as fuse
+from gradinv.cpu_allocator import keep_freed_memory
 from gradinv.data import denormalize
 from gradinv.errors import UserError
 from gradinv.io import read_json, write_json, write_table, write_tensors
@@ -141,6 +142,8 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
     if len(labels) != artifact.batch_size:
         raise UserError(f"{len(labels)} labels were given for a gradient of batch size {artifact.batch_size}.")
     device = resolve_device(config.device)
+    if device.type == "cpu" and config.keep_freed_memory:
+        keep_freed_memory()
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     attacker = train_mode_copy(model).to(device, memory_format=memory_format)
     objective = Objective(attacker, artifact, torch.tensor(labels, dtype=torch.int64, device=device), config)

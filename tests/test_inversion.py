@@ -118,6 +118,30 @@ def test_every_gradient_distance_vanishes_at_the_true_batch(attack, kind):
     assert abs(at_truth) < 1e-4 * max(at_noise, 1e-12) + 1e-6 and at_noise > 0
 
 
+@pytest.mark.parametrize("squared", [False, True])
+def test_layer_distance_is_the_norm_of_the_difference_in_value_and_gradient(squared):
+    from gradinv.objective import layer_distance
+
+    generator = torch.Generator().manual_seed(3)
+    grad = torch.randn(64, 32, 3, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(64, 32, 3, 3, generator=generator, dtype=torch.float64)
+    norm = torch.linalg.vector_norm(grad - target).pow(2 if squared else 1)
+    fused = layer_distance(grad, target, squared)
+    (norm_grad,), (fused_grad,) = torch.autograd.grad(norm, grad), torch.autograd.grad(fused, grad)
+    assert fused.item() == pytest.approx(norm.item(), rel=1e-12)
+    assert torch.allclose(fused_grad, norm_grad, rtol=1e-10, atol=1e-14)
+
+
+def test_a_layer_matched_exactly_gets_a_zero_gradient_not_nan():
+    from gradinv.objective import layer_distance
+
+    target = torch.randn(10)
+    grad = target.clone().requires_grad_(True)
+    distance = layer_distance(grad, target, squared=False)
+    (gradient,) = torch.autograd.grad(distance, grad)
+    assert distance.item() < 1e-18 and torch.equal(gradient, torch.zeros(10))
+
+
 def test_layer_weights_scale_the_matching_layers():
     from gradinv.objective import gradient_distance
 

@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from step_speed import against_bound, measured_in_rounds  # noqa: E402
@@ -43,3 +45,20 @@ def test_a_timed_step_is_set_against_the_traffic_and_arithmetic_counted_for_its_
     (line,) = against_bound([timed, *uncounted], roofline, "H100")
     assert "1.00 TB/s of the counted 300 GB (50% of the H100's 2.00 TB/s)" in line
     assert "13.3 TFLOP/s (3.3% of TF32)" in line and line.endswith("3.0x its bound")
+
+
+def test_the_baseline_spells_the_distance_as_it_reads_and_leaves_the_library_as_it_was(monkeypatch):
+    import gradinv.objective as objective_module
+    import step_speed
+    from gradinv.config import build_section
+
+    calls = []
+    straightforward = step_speed.straightforward_layer_distance
+    monkeypatch.setattr(step_speed, "straightforward_layer_distance", lambda *a, **k: calls.append(1) or straightforward(*a, **k))
+    library = objective_module.layer_distance
+    model, artifact, labels = step_speed.problem("resnet18", 4, 16, 2)
+    config = build_section("inversion", {"seeds": 1, "device": "cpu"})
+    seconds = step_speed.baseline_seconds(model, artifact, labels, config, torch.device("cpu"), iterations=1)
+    layers = sum(p.requires_grad for p in model.parameters())
+    assert seconds > 0 and len(calls) == 2 * layers  # warm-up and one timed step, every layer
+    assert objective_module.layer_distance is library
