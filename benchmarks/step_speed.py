@@ -14,12 +14,13 @@ rewritten after each, so that a run cut short keeps what it measured. Variants:
   float32, torch's own layers (not gradinv.relu's), the gradient distance spelled as it reads
   (`vector_norm(g - t)`), seeds one by one on all torch threads, glibc's malloc as it comes;
   `baseline-keep-freed-memory` the same with gradinv.cpu_allocator's setting, which every
-  engine row has (`inversion.keep_freed_memory`), to tell its share of the speed-up apart;
-- `engine-<seeds>[-tf32][-channels-last][-bn-explicit][-stacked]`: gradinv's step as `invert` runs it
-  (gradients to the input only), seeds `loop` (one by one), `auto` (invert's default for the
-  device), `vmap` (all seeds in one vmapped call) or `vmapN` (chunks of N seeds); TF32
-  (`inversion.tf32`), channels_last, `inversion.bn_double_backward: explicit` and
-  `inversion.batched_seeds: stacked` as named.
+  engine row has (`inversion.keep_freed_memory`) but `-default-malloc`, to tell its share of the
+  speed-up apart;
+- `engine-<seeds>[-tf32][-channels-last][-bn-explicit][-stacked][-default-malloc]`: gradinv's
+  step as `invert` runs it (gradients to the input only), seeds `loop` (one by one), `auto`
+  (invert's default for the device), `vmap` (all seeds in one vmapped call) or `vmapN` (chunks
+  of N seeds); TF32 (`inversion.tf32`), channels_last, `inversion.bn_double_backward: explicit`,
+  `inversion.batched_seeds: stacked` and `inversion.keep_freed_memory: false` as named.
 
 Seconds per iteration: one timed run of `iterations` after a warm-up, in `rounds` rounds (CPU:
 3) that take the configurations of a batch size and seed count in turn, each in a fresh process;
@@ -70,7 +71,7 @@ DOC = REPO / "docs" / "step_speed.md"
 GPU_PEAKS = {"H100": (67e12, 495e12), "H200": (67e12, 495e12), "A100": (19.5e12, 156e12)}
 
 SUITES = {
-    "cpu": {"arch": "resnet18", "classes": 12, "px": 32, "iterations": 6, "rounds": 3},
+    "cpu": {"arch": "resnet18", "classes": 12, "px": 32, "iterations": 10, "rounds": 3},
     "gpu": {"arch": "resnet50", "classes": 1000, "px": 224, "iterations": 5, "rounds": 1},
 }
 
@@ -81,7 +82,7 @@ def suite_configs(name: str) -> list[tuple[int, int, str]]:
     if name == "cpu":
         return [(8, g, v) for g in (1, 4, 8)
                 for v in ("baseline", "baseline-keep-freed-memory", "engine-loop", "engine-auto",
-                          "engine-auto-channels-last", "engine-auto-bn-explicit")]
+                          "engine-auto-default-malloc", "engine-auto-channels-last", "engine-auto-bn-explicit")]
     configs = []
     for batch in (8, 48, 1):
         for seeds in (8, 4, 1):
@@ -169,7 +170,8 @@ def engine_settings(variant: str, seeds: int) -> dict:
     return {"seed_workers": 0 if mode == "auto" else 1, "seed_batch": batch,
             "channels_last": "channels-last" in variant, "tf32": "tf32" in variant,
             "bn_double_backward": "explicit" if "bn-explicit" in variant else "pytorch",
-            "batched_seeds": "stacked" if variant.endswith("-stacked") else "vmap", "cuda_graph": False}
+            "batched_seeds": "stacked" if variant.endswith("-stacked") else "vmap", "cuda_graph": False,
+            "keep_freed_memory": not variant.endswith("-default-malloc")}
 
 
 def engine_seconds(model, artifact, labels, config, iterations: int) -> float:
