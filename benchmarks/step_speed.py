@@ -55,9 +55,9 @@ from torch.utils.flop_counter import flop_registry
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from gradinv import objective as objective_module  # noqa: E402
 from gradinv.capture import client_update  # noqa: E402
 from gradinv.client import train_mode_copy  # noqa: E402
-import gradinv.objective as objective_module  # noqa: E402
 from gradinv.config import build_section  # noqa: E402
 from gradinv.cpu_allocator import keep_freed_memory  # noqa: E402
 from gradinv.inversion import invert  # noqa: E402

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-import gradinv.inversion as inversion
+from gradinv import inversion
 from gradinv.config import build_section
 
 FAULTS_OF_A_SECOND_ALLOCATION = """

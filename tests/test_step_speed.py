@@ -48,8 +48,9 @@ def test_a_timed_step_is_set_against_the_traffic_and_arithmetic_counted_for_its_
 
 
 def test_the_baseline_spells_the_distance_as_it_reads_and_leaves_the_library_as_it_was(monkeypatch):
-    import gradinv.objective as objective_module
     import step_speed
+
+    from gradinv import objective as objective_module
     from gradinv.config import build_section
 
     calls = []
