@@ -75,7 +75,8 @@ def layer_distance(grad: torch.Tensor, target: torch.Tensor, squared: bool) -> t
     """‖grad − target‖₂, or its square. Spelled through mse_loss's sum, whose backward is one fused
     pass over the two tensors, where vector_norm(grad − target)'s backward makes three over their
     difference (on a CPU, passes over parameter-sized tensors are a visible part of the step:
-    `python benchmarks/step_profile.py --device cpu --arch resnet18 --px 32 --seeds 1`).
+    `python benchmarks/step_profile.py --device cpu --arch resnet18 --px 32 --seeds 1
+    --bn-double-backward pytorch`).
     The square root's argument is kept above float's smallest normal, where a layer matched
     exactly (or masked out entirely) gets the zero gradient the norm's would give, not NaN."""
     sum_of_squares = F.mse_loss(grad, target, reduction="sum")
