@@ -6,7 +6,8 @@ Runs the engine's step (gradinv.seed_step: the seeds batched as `inversion.cuda_
 forward, parameter gradients with create_graph, objective, gradient to the images, Adam, pixel
 box) once for ResNet-50 at 224 px, with either BatchNorm double backward
 (`inversion.bn_double_backward`: pytorch, explicit), and counts every aten operation that moves data: bytes read and
-written (views excluded; a broadcast input counted at its stored size) and FLOPs
+written (views and bare allocations excluded, an out= argument counted as written only; a
+broadcast input counted at its stored size) and FLOPs
 (torch.utils.flop_counter's formulas). The operations and their sizes do not depend on the
 device, so the count runs on the CPU, on fake tensors (shapes only: FakeTensorMode), which lets
 it count bs 8 G 8 (64 images) in seconds and no memory.
@@ -73,6 +74,18 @@ def operation_flops(func, args, kwargs, out) -> int:
     return formula(*args, **kwargs, out_val=out)
 
 
+# Operations that allocate memory without writing it.
+ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+
+
+def written_only(func, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors an out= overload writes its results into: written, not read."""
+    if func._overloadname != "out":
+        return []
+    return [kwargs[a.name] for a in func._schema.arguments
+            if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write and a.name in kwargs]
+
+
 class TrafficCount(TorchDispatchMode):
     """Per aten operation that moves data: bytes in + out and FLOPs."""
 
@@ -83,11 +96,15 @@ class TrafficCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func._overloadpacket.__name__ in ALLOCATIONS:
+            return out
+        unread = {id(t) for t in written_only(func, kwargs)}
         inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         outputs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
         writes = any(r.alias_info is not None and r.alias_info.is_write for r in func._schema.returns)
         storages = {a.untyped_storage()._cdata for a in inputs}
         aliases_only = all(o.untyped_storage()._cdata in storages for o in outputs)
+        inputs = [a for a in inputs if id(a) not in unread]
         if outputs and (writes or not aliases_only):
             flops = operation_flops(func, args, kwargs, out)
             moved = sum(stored_bytes(t) for t in inputs) + sum(stored_bytes(t) for t in outputs)

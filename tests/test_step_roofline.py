@@ -31,3 +31,15 @@ def test_roofline_counts_data_movement_and_grouped_convolutions_per_group():
     alone = sum(backward_flops(x[:, 3 * i:3 * i + 3].clone(), weight[2 * i:2 * i + 2].clone().requires_grad_(True), 1)
                 for i in range(2))
     assert grouped == alone > 0
+
+
+def test_roofline_counts_no_traffic_for_allocations_and_an_out_argument_as_written_only():
+    a, b = torch.randn(64, 32), torch.randn(64, 32)
+    size = 64 * 32 * 4
+    out = torch.empty_like(a)
+    with TrafficCount() as counter:
+        torch.empty_like(a)
+        a.new_empty((64, 32))
+        torch.add(a, b, out=out)  # reads a and b, writes out
+        a.add_(b)  # reads a and b, writes a
+    assert [(name, moved) for name, moved, _ in counter.ops] == [("add", 3 * size), ("add_", 3 * size)]
