@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -38,12 +40,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from step_speed import machine, problem  # noqa: E402
+
 from gradinv.client import train_mode_copy  # noqa: E402
 from gradinv.config import build_section  # noqa: E402
 from gradinv.inversion import pixel_box  # noqa: E402
 from gradinv.objective import Objective  # noqa: E402
 from gradinv.seed_step import SeedStep  # noqa: E402
-from step_speed import machine, problem  # noqa: E402
 
 # Nominal: HBM bandwidth (bytes/s) and dense TF32 tensor-core rate (FLOP/s), SXM parts.
 GPUS = {"H100": {"bandwidth": 3.35e12, "tf32": 495e12}, "H200": {"bandwidth": 4.8e12, "tf32": 495e12}}
@@ -112,9 +115,14 @@ class TrafficCount(TorchDispatchMode):
         return out
 
 
-def count_step(batch: int, seeds: int, bn_double_backward: str, batched_seeds: str = "vmap") -> dict:
-    """The counts of the engine's second step (the first creates Adam's state)."""
-    model, artifact, labels = problem("resnet50", 1000, 224, 1)  # weights and artifact do not depend on bs
+@contextmanager
+def fake_step(batch: int, seeds: int, bn_double_backward: str, batched_seeds: str = "vmap", chunk: int | None = None,
+              watch: TorchDispatchMode | None = None) -> Iterator[tuple[SeedStep, Objective]]:
+    """The engine's step for ResNet-50 at 224 px, its seeds vmapped in chunks of `chunk` seeds (default:
+    all at once), as the graphed step runs them (even chunks of one seed), on fake tensors: yields
+    (step, objective) inside FakeTensorMode, the first step (which creates Adam's state) taken.
+    `watch`, a dispatch mode, sees every operation on fake tensors, the making of the step's own included."""
+    model, artifact, _ = problem("resnet50", 1000, 224, 1)  # weights and artifact do not depend on bs
     config = build_section("inversion", {"seeds": seeds, "device": "cpu", "registration": "none",
                                          "bn_double_backward": bn_double_backward, "batched_seeds": batched_seeds})
     objective = Objective(train_mode_copy(model), artifact, torch.zeros(batch, dtype=torch.int64), config)
@@ -122,14 +130,19 @@ def count_step(batch: int, seeds: int, bn_double_backward: str, batched_seeds: s
     if batched_seeds == "stacked":
         objective._stacked_model(torch.randn(max(seeds, 2), batch, 3, 224, 224))
     box = pixel_box(artifact.meta["mean"], artifact.meta["std"], "cpu")
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        # Chunks of max(G, 2): the vmapped path even at G 1, as the graphed step runs it.
-        step = SeedStep([objective] * seeds, torch.zeros(seeds, batch, 3, 224, 224), config, box, max(seeds, 2),
+    with FakeTensorMode(allow_non_fake_inputs=True), watch or nullcontext():
+        step = SeedStep([objective] * seeds, torch.zeros(seeds, batch, 3, 224, 224), config, box, chunk or seeds,
                         torch.contiguous_format, graphed=False)
+        step.batched = True  # as under a CUDA graph, which needs Adam on CUDA (capturable) to be built
         step.fill(config.lr, [(0, 0, False)] * seeds)
         step.step(False, None)
-        with TrafficCount() as counter:
-            step.step(False, None)
+        yield step, objective
+
+
+def count_step(batch: int, seeds: int, bn_double_backward: str, batched_seeds: str = "vmap") -> dict:
+    """The counts of the engine's second step (the first creates Adam's state)."""
+    with fake_step(batch, seeds, bn_double_backward, batched_seeds) as (step, _), TrafficCount() as counter:
+        step.step(False, None)
     return {"batch": batch, "seeds": seeds, "ops": len(counter.ops), "bytes": sum(b for _, b, _ in counter.ops),
             "flops": sum(f for _, _, f in counter.ops), "per_op": counter.ops}
 

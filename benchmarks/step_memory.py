@@ -1,0 +1,116 @@
+"""How much memory the inversion step holds at its peak, estimated on fake tensors, on any machine.
+
+    .venv/bin/python benchmarks/step_memory.py           # counts on the CPU, in about a minute
+
+Builds the engine's step for ResNet-50 at 224 px as CUDA runs it by default (`seed_batch: 0`:
+chunks of gradinv.inversion.BATCHED_IMAGES images, seeds under vmap; `bn_double_backward: auto`)
+on fake tensors (shapes only: benchmarks/step_roofline.py's `fake_step`), and follows every
+storage the step creates from the operation that makes it until it is freed: the peak of their
+sum during one step, plus what stays (the attacker's models, the target gradient, the images,
+Adam's state). Not counted: what a GPU adds beyond tensors (cuDNN's and cuBLAS's workspaces,
+the allocator's rounding) and the set-up's own peak. A few configurations whose peak a GPU has
+measured are estimated as well, set as they were measured, so that the two can be set side by
+side (README, Speed). Writes benchmarks/results/step_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from step_roofline import fake_step  # noqa: E402
+from step_speed import machine  # noqa: E402
+
+from gradinv.config import build_section  # noqa: E402
+from gradinv.inversion import seed_batch  # noqa: E402
+from gradinv.objective import explicit_bn_double_backward  # noqa: E402
+
+CUDA = torch.device("cuda")  # the defaults are resolved as for CUDA; nothing runs there
+DEFAULTS = [(1, 1), (1, 8), (8, 8), (48, 1), (48, 8)]  # (bs, G); bs 8 G 8 is the paper preset, bs 48 G 8 its largest batch
+# (bs, G, bn_double_backward, seeds per vmapped chunk) as benchmarks/results/ recorded their measured peaks.
+AS_MEASURED = [(8, 8, "pytorch", 8), (48, 8, "pytorch", 2), (48, 8, "pytorch", 4), (48, 4, "pytorch", 4)]
+
+
+class LiveStorage(TorchDispatchMode):
+    """Bytes of the storages that operations create, while they live: `current` and its `peak`."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = self.peak = 0
+        self._alive: dict[int, weakref.ref] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self._follow(tensor.untyped_storage())
+        return out
+
+    def _follow(self, storage) -> None:
+        key = id(storage)
+        if key in self._alive:
+            return
+        size = storage.nbytes()
+
+        def freed(_, key=key, size=size):
+            self._alive.pop(key, None)
+            self.current -= size
+
+        self._alive[key] = weakref.ref(storage, freed)
+        self.current += size
+        self.peak = max(self.peak, self.current)
+
+
+def real_bytes(objective) -> int:
+    """What the objective holds in real tensors, made before the fake ones: the attacker's model and
+    its functional copy, the target gradient, the BN targets (each storage once)."""
+    model, _ = objective._functional_model()
+    tensors = [*objective.model.parameters(), *objective.model.buffers(), *model.parameters(), *model.buffers(),
+               *objective.target.values(), *(t for pair in objective.bn_targets.values() for t in pair)]
+    return sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def estimate(batch: int, seeds: int, bn_double_backward: str, chunk: int) -> dict:
+    """Peak bytes of one step (the second: the first creates Adam's state), and what stays between steps."""
+    live = LiveStorage()
+    with fake_step(batch, seeds, bn_double_backward, chunk=chunk, watch=live) as (step, objective):
+        held = live.current
+        live.peak = held
+        step.step(False, None)
+    real = real_bytes(objective)
+    return {"held_bytes": held + real, "peak_bytes": live.peak + real}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "step_memory.json"))
+    args = parser.parse_args()
+    rows = []
+    for batch, seeds in DEFAULTS:
+        config = build_section("inversion", {"seeds": seeds})
+        bn = "explicit" if explicit_bn_double_backward(config, CUDA) else "pytorch"
+        rows.append({"settings": "defaults", "batch": batch, "seeds": seeds, "bn_double_backward": bn,
+                     "seeds_per_chunk": seed_batch(config, CUDA, batch)})
+    rows += [{"settings": "as measured", "batch": b, "seeds": g, "bn_double_backward": bn, "seeds_per_chunk": chunk}
+             for b, g, bn, chunk in AS_MEASURED]
+    for row in rows:
+        row.update(estimate(row["batch"], row["seeds"], row["bn_double_backward"], row["seeds_per_chunk"]))
+        print(json.dumps(row), flush=True)
+    result = {"machine": machine(torch.device("cpu")), "command": "python benchmarks/step_memory.py", "rows": rows}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
