@@ -75,7 +75,8 @@ def seed_batch(config: InversionConfig, device: torch.device, batch_size: int, c
     batch within BATCHED_IMAGES images, since one seed's step alone leaves the GPU waiting on
     kernel launches; one by one on a CPU, where batching gains nothing and threads do better
     (seed_workers), under channels_last with vmap (which cannot keep that layout; stacked seeds
-    can) and against a FedAvg update, whose replay cannot be batched."""
+    can) and against a FedAvg update, whose replay cannot be batched. Where auto's choice runs out
+    of GPU memory, the step halves it (gradinv.seed_step)."""
     if config.seed_batch:
         return min(config.seed_batch, config.seeds)
     if device.type != "cuda" or not can_batch or config.channels_last_under_vmap:
@@ -160,7 +161,8 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
     initial = torch.stack([torch.randn((artifact.batch_size, *artifact.meta["input_shape"]), generator=gen)
                            for gen in generators])
     box = pixel_box(artifact.meta["mean"], artifact.meta["std"], device)
-    seeds = SeedStep(objectives, initial.to(device, copy=True), config, box, batch, memory_format, graphed)
+    seeds = SeedStep(objectives, initial.to(device, copy=True), config, box, batch, memory_format, graphed,
+                     fewer_seeds_if_out_of_memory=config.seed_batch == 0)
     consensus: torch.Tensor | None = None
     log: list[dict] = []
     first_step = 0

@@ -3,16 +3,21 @@ objective, seed by seed (on threads on a CPU) or chunks of seeds at once (torch.
 one Adam update of the stacked seeds (elementwise, so the same as an Adam per seed), the Langevin
 noise and the pixel box. The iteration's inputs (learning rate, each seed's view, the noise, the
 consensus) live in tensors of fixed place that `fill` rewrites, so that the same step can be
-captured once as a CUDA graph and replayed (gradinv.cuda_graph)."""
+captured once as a CUDA graph and replayed (gradinv.cuda_graph). A step that runs out of GPU
+memory with seeds batched by `seed_batch: auto` is taken again with half as many seeds per
+chunk (the same objective: seed_batch only sets the speed); otherwise it stops with one
+sentence."""
 
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
 
 from gradinv.config import InversionConfig
 from gradinv.cuda_graph import GraphedStep
+from gradinv.errors import UserError
 from gradinv.objective import LOSS_TERMS, Objective
 from gradinv.views import View, apply_views, view_indices, views_enabled
 
@@ -21,11 +26,14 @@ SeedRunner = Callable[[Callable[[int], dict], range], list[dict]]
 
 class SeedStep:
     def __init__(self, objectives: list[Objective], images: torch.Tensor, config: InversionConfig,
-                 box: tuple[torch.Tensor, torch.Tensor], batch: int, memory_format: torch.memory_format, graphed: bool):
+                 box: tuple[torch.Tensor, torch.Tensor], batch: int, memory_format: torch.memory_format, graphed: bool,
+                 fewer_seeds_if_out_of_memory: bool = False):
         """`images` (G, B, 3, H, W) on the device, the seeds' starting point; `objectives` one per
         seed (threads need a model each) or the same one G times; chunks of `batch` seeds run
-        batched (1 with graphed=False: seed by seed)."""
+        batched (1 with graphed=False: seed by seed), halved while the GPU runs out of memory if
+        `fewer_seeds_if_out_of_memory` (the chunks were chosen by seed_batch: auto)."""
         self.objectives, self.config, self.box, self.memory_format = objectives, config, box, memory_format
+        self.fewer_seeds_if_out_of_memory = fewer_seeds_if_out_of_memory
         self.graphed, self.device = graphed, images.device
         self.images = images.requires_grad_(True)
         self.images.grad = torch.zeros_like(images)  # rewritten in place by every step (a graph keeps its address)
@@ -37,7 +45,7 @@ class SeedStep:
         self.noise_generator = torch.Generator(self.device).manual_seed(config.seed * 1000 + 999_999)
         seeds, height, width = images.shape[0], images.shape[-2], images.shape[-1]
         self.batched = batch > 1 or graphed
-        self.chunks = [slice(first, min(first + batch, seeds)) for first in range(0, seeds, batch)]
+        self._chunk_seeds(batch)
         self.rows, self.cols = (t.to(self.device) for t in view_indices([(0, 0, False)] * seeds, height, width))
         self.noise = torch.zeros_like(images) if config.langevin else None
         self.consensus = torch.zeros(images.shape[1:], device=self.device)
@@ -73,15 +81,20 @@ class SeedStep:
             return step
         return GraphedStep(step, self.device, eager_if_uncapturable=self.config.cuda_graph == "auto")
 
+    def _chunk_seeds(self, per_chunk: int) -> None:
+        seeds = self.images.shape[0]
+        self.seeds_per_chunk = per_chunk if self.batched else 1
+        self.chunks = [slice(first, min(first + per_chunk, seeds)) for first in range(0, seeds, per_chunk)]
+
     def step(self, with_consensus: bool, run_seeds: SeedRunner) -> dict[str, torch.Tensor]:
         """Every seed's gradient and update from the filled inputs; the loss terms, each (G,)."""
         pull = self.consensus if with_consensus else None
-        if self.batched:
-            parts = [self._chunk_gradient(chunk, pull) for chunk in self.chunks]
-            terms = {k: torch.cat([part[k] for part in parts]) for k in LOSS_TERMS}
-        else:
-            parts = run_seeds(lambda g: self._seed_gradient(g, pull), range(self.images.shape[0]))
-            terms = {k: torch.stack([part[k] for part in parts]) for k in LOSS_TERMS}
+        while (terms := self._gradients(pull, run_seeds)) is None:
+            fewer = (self.seeds_per_chunk + 1) // 2
+            print(f"gradinv: warning: out of GPU memory with {self.seeds_per_chunk} seeds per batched call; "
+                  f"{fewer} from now on (inversion.seed_batch: auto).", file=sys.stderr)
+            self._chunk_seeds(fewer)
+            torch.cuda.empty_cache()
         self.optimizer.step()
         low, high = self.box
         with torch.no_grad():
@@ -89,6 +102,34 @@ class SeedStep:
                 self.images.add_(self.noise * (self.optimizer.param_groups[0]["lr"] * self.config.langevin))
             self.images.copy_(torch.maximum(torch.minimum(self.images, high), low))
         return terms
+
+    def _gradients(self, consensus: torch.Tensor | None, run_seeds: SeedRunner) -> dict[str, torch.Tensor] | None:
+        """Every seed's image gradient into images.grad; the loss terms. None where the GPU ran out
+        of memory and the chunks may shrink: the caller halves them once this attempt's tensors are
+        freed (they live until the exception is left behind), and takes the step again."""
+        try:
+            if self.batched:
+                parts = [self._chunk_gradient(chunk, consensus) for chunk in self.chunks]
+                return {k: torch.cat([part[k] for part in parts]) for k in LOSS_TERMS}
+            parts = run_seeds(lambda g: self._seed_gradient(g, consensus), range(self.images.shape[0]))
+            return {k: torch.stack([part[k] for part in parts]) for k in LOSS_TERMS}
+        except torch.cuda.OutOfMemoryError as err:
+            capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+            if self.fewer_seeds_if_out_of_memory and self.seeds_per_chunk > 1 and not capturing:
+                return None
+            raise UserError(self._out_of_memory(capturing)) from err
+
+    def _out_of_memory(self, capturing: bool) -> str:
+        batch, height, width = self.images.shape[1], self.images.shape[-2], self.images.shape[-1]
+        images = f"{batch} images of {height}x{width} px per seed"
+        if capturing:
+            return (f"out of GPU memory while capturing the step as a CUDA graph ({self.seeds_per_chunk} seeds per "
+                    "batched call): set inversion.cuda_graph: false, or inversion.seed_batch lower.")
+        if self.seeds_per_chunk > 1:
+            return (f"out of GPU memory with {self.seeds_per_chunk} seeds per batched call ({images}): "
+                    "set inversion.seed_batch lower, or to 0 (auto), which lowers it by itself.")
+        return (f"out of GPU memory with one seed at a time ({images}): this batch needs a GPU with more "
+                "memory (benchmarks/step_memory.py estimates the step's peak).")
 
     def _seed_gradient(self, g: int, consensus: torch.Tensor | None) -> dict[str, torch.Tensor]:
         x = self.images[g].detach().contiguous(memory_format=self.memory_format).requires_grad_(True)

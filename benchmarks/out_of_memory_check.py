@@ -1,0 +1,109 @@
+"""Checks on a GPU that a step out of memory under `seed_batch: auto` is taken again with fewer seeds per call.
+
+    python benchmarks/out_of_memory_check.py     # on a CUDA machine; torch and torchvision only; ~2 minutes
+
+ResNet-50 at 224 px (random weights), bs 48, G 8, the defaults otherwise (graphed, TF32), with
+auto made to put all 8 seeds into one vmapped call (gradinv.inversion.BATCHED_IMAGES raised to
+384 images), which needs about 90 GB of tensors per 4 seeds (benchmarks/step_memory.py): the
+step must halve its chunks until they fit, say so, and go on; the run is then repeated with
+`seed_batch` set by hand to the chunk it ended with, and the two must end within float noise
+of each other (images apart by under 5 % of how far they moved). Writes
+benchmarks/results/out_of_memory.json; exit 1 when the check fails.
+
+`--simulate-images N --device cpu --arch resnet18 --px 32 --batch 4` runs the same check where
+nothing runs out of memory: a call of more than N images raises CUDA's out-of-memory error
+before it computes anything (a smoke test of the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import sys
+from contextlib import ExitStack, redirect_stderr
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from step_speed import machine, problem  # noqa: E402
+
+from gradinv import inversion  # noqa: E402
+from gradinv.config import build_section  # noqa: E402
+from gradinv.seed_step import SeedStep  # noqa: E402
+
+SEEDS = 8
+FEWER = re.compile(r"out of GPU memory with (\d+) seeds per batched call; (\d+) from now on")
+
+
+def simulated_out_of_memory(most_images: int):
+    """SeedStep._chunk_gradient raising CUDA's out-of-memory error for calls of more than `most_images` images."""
+    compute = SeedStep._chunk_gradient
+
+    def chunk_gradient(self, chunk, consensus):
+        if (chunk.stop - chunk.start) * self.images.shape[1] > most_images:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return compute(self, chunk, consensus)
+
+    return mock.patch.object(SeedStep, "_chunk_gradient", chunk_gradient)
+
+
+def run(model, artifact, labels, settings: dict, simulate: int | None) -> tuple[object, str]:
+    """An inversion whose auto seed_batch puts every seed into one call (resolved as on CUDA, on
+    any device), and what it wrote to stderr."""
+    as_on_cuda = inversion.seed_batch
+    stderr = io.StringIO()
+    with ExitStack() as patches:
+        patches.enter_context(mock.patch.object(inversion, "BATCHED_IMAGES", SEEDS * artifact.batch_size))
+        patches.enter_context(mock.patch.object(inversion, "seed_batch", lambda config, device, *args, **kwargs:
+                                                as_on_cuda(config, torch.device("cuda"), *args, **kwargs)))
+        if simulate is not None:
+            patches.enter_context(simulated_out_of_memory(simulate))
+        patches.enter_context(redirect_stderr(stderr))
+        result = inversion.invert(model, artifact, labels, build_section("inversion", settings))
+    return result, stderr.getvalue()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "out_of_memory.json"))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--px", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=48)
+    parser.add_argument("--iterations", type=int, default=4, help="2 eager, then captured and replayed")
+    parser.add_argument("--simulate-images", type=int, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    classes = 1000 if args.arch == "resnet50" else 10
+    model, artifact, labels = problem(args.arch, classes, args.px, args.batch)
+    settings = {"iterations": args.iterations, "seeds": SEEDS, "device": args.device, "registration": "none",
+                "checkpoint_every": 0, "log_every": 1}
+    auto, warnings = run(model, artifact, labels, settings, args.simulate_images)
+    halvings = [(int(before), int(after)) for before, after in FEWER.findall(warnings)]
+    ended_with = halvings[-1][1] if halvings else SEEDS
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    by_hand, _ = run(model, artifact, labels, {**settings, "seed_batch": ended_with}, args.simulate_images)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    moved = (auto.images - auto.initial).norm().item()
+    apart = (auto.images - by_hand.images).norm().item() / moved
+    result = {"machine": machine(device), "command": "python " + " ".join(["benchmarks/out_of_memory_check.py", *sys.argv[1:]]),
+              "arch": args.arch, "px": args.px, "batch": args.batch, "seeds": SEEDS, "iterations": args.iterations,
+              "simulated_most_images": args.simulate_images, "halvings": halvings, "seeds_per_call_at_the_end": ended_with,
+              "peak_memory_bytes_set_by_hand": peak, "images_apart_relative_to_their_movement": apart,
+              "warnings": warnings.strip().splitlines()}
+    result["passed"] = bool(halvings) and ended_with < SEEDS and apart < 0.05
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
