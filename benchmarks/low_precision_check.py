@@ -1,0 +1,99 @@
+"""How far the objective's image gradient moves when the step runs under half-precision autocast.
+
+    python benchmarks/low_precision_check.py                  # CPU; about two minutes
+    python benchmarks/low_precision_check.py --device cuda    # the same on a GPU (torch and torchvision only)
+
+Half precision would halve what the step moves (benchmarks/step_roofline.py), but the inversion
+follows the gradient of a distance between parameter gradients, differentiated twice. For a
+random-weight ResNet-18 at 32 px (bs 4) and ResNet-50 at 224 px (bs 1), two seeds of random
+images, this computes every loss term and the image gradient in float32 (seeds one by one,
+PyTorch's BatchNorm: the reference), then under torch.autocast with bfloat16 and float16, along
+each path the engine offers (seeds one by one or vmapped, either BatchNorm double backward), and
+in float32 along the same paths (how far the paths alone move it). Per path: the relative
+difference of the gradient-distance term, and the cosine and relative difference of the image
+gradient to the reference. A path that fails is recorded with its error. Writes
+benchmarks/results/low_precision.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from step_speed import machine, problem  # noqa: E402
+
+from gradinv.client import train_mode_copy  # noqa: E402
+from gradinv.config import build_section  # noqa: E402
+from gradinv.objective import LOSS_TERMS, Objective  # noqa: E402
+
+PROBLEMS = [("resnet18", 10, 32, 4), ("resnet50", 1000, 224, 1)]  # (arch, classes, px, bs)
+SEEDS = 2
+PATHS = [("pytorch", False), ("explicit", False), ("pytorch", True), ("explicit", True)]  # (BN double backward, vmapped)
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+def terms_and_image_gradient(model, artifact, labels, images, device, bn: str, vmapped: bool, precision: str):
+    objective = Objective(train_mode_copy(model).to(device), artifact, labels,
+                          build_section("inversion", {"bn_double_backward": bn, "seeds": SEEDS}))
+    x = images.clone().requires_grad_(True)
+    with torch.autocast(device.type, dtype=getattr(torch, precision), enabled=precision != "float32"):
+        if vmapped:
+            terms = objective.batched_terms(x, x)
+        else:
+            per_seed = [objective.terms(seed) for seed in x]
+            terms = {k: torch.stack([t[k] for t in per_seed]) for k in LOSS_TERMS}
+    (gradient,) = torch.autograd.grad(terms["total"].float().sum(), x)
+    return {k: v.detach().float() for k, v in terms.items()}, gradient
+
+
+def compare(model, artifact, labels, images, device) -> list[dict]:
+    reference_terms, reference = terms_and_image_gradient(model, artifact, labels, images, device, "pytorch", False, "float32")
+    rows = []
+    for precision in PRECISIONS:
+        for bn, vmapped in PATHS:
+            row = {"precision": precision, "bn_double_backward": bn, "seeds": "vmapped" if vmapped else "one by one"}
+            try:
+                terms, gradient = terms_and_image_gradient(model, artifact, labels, images, device, bn, vmapped, precision)
+                row.update({
+                    "gradient_term_relative_difference": ((terms["grad"] - reference_terms["grad"]).abs()
+                                                          / reference_terms["grad"]).max().item(),
+                    "image_gradient_cosine": F.cosine_similarity(gradient.flatten(), reference.flatten(), 0).item(),
+                    "image_gradient_relative_difference": ((gradient - reference).norm() / reference.norm()).item()})
+            except Exception as error:  # noqa: BLE001 - one failing path must not cost the others' figures
+                row["error"] = f"{type(error).__name__}: {error}"[:300]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/low_precision-<device>.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    results = []
+    for arch, classes, px, batch in PROBLEMS:
+        model, artifact, labels = problem(arch, classes, px, batch)
+        images = torch.randn((SEEDS, batch, 3, px, px), generator=torch.Generator().manual_seed(1)).to(device)
+        labels = torch.tensor(labels, device=device)
+        print(f"{arch}, {px} px, bs {batch}", flush=True)
+        results.append({"arch": arch, "px": px, "batch": batch, "seeds": SEEDS,
+                        "rows": compare(model, artifact, labels, images, device)})
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"low_precision-{device.type}.json")
+    out.write_text(json.dumps({"machine": machine(device), "command": "python " + " ".join(
+        ["benchmarks/low_precision_check.py", *sys.argv[1:]]), "problems": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
