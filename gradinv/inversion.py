@@ -28,7 +28,7 @@ from gradinv.data import denormalize
 from gradinv.errors import UserError
 from gradinv.io import read_json, write_json, write_table, write_tensors
 from gradinv.models import resolve_device
-from gradinv.objective import LOSS_TERMS, Objective
+from gradinv.objective import LOSS_TERMS, Objective, memory_format
 from gradinv.progress import progress
 from gradinv.seed_step import SeedStep
 from gradinv.victim import load_victim
@@ -145,15 +145,15 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
     device = resolve_device(config.device)
     if device.type == "cpu" and config.keep_freed_memory:
         keep_freed_memory()
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    attacker = train_mode_copy(model).to(device, memory_format=memory_format)
+    layout = memory_format(config)
+    attacker = train_mode_copy(model).to(device, memory_format=layout)
     objective = Objective(attacker, artifact, torch.tensor(labels, dtype=torch.int64, device=device), config)
     graphed = cuda_graph_on(config, device, objective.fedavg is not None)
     batch = seed_batch(config, device, artifact.batch_size, can_batch=objective.fedavg is None)
     workers = seed_workers(config, device) if batch == 1 and not graphed else 1
     # Threads must not share a model: the BN hooks of one seed's forward would see the other's.
     objectives = [objective] * config.seeds if workers == 1 else [
-        Objective(train_mode_copy(model).to(device, memory_format=memory_format), artifact, objective.labels, config)
+        Objective(train_mode_copy(model).to(device, memory_format=layout), artifact, objective.labels, config)
         for _ in range(config.seeds)]
 
     # Each seed's generator draws its starting noise, then its view of every iteration.
@@ -161,7 +161,7 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
     initial = torch.stack([torch.randn((artifact.batch_size, *artifact.meta["input_shape"]), generator=gen)
                            for gen in generators])
     box = pixel_box(artifact.meta["mean"], artifact.meta["std"], device)
-    seeds = SeedStep(objectives, initial.to(device, copy=True), config, box, batch, memory_format, graphed,
+    seeds = SeedStep(objectives, initial.to(device, copy=True), config, box, batch, layout, graphed,
                      fewer_seeds_if_out_of_memory=config.seed_batch == 0)
     consensus: torch.Tensor | None = None
     log: list[dict] = []
@@ -200,7 +200,7 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
                     done, seeds.images.detach(), seeds.optimizer.state_dict(), [gen.get_state() for gen in generators],
                     seeds.noise_generator.get_state(), consensus, log))
         seconds = time.perf_counter() - start
-        final = [float(objective.terms(x.contiguous(memory_format=memory_format))["grad"].detach())
+        final = [float(objective.terms(x.contiguous(memory_format=layout))["grad"].detach())
                  for x in seeds.images.detach()]
     images = seeds.images.detach().cpu()
     return InversionResult(images, initial, final, int(torch.tensor(final).argmin()), log, seconds)

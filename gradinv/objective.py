@@ -85,6 +85,11 @@ def layer_distance(grad: torch.Tensor, target: torch.Tensor, squared: bool) -> t
     return sum_of_squares.clamp_min(torch.finfo(sum_of_squares.dtype).tiny).sqrt()
 
 
+def memory_format(config: InversionConfig) -> torch.memory_format:
+    """The memory layout of the attacker's model and images (`inversion.channels_last`)."""
+    return torch.channels_last if config.channels_last else torch.contiguous_format
+
+
 def explicit_bn_double_backward(config: InversionConfig, device: torch.device) -> bool:
     """`bn_double_backward: auto` picks by measurement (docs/step_speed.md): explicit on CUDA with
     more than one seed, where the graphed step ran 1.4x faster with it on an H100 (ResNet-50, 224 px,
@@ -190,11 +195,11 @@ class Objective:
         if seeds not in cache:
             names, shapes = zip(*[(n, p.shape) for n, p in self.model.named_parameters() if p.requires_grad])
             try:
-                stacked = stack_seeds(self.model, seeds).to(memory_format=self._memory_format())
+                stacked = stack_seeds(self.model, seeds).to(memory_format=memory_format(self.config))
             except ValueError as err:
                 raise UserError(f"inversion.batched_seeds 'stacked' cannot serve this model: {err} Use 'vmap'.") from err
             with torch.no_grad():
-                own = torch.stack([self.model(x.contiguous(memory_format=self._memory_format())) for x in probe], 1)
+                own = torch.stack([self.model(x.contiguous(memory_format=memory_format(self.config))) for x in probe], 1)
                 difference = (stacked(self._stacked_input(probe)) - own).norm() / own.norm().clamp_min(1e-12)
             if difference > 0.1:  # rounding, TF32's included, stays orders below; a channel shuffle measured 51 %
                 raise UserError("inversion.batched_seeds 'stacked' cannot serve this model: stacked, its logits differ "
@@ -202,12 +207,9 @@ class Objective:
             cache[seeds] = stacked, list(names), [stacked.get_parameter(n) for n in names], list(shapes)
         return cache[seeds]
 
-    def _memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.config.channels_last else torch.contiguous_format
-
     def _stacked_input(self, images: torch.Tensor) -> torch.Tensor:
         """(G, B, C, H, W) -> (B, G·C, H, W), in the model's memory format."""
-        return fold_images(images).contiguous(memory_format=self._memory_format())
+        return fold_images(images).contiguous(memory_format=memory_format(self.config))
 
     def _functional_model(self) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         """A copy of the model for torch.func: BN keeps no running statistics (in train mode it
