@@ -7,12 +7,13 @@ Half precision would halve what the step moves (benchmarks/step_roofline.py), bu
 follows the gradient of a distance between parameter gradients, differentiated twice. For a
 random-weight ResNet-18 at 32 px (bs 4) and ResNet-50 at 224 px (bs 1), two seeds of random
 images, this computes every loss term and the image gradient in float32 (seeds one by one,
-PyTorch's BatchNorm: the reference), then under torch.autocast with bfloat16 and float16, along
-each path the engine offers (seeds one by one or vmapped, either BatchNorm double backward), and
-in float32 along the same paths (how far the paths alone move it). Per path: the relative
-difference of the gradient-distance term, and the cosine and relative difference of the image
-gradient to the reference. A path that fails is recorded with its error. Writes
-benchmarks/results/low_precision.json.
+PyTorch's BatchNorm, TF32 off: the reference), then along each path the engine offers (seeds one
+by one or vmapped, either BatchNorm double backward) in float32 (how far the paths alone move
+it), on CUDA with TF32 convolutions and matrix products (the engine's CUDA default,
+`inversion.tf32`; cuDNN's own default too), and under torch.autocast with bfloat16 and float16.
+Per path: the relative difference of the gradient-distance term, and the cosine and relative
+difference of the image gradient to the reference. A path that fails is recorded with its error.
+Writes benchmarks/results/low_precision-<device>.json.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -33,19 +35,21 @@ from step_speed import machine, problem  # noqa: E402
 
 from gradinv.client import train_mode_copy  # noqa: E402
 from gradinv.config import build_section  # noqa: E402
+from gradinv.inversion import tf32_matmuls  # noqa: E402
 from gradinv.objective import LOSS_TERMS, Objective  # noqa: E402
 
 PROBLEMS = [("resnet18", 10, 32, 4), ("resnet50", 1000, 224, 1)]  # (arch, classes, px, bs)
 SEEDS = 2
 PATHS = [("pytorch", False), ("explicit", False), ("pytorch", True), ("explicit", True)]  # (BN double backward, vmapped)
-PRECISIONS = ("float32", "bfloat16", "float16")
+PRECISIONS = ("float32", "tf32", "bfloat16", "float16")  # tf32 on CUDA only: a CPU has none
 
 
 def terms_and_image_gradient(model, artifact, labels, images, device, bn: str, vmapped: bool, precision: str):
     objective = Objective(train_mode_copy(model).to(device), artifact, labels,
                           build_section("inversion", {"bn_double_backward": bn, "seeds": SEEDS}))
     x = images.clone().requires_grad_(True)
-    with torch.autocast(device.type, dtype=getattr(torch, precision), enabled=precision != "float32"):
+    half = torch.autocast(device.type, dtype=getattr(torch, precision)) if precision in ("bfloat16", "float16") else nullcontext()
+    with tf32_matmuls(precision == "tf32"), half:
         if vmapped:
             terms = objective.batched_terms(x, x)
         else:
@@ -55,10 +59,14 @@ def terms_and_image_gradient(model, artifact, labels, images, device, bn: str, v
     return {k: v.detach().float() for k, v in terms.items()}, gradient
 
 
+def precisions_on(device: torch.device) -> list[str]:
+    return [p for p in PRECISIONS if p != "tf32" or device.type == "cuda"]
+
+
 def compare(model, artifact, labels, images, device) -> list[dict]:
     reference_terms, reference = terms_and_image_gradient(model, artifact, labels, images, device, "pytorch", False, "float32")
     rows = []
-    for precision in PRECISIONS:
+    for precision in precisions_on(device):
         for bn, vmapped in PATHS:
             row = {"precision": precision, "bn_double_backward": bn, "seeds": "vmapped" if vmapped else "one by one"}
             try:

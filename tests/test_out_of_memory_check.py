@@ -18,4 +18,8 @@ def test_the_check_halves_the_seeds_per_call_to_the_limit_and_matches_a_run_set_
     result = json.loads(out.read_text())
     assert result["halvings"] == [[8, 4], [4, 2]]  # 16 images, then 8, then 4 fit
     assert result["seeds_per_call_at_the_end"] == 2 and result["passed"]
-    assert result["images_apart_relative_to_their_movement"] < 0.05
+    # the retried first iteration computes what the run set by hand computes, and the two end where
+    # two runs set by hand end (on a CPU the same bits: nothing is left to float noise)
+    assert result["iteration0_totals_max_rel_diff"] < 1e-6
+    assert result["float_noise_two_runs_set_by_hand"] == 0.0
+    assert result["images_apart_relative_to_their_movement"] < 1e-5
