@@ -87,8 +87,8 @@ def seed_batch(config: InversionConfig, device: torch.device, batch_size: int, c
 def cuda_graph_on(config: InversionConfig, device: torch.device, fedavg: bool) -> bool:
     """Whether the step is captured as a CUDA graph and replayed. A speed setting, like seed_batch:
     where it cannot act (no CUDA; a FedAvg update, whose replay cannot be batched) the step runs
-    eagerly. `cuda_graph: auto` graphs wherever it can (measured, docs/step_speed.md: 1.0-8.5x on an
-    H100, never slower in any configuration timed), except under channels_last with vmap,
+    eagerly. `cuda_graph: auto` graphs wherever it can (measured, docs/step_speed.md: up to 15.8x on an
+    H100; slower in one timing of stacked seeds in NCHW, faster in another), except under channels_last with vmap,
     which the graphed step cannot keep (an explicit `true` there is refused by the config)."""
     if device.type != "cuda" or fedavg or config.cuda_graph is False:
         return False
