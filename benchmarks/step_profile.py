@@ -7,8 +7,10 @@ ResNet-50 at 224 px (random weights), bs 8, G 8 seeds batched, TF32 on; the step
 --bn-double-backward and --batched-seeds (default: as CUDA runs it by default, explicit BN, seeds
 under vmap), eager: the graphed step runs the same kernels without launch gaps, so the table says
 which kernels a faster step must cut.
-Writes benchmarks/results/step_profile-<device>.json: the machine, the settings and the top
-kernels (name, calls, total and mean time per step, share of the kernel time).
+Writes benchmarks/results/step_profile-<device>.json: the machine, the settings, the top
+kernels (name, calls, total and mean time per step, share of the kernel time) and the top aten
+operators by their input shapes and the time of what they run themselves (on CUDA the kernels
+they launch): which convolution a costly kernel serves.
 """
 
 from __future__ import annotations
@@ -41,6 +43,18 @@ def kernel_table(prof, device: str, steps: int, top: int) -> list[dict]:
              "share": own(e) / total} for e in events[:top]]
 
 
+def operator_table(prof, device: str, steps: int, top: int) -> list[dict]:
+    """The `top` aten operators, grouped by input shapes, by the kernels they launch themselves
+    (CUDA) or their own CPU time (CPU), per step."""
+    own = (lambda e: e.self_device_time_total) if device == "cuda" else (lambda e: e.self_cpu_time_total)  # noqa: E731
+    events = [e for e in prof.key_averages(group_by_input_shape=True)
+              if e.device_type == torch.autograd.DeviceType.CPU and e.key.startswith("aten::") and own(e) > 0]
+    total = sum(own(e) for e in events)
+    events.sort(key=own, reverse=True)
+    return [{"name": e.key, "input_shapes": str(e.input_shapes)[:400], "calls_per_step": e.count / steps,
+             "ms_per_step": own(e) / 1e3 / steps, "share": own(e) / total} for e in events[:top]]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -65,20 +79,25 @@ def main() -> int:
                 "log_every": 100_000, "warmup": 1}
     invert(model, artifact, labels, build_section("inversion", {**settings, "iterations": 2}))  # cuDNN and the allocator warm
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-    with profile(activities=activities) as prof:  # the set-up (one forward and backward) is recorded too
+    with profile(activities=activities, record_shapes=True) as prof:  # the set-up (one forward and backward) is recorded too
         result = invert(model, artifact, labels, build_section("inversion", {**settings, "iterations": args.steps}))
     rows = kernel_table(prof, args.device, args.steps, args.top)
+    operators = operator_table(prof, args.device, args.steps, args.top)
     recorded = {"events": len(prof.events()),
                 "device_events": sum(e.device_type != torch.autograd.DeviceType.CPU for e in prof.events())}
     if not rows:
         print(f"step_profile: the profiler recorded no {args.device} time ({recorded}).", file=sys.stderr)
     report = {"machine": machine(torch.device(args.device)), "command": "python " + " ".join(["benchmarks/step_profile.py", *sys.argv[1:]]),
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "top")},
-              "seconds_per_step_profiled": result.seconds / args.steps, "recorded": recorded, "kernels": rows}
+              "seconds_per_step_profiled": result.seconds / args.steps, "recorded": recorded, "kernels": rows,
+              "operators": operators}
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"step_profile-{args.device}.json"
     out.write_text(json.dumps(report, indent=1))
     for r in rows:
         print(f"{r['ms_per_step']:9.2f} ms {r['share']:6.1%} {r['calls_per_step']:6.0f}x  {r['name']}")
+    print("operators by input shapes:")
+    for r in operators:
+        print(f"{r['ms_per_step']:9.2f} ms {r['share']:6.1%} {r['calls_per_step']:6.0f}x  {r['name']} {r['input_shapes'][:150]}")
     return 0
 
 

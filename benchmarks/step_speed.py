@@ -469,7 +469,8 @@ def against_bound(speed_rows: list[dict], roofline: dict, gpu: str) -> list[str]
             continue
         t = r["seconds_per_iteration"]
         lines.append(f"- {'graphed' if r['cuda_graph'] else 'eager'}, BN {r['bn_double_backward']}, seeds "
-                     f"{r.get('batched_seeds', 'vmap')}: {c['bytes'] / t / 1e12:.2f} TB/s of the counted {c['bytes'] / 1e9:.0f} GB "
+                     f"{r.get('batched_seeds', 'vmap')}{', cudnn.benchmark' if r.get('cudnn_benchmark') else ''}: "
+                     f"{c['bytes'] / t / 1e12:.2f} TB/s of the counted {c['bytes'] / 1e9:.0f} GB "
                      f"({c['bytes'] / t / peak['bandwidth']:.0%} of the {gpu}'s {peak['bandwidth'] / 1e12:.2f} TB/s), "
                      f"{c['flops'] / t / 1e12:.1f} TFLOP/s ({c['flops'] / t / peak['tf32']:.1%} of TF32), "
                      f"{t / (c[f'paper_minutes_{gpu}'] * 60 / 20000):.1f}x its bound")
@@ -506,15 +507,18 @@ def cuda_graph_section(result: dict, roofline: dict | None = None) -> str:
                   "| bs | G | BN double backward | seeds batched by | eager s / it | graphed s / it | graphed speed-up | "
                   "peak memory eager / graphed |",
                   "|---|---|---|---|---|---|---|---|"]
-        layout_of = lambda r: r.get("batched_seeds", "vmap") + (", channels_last" if r.get("channels_last") else "")  # noqa: E731
+        layout_of = lambda r: (r.get("batched_seeds", "vmap") + (", channels_last" if r.get("channels_last") else "")  # noqa: E731
+                               + (", cudnn.benchmark" if r.get("cudnn_benchmark") else ""))
         timed = [r for r in result["speed"] if not r.get("defaults")]
         rows = {(r["batch"], r["seeds"], r["bn_double_backward"], layout_of(r), r["cuda_graph"]): r for r in timed}
         cell = lambda r: r.get("error") or f"{r['seconds_per_iteration']:.3f}"  # noqa: E731
         memory = lambda r: "-" if "error" in r else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"  # noqa: E731
-        for (batch, seeds, bn, layout, graph), row in rows.items():
-            if graph:
-                continue
-            other = rows.get((batch, seeds, bn, layout, True), {"error": "not run"})
+        not_run = {"error": "not run"}
+        for (batch, seeds, bn, layout, graph), timed_row in rows.items():
+            if graph and (batch, seeds, bn, layout, False) in rows:
+                continue  # in its eager twin's line
+            row = not_run if graph else timed_row  # a graphed variant timed alone: cudnn.benchmark
+            other = timed_row if graph else rows.get((batch, seeds, bn, layout, True), not_run)
             ratio = ("-" if "error" in row or "error" in other
                      else f"{row['seconds_per_iteration'] / other['seconds_per_iteration']:.2f}x")
             lines.append(f"| {batch} | {seeds} | {bn} | {layout} | {cell(row)} | {cell(other)} | {ratio} | "

@@ -49,3 +49,7 @@ def test_the_speed_plan_times_the_paper_preset_first_then_the_shipped_defaults_a
     assert plan[len(preset)] == (48, 8, {})  # nothing fixed: auto seed_batch, cuda_graph, bn_double_backward
     assert all(fixed["seed_batch"] == seeds for _, seeds, fixed in plan if fixed)
     assert not [fixed for _, seeds, fixed in plan if seeds == 1 and fixed.get("batched_seeds") == "stacked"]
+    autotuned = [(batch, seeds) for batch, seeds, fixed in plan if fixed.get("cudnn_benchmark")]
+    assert autotuned == [(8, 8), (1, 8)]  # the default step with several seeds, once per configuration
+    assert all(fixed["cuda_graph"] and fixed["bn_double_backward"] == "explicit" and fixed["batched_seeds"] == "vmap"
+               for _, _, fixed in plan if fixed.get("cudnn_benchmark"))

@@ -7,7 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from step_speed import against_bound, measured_in_rounds  # noqa: E402
+from step_speed import against_bound, cuda_graph_section, measured_in_rounds  # noqa: E402
 
 
 def test_rounds_take_the_variants_in_turn_and_a_row_keeps_the_median_and_the_largest_peak():
@@ -45,6 +45,17 @@ def test_a_timed_step_is_set_against_the_traffic_and_arithmetic_counted_for_its_
     (line,) = against_bound([timed, *uncounted], roofline, "H100")
     assert "1.00 TB/s of the counted 300 GB (50% of the H100's 2.00 TB/s)" in line
     assert "13.3 TFLOP/s (3.3% of TF32)" in line and line.endswith("3.0x its bound")
+
+
+def test_a_graphed_variant_timed_without_an_eager_twin_gets_a_line_of_its_own():
+    step = {"batch": 8, "seeds": 8, "cuda_graph": True, "bn_double_backward": "explicit", "batched_seeds": "vmap",
+            "channels_last": False, "peak_memory_bytes": 2**30}
+    speed = [{**step, "cuda_graph": False, "seconds_per_iteration": 0.6}, {**step, "seconds_per_iteration": 0.3},
+             {**step, "cudnn_benchmark": True, "seconds_per_iteration": 0.2}]
+    section = cuda_graph_section({"machine": {}, "command": "c", "check": {"error": "none"}, "speed": speed})
+    rows = [line for line in section.splitlines() if line.startswith("| 8 | 8 |")]
+    assert rows == ["| 8 | 8 | explicit | vmap | 0.600 | 0.300 | 2.00x | 1024 MiB / 1024 MiB |",
+                    "| 8 | 8 | explicit | vmap, cudnn.benchmark | not run | 0.200 | - | - / 1024 MiB |"]
 
 
 def test_the_baseline_spells_the_distance_as_it_reads_and_leaves_the_library_as_it_was(monkeypatch):
