@@ -19,8 +19,9 @@
    projected in minutes; then the defaults as shipped at bs 48, G 8 (the paper's largest batch
    must fit an 80 GB card). The default step (G > 1) once more with cuDNN's autotuner
    (`torch.backends.cudnn.benchmark`: graphed, the tuning happens in the eager warm-up; its
-   heuristics put a generic convolution kernel at 18 % of the step, step_profile.py). A variant
-   that fails is recorded with its error.
+   heuristics put a generic convolution kernel at 18 % of the step, step_profile.py), and at the
+   paper preset under `inversion.precision` bfloat16 and float16 (autocast; what they do to the
+   reconstruction: tf32_quality.py). A variant that fails is recorded with its error.
 
 Writes benchmarks/results/cuda_graph.json (with the machine) after the check and after every
 speed row; exit 1 when a check fails. `--rejudge FILE` applies this script's criteria to the
@@ -69,6 +70,7 @@ VARIANTS = [(False, "pytorch", "vmap", False), (True, "explicit", "stacked", Fal
             (True, "explicit", "stacked", True), (False, "explicit", "stacked", True), (True, "pytorch", "vmap", False),
             (False, "explicit", "vmap", False), (True, "explicit", "vmap", False)]
 AUTOTUNED = (True, "explicit", "vmap", False)  # the CUDA default with several seeds, timed again under cudnn.benchmark
+HALF_PRECISIONS = ("bfloat16", "float16")  # the same step under autocast, at the paper preset
 
 
 class Interrupted(Exception):
@@ -212,6 +214,7 @@ def speed_plan() -> list[tuple[int, int, dict]]:
         if seeds > 1:
             plan.append((batch, seeds, {**variant(*AUTOTUNED), "cudnn_benchmark": True}))
         if (batch, seeds) == (8, 8):
+            plan += [(batch, seeds, {**variant(*AUTOTUNED), "precision": precision}) for precision in HALF_PRECISIONS]
             plan.append((48, 8, {}))
     return plan
 

@@ -425,6 +425,9 @@ def tf32_quality_section(result: dict) -> str:
              "| setting | PSNR chosen seed (dB) | SSIM | PSNR consensus (dB) | final gradient distance per seed | s / iteration |",
              "|---|---|---|---|---|---|"]
     for name, r in result["results"].items():
+        if "error" in r:
+            lines.append(f"| {name} | stopped: {r['error']} | | | | |")
+            continue
         lines.append(f"| {name} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['consensus_psnr']:.2f} | "
                      f"{', '.join(f'{v:.4g}' for v in r['final_grad_loss'])} | {r['seconds_per_iteration']:.4f} |")
     return "\n".join(lines)
@@ -465,7 +468,8 @@ def against_bound(speed_rows: list[dict], roofline: dict, gpu: str) -> list[str]
     lines = []
     for r in speed_rows:
         c = counted.get((r["bn_double_backward"], r.get("batched_seeds", "vmap")))
-        if (r["batch"], r["seeds"]) != (8, 8) or r.get("channels_last") or "error" in r or c is None:
+        if ((r["batch"], r["seeds"]) != (8, 8) or r.get("channels_last") or "error" in r or c is None
+                or r.get("precision", "float32") != "float32"):  # counted in float32
             continue
         t = r["seconds_per_iteration"]
         lines.append(f"- {'graphed' if r['cuda_graph'] else 'eager'}, BN {r['bn_double_backward']}, seeds "
@@ -508,7 +512,8 @@ def cuda_graph_section(result: dict, roofline: dict | None = None) -> str:
                   "peak memory eager / graphed |",
                   "|---|---|---|---|---|---|---|---|"]
         layout_of = lambda r: (r.get("batched_seeds", "vmap") + (", channels_last" if r.get("channels_last") else "")  # noqa: E731
-                               + (", cudnn.benchmark" if r.get("cudnn_benchmark") else ""))
+                               + (", cudnn.benchmark" if r.get("cudnn_benchmark") else "")
+                               + (f", {r['precision']}" if r.get("precision", "float32") != "float32" else ""))
         timed = [r for r in result["speed"] if not r.get("defaults")]
         rows = {(r["batch"], r["seeds"], r["bn_double_backward"], layout_of(r), r["cuda_graph"]): r for r in timed}
         cell = lambda r: r.get("error") or f"{r['seconds_per_iteration']:.3f}"  # noqa: E731
@@ -607,6 +612,9 @@ def write_doc() -> Path:
                           ("cuda_graph", lambda result: cuda_graph_section(result, roofline))):
         if (RESULTS / f"{name}.json").is_file():
             parts += [section(json.loads((RESULTS / f"{name}.json").read_text())), ""]
+        if name == "tf32_quality":  # the same measurement of half precision, per machine
+            parts += [part for path in sorted(RESULTS.glob("precision_quality-*.json"))
+                      for part in (tf32_quality_section(json.loads(path.read_text())), "")]
     if "gpu" not in found:
         parts += ["### GPU", "", "No GPU figures yet: on a GPU machine, `python benchmarks/step_speed.py --suite gpu` (it needs",
                   "only torch and torchvision besides this repository) measures ResNet-50 at 224 px, bs 1/8/48,",

@@ -1,12 +1,16 @@
-"""Does TF32 (or batching the seeds) change what the attack recovers? Measured on the pipeline.
+"""Does TF32, half precision (or batching the seeds) change what the attack recovers? Measured on the pipeline.
 
     python benchmarks/tf32_quality.py            # on a CUDA machine; needs torch, torchvision, pyyaml,
                                                  # safetensors, pyarrow, scikit-image, matplotlib (no Prefect/DVC/MLflow)
+    python benchmarks/tf32_quality.py --iterations 400 --settings "fp32, seeds batched" "bfloat16, seeds batched" \
+        --out benchmarks/results/precision_quality-cpu.json     # half precision on a CPU (float16 is emulated there)
 
 Runs prepare → train → capture → labels once from params.yaml (default: the embedded photos),
 then invert → evaluate once per setting below on that same gradient, each in its own copy of
 data/. Writes benchmarks/results/tf32_quality.json: per setting the chosen seed's and the
-consensus's PSNR / SSIM, the final gradient distances and seconds per iteration, with the machine.
+consensus's PSNR / SSIM, the final gradient distances and seconds per iteration, with the machine;
+a setting whose run stops (a half-precision objective that turns non-finite) is recorded with its
+error, and the others still run.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -25,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gradinv.config import load_params  # noqa: E402
+from gradinv.errors import UserError  # noqa: E402
 from gradinv.io import read_json  # noqa: E402
 from gradinv.stages import EVAL, INVERT, STAGES  # noqa: E402
 
@@ -32,6 +38,8 @@ SETTINGS = {  # name -> inversion overrides
     "fp32, seeds one by one": {"tf32": False, "seed_batch": 1},
     "fp32, seeds batched": {"tf32": False, "seed_batch": 0},
     "tf32, seeds batched": {"tf32": True, "seed_batch": 0},
+    "bfloat16, seeds batched": {"tf32": False, "seed_batch": 0, "precision": "bfloat16"},
+    "float16, seeds batched": {"tf32": False, "seed_batch": 0, "precision": "float16"},
 }
 SHARED_STAGES = ("prepare", "train", "capture", "labels")
 
@@ -64,17 +72,21 @@ def main() -> int:
         root = Path(args.work) / setting.replace(", ", "-").replace(" ", "_")
         shutil.copytree(base, root)  # the same gradient and labels for every setting
         run = {**params, "inversion": dataclasses.replace(params["inversion"], **overrides)}
-        for name in ("invert", "evaluate"):
-            run_stage(name, run, root)
-        metrics, invert = read_json(root / EVAL / "metrics.json", "metrics"), read_json(root / INVERT / "invert.json", "summary")
-        results[setting] = {"overrides": overrides, "psnr": metrics["psnr"], "ssim": metrics["ssim"],
-                            "consensus_psnr": metrics["consensus"]["psnr"], "psnr_initial_noise": metrics["psnr_initial_noise"],
-                            "final_grad_loss": invert["final_grad_loss"], "seconds_per_iteration": invert["seconds_per_iteration"]}
+        try:
+            for name in ("invert", "evaluate"):
+                run_stage(name, run, root)
+        except UserError as error:
+            results[setting] = {"overrides": overrides, "error": str(error)}
+        else:
+            metrics, invert = read_json(root / EVAL / "metrics.json", "metrics"), read_json(root / INVERT / "invert.json", "summary")
+            results[setting] = {"overrides": overrides, "psnr": metrics["psnr"], "ssim": metrics["ssim"],
+                                "consensus_psnr": metrics["consensus"]["psnr"], "psnr_initial_noise": metrics["psnr_initial_noise"],
+                                "final_grad_loss": invert["final_grad_loss"], "seconds_per_iteration": invert["seconds_per_iteration"]}
         print(setting, json.dumps(results[setting]), flush=True)
         out = {"machine": {"device": device, "torch": torch.__version__, "platform": platform.platform()},
                "params": args.params, "iterations": params["inversion"].iterations,
                "seeds": params["inversion"].seeds, "results": results,
-               "command": "python benchmarks/tf32_quality.py"}
+               "command": " ".join(["python benchmarks/tf32_quality.py", *(shlex.quote(a) for a in sys.argv[1:])])}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))  # after each setting: a run cut short keeps its results
     print(f"results: {args.out}")

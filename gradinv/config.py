@@ -113,6 +113,7 @@ class InversionConfig:
     channels_last: bool = rule(False)
     keep_freed_memory: bool = rule(True)
     tf32: bool = rule(True)
+    precision: str = rule("float32", _one_of("float32", "bfloat16", "float16"))
     cuda_graph: bool | str = rule("auto", _one_of("auto", True, False))
     bn_double_backward: str = rule("auto", _one_of("auto", "pytorch", "explicit"))
     batched_seeds: str = rule("vmap", _one_of("vmap", "stacked"))
@@ -251,6 +252,11 @@ def _check_cross_field(name: str, config) -> None:
         raise UserError("params: 'inversion.channels_last' cannot be combined with 'inversion.seed_batch' above 1 "
                         "(vmap over seeds cannot keep the channels_last layout); set one of them back, or set "
                         "'inversion.batched_seeds' to stacked.")
+    if (name == "inversion" and config.precision != "float32" and config.bn_double_backward == "pytorch"
+            and config.batched_seeds == "vmap" and config.seed_batch != 1):
+        raise UserError(f"params: 'inversion.precision' {config.precision} cannot run PyTorch's BatchNorm with the seeds "
+                        "batched under vmap (its batching rule fails under autocast); set 'inversion.bn_double_backward' "
+                        "to auto or explicit, or 'inversion.seed_batch' to 1.")
     if name == "audit":
         from gradinv.audit import audit_points
 

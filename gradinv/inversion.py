@@ -134,6 +134,18 @@ def _group_refresh_due(step: int, config: InversionConfig) -> bool:
     return config.alpha_group > 0 and step >= config.group_start and (step - config.group_start) % config.group_refresh == 0
 
 
+def refuse_non_finite(values: dict[str, list[float]], step: int, config: InversionConfig) -> None:
+    """One sentence, where a logged loss term is no longer a finite number: the images would go on
+    from a meaningless gradient."""
+    bad = [(g, k) for k in LOSS_TERMS for g, value in enumerate(values[k]) if not math.isfinite(value)]
+    if not bad:
+        return
+    g, k = bad[0]
+    cause = (f" under inversion.precision {config.precision}, whose range or rounding it exceeded; use float32"
+             if config.precision != "float32" else "; lower inversion.lr, or check the gradient file")
+    raise UserError(f"the objective became non-finite at iteration {step} (seed {g}, term '{k}'){cause}.")
+
+
 def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], config: InversionConfig,
            on_log: LogCallback | None = None, checkpoint: Path | None = None, checkpoint_key: str = "") -> InversionResult:
     """Reconstruct the batch behind `artifact`. Reads only the model, the artifact and the labels.
@@ -189,6 +201,7 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
             terms = run_step(consensus is not None)
             if step % config.log_every == 0 or step == config.iterations - 1:
                 values = {k: v.tolist() for k, v in terms.items()}
+                refuse_non_finite(values, step, config)
                 for g in range(config.seeds):
                     row = {"iteration": step, "seed": g, "lr": lr, **{k: values[k][g] for k in LOSS_TERMS}}
                     log.append(row)

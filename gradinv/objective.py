@@ -92,12 +92,13 @@ def memory_format(config: InversionConfig) -> torch.memory_format:
 
 def explicit_bn_double_backward(config: InversionConfig, device: torch.device) -> bool:
     """`bn_double_backward: auto` picks by measurement (docs/step_speed.md): explicit on CUDA with
-    more than one seed, where the graphed step ran 1.4x faster with it on an H100 (ResNet-50, 224 px,
-    8 seeds, bs 8 and 1); PyTorch's with one seed (graphed, bs 1: 0.043 against 0.054 s/it) and on
-    a CPU, where explicit was no faster."""
+    more than one seed, where the graphed step ran 1.5x faster with it on an H100 (ResNet-50, 224 px,
+    8 seeds, bs 8; 3x at bs 1); PyTorch's with one seed (graphed, bs 1: 0.040 against 0.060 s/it)
+    and on a CPU, where explicit was no faster. Under half precision always explicit: PyTorch's
+    BatchNorm under vmap fails under autocast."""
     if config.bn_double_backward != "auto":
         return config.bn_double_backward == "explicit"
-    return device.type == "cuda" and config.seeds > 1
+    return config.precision != "float32" or (device.type == "cuda" and config.seeds > 1)
 
 
 class Objective:

@@ -1,7 +1,8 @@
 """One inversion iteration of all G seeds, as `invert` runs it: each seed's image gradient of the
-objective, seed by seed (on threads on a CPU) or chunks of seeds at once (torch.func.vmap); then
-one Adam update of the stacked seeds (elementwise, so the same as an Adam per seed), the Langevin
-noise and the pixel box. The iteration's inputs (learning rate, each seed's view, the noise, the
+objective (under autocast where `inversion.precision` asks for a half type), seed by seed (on
+threads on a CPU) or chunks of seeds at once (torch.func.vmap); then one Adam update of the
+stacked seeds (elementwise, so the same as an Adam per seed), the Langevin noise and the pixel
+box. The iteration's inputs (learning rate, each seed's view, the noise, the
 consensus) live in tensors of fixed place that `fill` rewrites, so that the same step can be
 captured once as a CUDA graph and replayed (gradinv.cuda_graph). A step that runs out of GPU
 memory with seeds batched by `seed_batch: auto` is taken again with half as many seeds per
@@ -11,6 +12,7 @@ sentence."""
 from __future__ import annotations
 
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from typing import Callable
 
 import torch
@@ -135,15 +137,26 @@ class SeedStep:
         x = self.images[g].detach().contiguous(memory_format=self.memory_format).requires_grad_(True)
         rows, cols = self.rows[g:g + 1], self.cols[g:g + 1]
         view = (lambda t: apply_views(t[None], rows, cols)[0]) if views_enabled(self.config) else None
-        terms = self.objectives[g].terms(x, consensus, view)
+        with self._precision():
+            terms = self.objectives[g].terms(x, consensus, view)
         (grad,) = torch.autograd.grad(terms["total"], x)
         self.images.grad[g].copy_(grad)
-        return {k: v.detach() for k, v in terms.items()}
+        return {k: v.detach().float() for k, v in terms.items()}
 
     def _chunk_gradient(self, chunk: slice, consensus: torch.Tensor | None) -> dict[str, torch.Tensor]:
         xs = self.images[chunk].detach().requires_grad_(True)
         seen = apply_views(xs, self.rows[chunk], self.cols[chunk]) if views_enabled(self.config) else xs
-        terms = self.objectives[0].batched_terms(xs, seen, consensus)
+        with self._precision():
+            terms = self.objectives[0].batched_terms(xs, seen, consensus)
         (grad,) = torch.autograd.grad(terms["total"].sum(), xs)
         self.images.grad[chunk].copy_(grad)
-        return {k: v.detach() for k, v in terms.items()}
+        return {k: v.detach().float() for k, v in terms.items()}
+
+    def _precision(self) -> AbstractContextManager:
+        """`inversion.precision`: the objective (forward and parameter gradients; the image gradient
+        follows in the precisions they ran in) under autocast to a half type, or as it is. Entered
+        in the thread that computes (autocast is per thread); no cast cache, which a CUDA graph's
+        capture cannot keep."""
+        if self.config.precision == "float32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.config.precision), cache_enabled=False)

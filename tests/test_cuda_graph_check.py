@@ -51,5 +51,7 @@ def test_the_speed_plan_times_the_paper_preset_first_then_the_shipped_defaults_a
     assert not [fixed for _, seeds, fixed in plan if seeds == 1 and fixed.get("batched_seeds") == "stacked"]
     autotuned = [(batch, seeds) for batch, seeds, fixed in plan if fixed.get("cudnn_benchmark")]
     assert autotuned == [(8, 8), (1, 8)]  # the default step with several seeds, once per configuration
+    half = [(batch, seeds, fixed["precision"]) for batch, seeds, fixed in plan if "precision" in fixed]
+    assert half == [(8, 8, "bfloat16"), (8, 8, "float16")]  # the paper preset only
     assert all(fixed["cuda_graph"] and fixed["bn_double_backward"] == "explicit" and fixed["batched_seeds"] == "vmap"
-               for _, _, fixed in plan if fixed.get("cudnn_benchmark"))
+               for _, _, fixed in plan if fixed.get("cudnn_benchmark") or "precision" in fixed)

@@ -41,6 +41,7 @@ def test_a_timed_step_is_set_against_the_traffic_and_arithmetic_counted_for_its_
     timed = {"batch": 8, "seeds": 8, "cuda_graph": True, "bn_double_backward": "explicit", "batched_seeds": "vmap",
              "seconds_per_iteration": 0.3}
     uncounted = [{**timed, "batched_seeds": "stacked"}, {**timed, "channels_last": True}, {**timed, "batch": 1},
+                 {**timed, "precision": "float16"},
                  {**timed, "error": "out of GPU memory"}]
     (line,) = against_bound([timed, *uncounted], roofline, "H100")
     assert "1.00 TB/s of the counted 300 GB (50% of the H100's 2.00 TB/s)" in line

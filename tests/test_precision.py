@@ -1,0 +1,88 @@
+"""inversion.precision: the objective under autocast to a half type."""
+
+import pytest
+import torch
+
+from gradinv.client import train_mode_copy
+from gradinv.config import build_section
+from gradinv.errors import UserError
+from gradinv.inversion import invert, pixel_box, refuse_non_finite, seed_runner
+from gradinv.objective import LOSS_TERMS, Objective, explicit_bn_double_backward
+from gradinv.seed_step import SeedStep
+
+SEEDS = 2
+
+
+def _gradients(attack, precision: str, per_chunk: int, workers: int):
+    """One step's image gradients and loss terms of SEEDS seeds from the same start, in `precision`,
+    seeds batched `per_chunk` at a time (1: one by one, on `workers` threads)."""
+    model, _, artifact, images, labels = attack
+    config = build_section("inversion", {"seeds": SEEDS, "device": "cpu", "precision": precision})
+    objectives = [Objective(train_mode_copy(model), artifact, labels, config) for _ in range(SEEDS)]
+    start = torch.randn((SEEDS, *images.shape), generator=torch.Generator().manual_seed(0))
+    step = SeedStep(objectives, start, config, pixel_box(artifact.meta["mean"], artifact.meta["std"], "cpu"),
+                    per_chunk, torch.contiguous_format, graphed=False)
+    step.fill(config.lr, [(0, 0, False)] * SEEDS)
+    with seed_runner(workers) as run_seeds:
+        terms = step._gradients(None, run_seeds)
+    return step.images.grad.clone(), terms
+
+
+@pytest.mark.parametrize("per_chunk, workers", [(1, 2), (SEEDS, 1)], ids=["seeds on threads", "seeds vmapped"])
+def test_half_precision_reaches_every_seed_on_every_path_and_the_terms_come_back_in_float32(attack, per_chunk, workers):
+    exact, _ = _gradients(attack, "float32", per_chunk, workers)
+    again, _ = _gradients(attack, "float32", per_chunk, workers)
+    half, half_terms = _gradients(attack, "bfloat16", per_chunk, workers)
+    assert all(t.dtype == torch.float32 and t.shape == (SEEDS,) for t in half_terms.values())
+    for g in range(SEEDS):  # autocast is per thread: each seed's gradient must have run under it
+        noise = ((again[g] - exact[g]).norm() / exact[g].norm()).item()
+        apart = ((half[g] - exact[g]).norm() / exact[g].norm()).item()
+        assert noise < 1e-4 and not apart <= 100 * noise + 1e-3  # far off, or not finite: either way not float32's
+
+
+def test_half_precision_takes_the_explicit_batchnorm_and_refuses_pytorchs_under_vmap():
+    half = build_section("inversion", {"precision": "float16"})
+    assert explicit_bn_double_backward(half, torch.device("cpu"))
+    assert not explicit_bn_double_backward(build_section("inversion", {}), torch.device("cpu"))
+    with pytest.raises(UserError, match="precision' float16 cannot run PyTorch's BatchNorm with the seeds batched"):
+        build_section("inversion", {"precision": "float16", "bn_double_backward": "pytorch"})
+    build_section("inversion", {"precision": "float16", "bn_double_backward": "pytorch", "seed_batch": 1})
+    build_section("inversion", {"precision": "float16", "bn_double_backward": "pytorch", "batched_seeds": "stacked"})
+    with pytest.raises(UserError, match="'inversion.precision' must be"):
+        build_section("inversion", {"precision": "float64"})
+
+
+def test_a_non_finite_loss_term_stops_the_inversion_in_one_sentence_naming_its_cause():
+    values = {k: [1.0, 2.0] for k in LOSS_TERMS}
+    refuse_non_finite(values, 25, build_section("inversion", {}))  # finite: nothing to say
+    values["grad"][1] = float("nan")
+    with pytest.raises(UserError, match=r"non-finite at iteration 25 \(seed 1, term 'grad'\) under inversion.precision "
+                                        r"bfloat16, whose range or rounding it exceeded; use float32\.$"):
+        refuse_non_finite(values, 25, build_section("inversion", {"precision": "bfloat16"}))
+    values["grad"][1] = float("inf")
+    with pytest.raises(UserError, match=r"\(seed 1, term 'grad'\); lower inversion.lr, or check the gradient file\.$"):
+        refuse_non_finite(values, 25, build_section("inversion", {}))
+
+
+def test_an_inversion_whose_objective_turns_non_finite_stops_there_and_keeps_its_last_checkpoint(attack, tmp_path, monkeypatch):
+    model, _, artifact, _, labels = attack
+    config = build_section("inversion", {"iterations": 8, "seeds": SEEDS, "device": "cpu", "log_every": 1,
+                                         "registration": "none", "checkpoint_every": 2})
+    honest, calls = SeedStep.step, []
+
+    def overflowing_from_the_fifth(self, *args):
+        calls.append(1)
+        terms = honest(self, *args)
+        if len(calls) >= 5:  # as bfloat16 does on this 16 px model from some random starts (both BatchNorms)
+            terms["grad"] = torch.full_like(terms["grad"], float("inf"))
+        return terms
+
+    monkeypatch.setattr(SeedStep, "step", overflowing_from_the_fifth)
+    checkpoint = tmp_path / "run.safetensors"
+    with pytest.raises(UserError, match=r"non-finite at iteration 4 \(seed 0, term 'grad'\); lower inversion.lr"):
+        invert(model, artifact, labels.tolist(), config, None, checkpoint, "key")
+    assert len(calls) == 5  # stopped at once
+    monkeypatch.setattr(SeedStep, "step", lambda self, *args: (calls.append(1), honest(self, *args))[1])
+    resumed = invert(model, artifact, labels.tolist(), config, None, checkpoint, "key")
+    # the checkpoint written after iteration 3 was left whole: the run goes on from iteration 4
+    assert len(calls) == 5 + 4 and sorted({row["iteration"] for row in resumed.log}) == list(range(8))
