@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/step_speed.py                # CPU suite: resnet18, 32 px, bs 8, G 1/4/8
     python benchmarks/step_speed.py --suite gpu              # GPU suite: ResNet-50, 224 px, bs 1/8/48, G 1/4/8
     python benchmarks/step_speed.py --suite gpu --resume     # only the configurations the results file lacks
+    python benchmarks/step_speed.py --suite gpu --variants engine-default baseline --out F   # chosen variants only
 
 Needs only torch and torchvision (and gradinv's own safetensors / pyarrow): no Prefect, DVC or
 MLflow, no data and no weights (random weights; the step's cost does not depend on them). On a
@@ -20,7 +21,10 @@ rewritten after each, so that a run cut short keeps what it measured. Variants:
   step as `invert` runs it (gradients to the input only), seeds `loop` (one by one), `auto`
   (invert's default for the device), `vmap` (all seeds in one vmapped call) or `vmapN` (chunks
   of N seeds); TF32 (`inversion.tf32`), channels_last, `inversion.bn_double_backward: explicit`,
-  `inversion.batched_seeds: stacked` and `inversion.keep_freed_memory: false` as named.
+  `inversion.batched_seeds: stacked` and `inversion.keep_freed_memory: false` as named;
+- `engine-default` (GPU suite): the engine with every setting as shipped (seed_batch,
+  cuda_graph and bn_double_backward auto, TF32), timed from the difference of two run lengths
+  so that the eager warm-up and the graph's capture stay out of it.
 
 Seconds per iteration: one timed run of `iterations` after a warm-up, in `rounds` rounds (CPU:
 3) that take the configurations of a batch size and seed count in turn, each in a fresh process;
@@ -97,8 +101,19 @@ def suite_configs(name: str) -> list[tuple[int, int, str]]:
                                                         "engine-vmap-tf32-channels-last-bn-explicit-stacked")]
             if seeds == 8 and batch == 48:
                 configs += [(batch, seeds, v) for v in ("engine-vmap4-tf32", "engine-vmap2-tf32")]
-            configs.append((batch, seeds, "baseline"))
+            configs += [(batch, seeds, "engine-default"), (batch, seeds, "baseline")]
     return configs
+
+
+def selected_configs(name: str, variants: list[str] | None) -> list[tuple[int, int, str]]:
+    """suite_configs, only the named variants where some are named (unknown names refused)."""
+    configs = suite_configs(name)
+    if not variants:
+        return configs
+    unknown = sorted(set(variants) - {v for _, _, v in configs})
+    if unknown:
+        raise SystemExit(f"step_speed: no variant {', '.join(unknown)} in the {name} suite.")
+    return [c for c in configs if c[2] in variants]
 
 
 @functools.cache
@@ -179,6 +194,14 @@ def engine_seconds(model, artifact, labels, config, iterations: int) -> float:
     return invert(model, artifact, labels, config).seconds / iterations
 
 
+def default_engine_seconds(model, artifact, labels, config, iterations: int) -> float:
+    """Seconds per iteration as the difference of a run of 4 + `iterations` and one of 4 (after a
+    warm-up run of 4): a graphed run's two eager iterations and its capture fall in both."""
+    run = lambda n: invert(model, artifact, labels, build_section("inversion", {**_as_dict(config), "iterations": n}))  # noqa: E731
+    run(4)
+    return (run(4 + iterations).seconds - run(4).seconds) / iterations
+
+
 class FlopCount(TorchDispatchMode):
     """Sums torch.utils.flop_counter's per-operator formulas over every dispatched op.
     (FlopCounterMode itself tracks modules with backward hooks that autograd.grad to a leaf
@@ -213,12 +236,15 @@ def measure(spec: dict) -> dict:
     """One configuration, in this process."""
     device = torch.device(spec["device"])
     variant = spec["variant"]
-    tf32 = "tf32" in variant
+    shipped = variant == "engine-default"
+    tf32 = "tf32" in variant or (shipped and device.type == "cuda" and build_section("inversion", {}).tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     model, artifact, labels = problem(spec["arch"], spec["classes"], spec["px"], spec["batch"])
     settings = {"iterations": spec["iterations"], "seeds": spec["seeds"], "device": spec["device"],
-                "checkpoint_every": 0, "log_every": 1000, "registration": "none", "seed_batch": 1, "tf32": tf32}
-    if not variant.startswith("baseline"):
+                "checkpoint_every": 0, "log_every": 1000, "registration": "none"}
+    if not shipped:
+        settings.update({"seed_batch": 1, "tf32": tf32})
+    if not variant.startswith("baseline") and not shipped:
         settings.update(engine_settings(variant, spec["seeds"]))
     config = build_section("inversion", settings)
     rss_before = _max_rss_bytes()
@@ -229,6 +255,8 @@ def measure(spec: dict) -> dict:
         keep_freed_memory()
     if variant.startswith("baseline"):
         seconds = baseline_seconds(model, artifact, labels, config, device, spec["iterations"])
+    elif shipped:
+        seconds = default_engine_seconds(model, artifact, labels, config, spec["iterations"])
     else:
         seconds = engine_seconds(model, artifact, labels, config, spec["iterations"])
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _max_rss_bytes()
@@ -236,7 +264,7 @@ def measure(spec: dict) -> dict:
     if key not in _FLOPS_PER_SEED:  # the same for every variant
         _FLOPS_PER_SEED[key] = step_flops(model, artifact, labels, config, device)
     flops = spec["seeds"] * _FLOPS_PER_SEED[key]
-    return {**spec, "seconds_per_iteration": seconds, "flops_per_iteration": flops,
+    return {**spec, "tf32": tf32, "seconds_per_iteration": seconds, "flops_per_iteration": flops,
             "achieved_flops": flops / seconds, "peak_memory_bytes": peak,
             "memory_kind": "max allocated (CUDA)" if device.type == "cuda" else "process max RSS",
             "rss_before_run_bytes": rss_before, "torch_threads": torch.get_num_threads()}
@@ -322,15 +350,15 @@ def resumed_result(device: torch.device, out: Path) -> dict:
     return result
 
 
-def run_suite(name: str, device: torch.device, out: Path, resume: bool = False) -> dict:
-    """Every configuration of the suite; with `resume`, only those missing from `out`."""
+def run_suite(name: str, device: torch.device, out: Path, resume: bool = False, variants: list[str] | None = None) -> dict:
+    """Every configuration of the suite (of the named variants); with `resume`, only those missing from `out`."""
     suite = SUITES[name]
     result = resumed_result(device, out) if resume else {
         "suite": name, "machine": machine(device), "peak": device_peak(device), "rows": [],
-        "command": f"python benchmarks/step_speed.py --suite {name}"}
+        "command": f"python benchmarks/step_speed.py --suite {name}" + (f" --variants {' '.join(variants)}" if variants else "")}
     done = {(r["batch"], r["seeds"], r["variant"]) for r in result["rows"]}
     groups: dict[tuple[int, int], list[str]] = {}
-    for batch, seeds, variant in suite_configs(name):
+    for batch, seeds, variant in selected_configs(name, variants):
         if (batch, seeds, variant) not in done:
             groups.setdefault((batch, seeds), []).append(variant)
     measure_one = measure_here if device.type == "cuda" else measure_in_subprocess
@@ -393,7 +421,7 @@ def table(result: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['batch']} | {r['seeds']} | {r['variant']} | failed: {r['error']} | | | | | |")
             continue
-        rate = peak["tf32"] if "tf32" in r["variant"] else peak["fp32"]
+        rate = peak["tf32"] if r.get("tf32", "tf32" in r["variant"]) else peak["fp32"]
         base = baseline.get((r["batch"], r["seeds"]))
         speedup = f"{base / r['seconds_per_iteration']:.2f}x" if base else "(no baseline run)"
         lines.append(f"| {r['batch']} | {r['seeds']} | {r['variant']} | {r['seconds_per_iteration']:.3f} | {speedup} | "
@@ -603,8 +631,9 @@ def write_doc() -> Path:
     for result in found.values():
         parts += [table(result), ""]
     probes = json.loads((RESULTS / "gpu_probes.json").read_text()) if (RESULTS / "gpu_probes.json").is_file() else None
-    if "gpu" in found:
-        parts += [paper_projection(found["gpu"], probes), ""]
+    for key, result in found.items():  # gpu_probes ran beside the file named step_speed-gpu.json
+        if result["suite"] == "gpu":
+            parts += [paper_projection(result, probes if key == "gpu" else None), ""]
     if (RESULTS / "step_roofline.json").is_file():
         parts += [roofline_section(json.loads((RESULTS / "step_roofline.json").read_text()), found.get("gpu"), probes), ""]
     roofline = json.loads((RESULTS / "step_roofline.json").read_text()) if (RESULTS / "step_roofline.json").is_file() else None
@@ -631,6 +660,7 @@ def main() -> int:
     parser.add_argument("--doc", action="store_true", help="only rewrite docs/step_speed.md from the results files")
     parser.add_argument("--resume", action="store_true",
                         help="measure only the configurations missing from the results file (same kind of machine)")
+    parser.add_argument("--variants", nargs="+", help="only these variants (default: every variant of the suite)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -645,7 +675,7 @@ def main() -> int:
         return 2
     out = Path(args.out) if args.out else RESULTS / f"step_speed-{args.suite}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    run_suite(args.suite, device, out, args.resume and out.is_file())
+    run_suite(args.suite, device, out, args.resume and out.is_file(), args.variants)
     print(f"results: {out}\ndoc:     {write_doc()}")
     return 0
 

@@ -3,11 +3,12 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from step_speed import against_bound, cuda_graph_section, measured_in_rounds  # noqa: E402
+from step_speed import against_bound, cuda_graph_section, measure, measured_in_rounds, selected_configs  # noqa: E402
 
 
 def test_rounds_take_the_variants_in_turn_and_a_row_keeps_the_median_and_the_largest_peak():
@@ -75,3 +76,29 @@ def test_the_baseline_spells_the_distance_as_it_reads_and_leaves_the_library_as_
     layers = sum(p.requires_grad for p in model.parameters())
     assert seconds > 0 and len(calls) == 2 * layers  # warm-up and one timed step, every layer
     assert objective_module.layer_distance is library
+
+
+def test_the_gpu_suite_times_the_engine_as_shipped_at_every_batch_and_seed_count_and_can_run_it_alone():
+    chosen = selected_configs("gpu", ["engine-default", "baseline"])
+    assert sorted(chosen) == sorted((b, g, v) for b in (1, 8, 48) for g in (1, 4, 8) for v in ("engine-default", "baseline"))
+    assert [c for c in selected_configs("gpu", None) if c[2] == "engine-default"] == [c for c in chosen if c[2] == "engine-default"]
+    with pytest.raises(SystemExit, match="no variant engine-fast in the gpu suite"):
+        selected_configs("gpu", ["engine-default", "engine-fast"])
+
+
+def test_the_engine_as_shipped_is_timed_from_two_run_lengths(monkeypatch):
+    import step_speed
+
+    lengths = []
+    honest = step_speed.invert
+
+    def counted(model, artifact, labels, config):
+        lengths.append(config.iterations)
+        assert config.seed_batch == 0 and config.cuda_graph == "auto" and config.bn_double_backward == "auto"
+        return honest(model, artifact, labels, config)
+
+    monkeypatch.setattr(step_speed, "invert", counted)
+    row = measure({"suite": "gpu", "device": "cpu", "arch": "resnet18", "classes": 10, "px": 16, "batch": 2, "seeds": 2,
+                   "variant": "engine-default", "iterations": 3})
+    assert lengths == [4, 7, 4]  # warm-up, then the difference of 4 + 3 and 4 iterations
+    assert row["flops_per_iteration"] > 0 and row["tf32"] is False  # no TF32 on a CPU
