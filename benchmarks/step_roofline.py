@@ -18,8 +18,10 @@ the step as written cannot run faster, even with every kernel at the device's li
 launch cost (except where the L2 cache serves an operation: the results say how many bytes
 belong to operations small enough for that); the rest of a measured time is what the kernels leave unused (small kernels,
 launch gaps). It counts bs 8 G 8 once more with `inversion.batched_seeds: stacked` (the seeds
-stacked into the channels, gradinv/stacked_seeds.py) instead of vmap. Writes
-benchmarks/results/step_roofline.json.
+stacked into the channels, gradinv/stacked_seeds.py) instead of vmap, and under
+`inversion.precision` bfloat16 and float16 (autocast as a CPU applies it: convolutions and
+matrix products in the half type, their outputs and what follows them stored in it; the bound
+then takes the half type's tensor-core rate). Writes benchmarks/results/step_roofline.json.
 """
 
 from __future__ import annotations
@@ -49,10 +51,12 @@ from gradinv.objective import Objective  # noqa: E402
 from gradinv.seed_step import SeedStep  # noqa: E402
 
 # Nominal: HBM bandwidth (bytes/s) and dense TF32 tensor-core rate (FLOP/s), SXM parts.
-GPUS = {"H100": {"bandwidth": 3.35e12, "tf32": 495e12}, "H200": {"bandwidth": 4.8e12, "tf32": 495e12}}
+GPUS = {"H100": {"bandwidth": 3.35e12, "tf32": 495e12, "half": 989e12},
+        "H200": {"bandwidth": 4.8e12, "tf32": 495e12, "half": 989e12}}
 L2_BYTES = 50 * 2**20  # the H100's L2: operations moving less in all could be served from it
 COUNTED = [(1, 1), (8, 1), (8, 8), (48, 1)]  # (bs, G): bs 8 G 8 is the paper preset
 BN_DOUBLE_BACKWARDS = ("pytorch", "explicit")  # inversion.bn_double_backward
+HALF_PRECISIONS = ("bfloat16", "float16")  # inversion.precision, counted at bs 8 G 8 with the explicit BN (auto's choice)
 PAPER_ITERATIONS = 20_000
 
 
@@ -117,14 +121,15 @@ class TrafficCount(TorchDispatchMode):
 
 @contextmanager
 def fake_step(batch: int, seeds: int, bn_double_backward: str, batched_seeds: str = "vmap", chunk: int | None = None,
-              watch: TorchDispatchMode | None = None) -> Iterator[tuple[SeedStep, Objective]]:
+              watch: TorchDispatchMode | None = None, precision: str = "float32") -> Iterator[tuple[SeedStep, Objective]]:
     """The engine's step for ResNet-50 at 224 px, its seeds vmapped in chunks of `chunk` seeds (default:
     all at once), as the graphed step runs them (even chunks of one seed), on fake tensors: yields
     (step, objective) inside FakeTensorMode, the first step (which creates Adam's state) taken.
     `watch`, a dispatch mode, sees every operation on fake tensors, the making of the step's own included."""
     model, artifact, _ = problem("resnet50", 1000, 224, 1)  # weights and artifact do not depend on bs
     config = build_section("inversion", {"seeds": seeds, "device": "cpu", "registration": "none",
-                                         "bn_double_backward": bn_double_backward, "batched_seeds": batched_seeds})
+                                         "bn_double_backward": bn_double_backward, "batched_seeds": batched_seeds,
+                                         "precision": precision})
     objective = Objective(train_mode_copy(model), artifact, torch.zeros(batch, dtype=torch.int64), config)
     objective._functional_model()  # the copies of the model are made here: fake tensors cannot be deep-copied
     if batched_seeds == "stacked":
@@ -139,17 +144,17 @@ def fake_step(batch: int, seeds: int, bn_double_backward: str, batched_seeds: st
         yield step, objective
 
 
-def count_step(batch: int, seeds: int, bn_double_backward: str, batched_seeds: str = "vmap") -> dict:
+def count_step(batch: int, seeds: int, bn_double_backward: str, batched_seeds: str = "vmap", precision: str = "float32") -> dict:
     """The counts of the engine's second step (the first creates Adam's state)."""
-    with fake_step(batch, seeds, bn_double_backward, batched_seeds) as (step, _), TrafficCount() as counter:
+    with fake_step(batch, seeds, bn_double_backward, batched_seeds, precision=precision) as (step, _), TrafficCount() as counter:
         step.step(False, None)
     return {"batch": batch, "seeds": seeds, "ops": len(counter.ops), "bytes": sum(b for _, b, _ in counter.ops),
             "flops": sum(f for _, _, f in counter.ops), "per_op": counter.ops}
 
 
-def bound_seconds(ops: list[tuple[str, int, int]], gpu: dict) -> float:
-    """Σ max(bytes / BW, FLOPs / P) over the operations."""
-    return sum(max(moved / gpu["bandwidth"], flops / gpu["tf32"]) for _, moved, flops in ops)
+def bound_seconds(ops: list[tuple[str, int, int]], gpu: dict, rate: str = "tf32") -> float:
+    """Σ max(bytes / BW, FLOPs / P) over the operations, P the device's `rate`."""
+    return sum(max(moved / gpu["bandwidth"], flops / gpu[rate]) for _, moved, flops in ops)
 
 
 def main() -> int:
@@ -179,11 +184,20 @@ def main() -> int:
                **{f"paper_minutes_{name}": bound_seconds(c["per_op"], gpu) * PAPER_ITERATIONS / 60 for name, gpu in GPUS.items()}}
         stacked_rows.append(row)
         print(json.dumps(row), flush=True)
+    half_rows = []
+    for precision in HALF_PRECISIONS:
+        c = count_step(8, 8, "explicit", precision=precision)
+        row = {"precision": precision, "bn_double_backward": "explicit", "batch": 8, "seeds": 8, "ops": c["ops"],
+               "bytes": c["bytes"], "flops": c["flops"],
+               **{f"paper_minutes_{name}": bound_seconds(c["per_op"], gpu, "half") * PAPER_ITERATIONS / 60
+                  for name, gpu in GPUS.items()}}
+        half_rows.append(row)
+        print(json.dumps(row), flush=True)
     h100 = GPUS["H100"]
     top = {mode: sorted(ops.items(), key=lambda kv: -max(kv[1][1] / h100["bandwidth"], kv[1][2] / h100["tf32"]))
            for mode, ops in heaviest.items()}
     result = {"machine": machine(torch.device("cpu")), "command": "python benchmarks/step_roofline.py", "gpus": GPUS,
-              "rows": rows, "stacked_seeds_rows": stacked_rows, "top_ops_bs8_g8": {mode: [{"op": n, "calls": c, "bytes": b, "flops": f} for n, (c, b, f) in ops[:12]]
+              "rows": rows, "stacked_seeds_rows": stacked_rows, "half_precision_rows": half_rows, "top_ops_bs8_g8": {mode: [{"op": n, "calls": c, "bytes": b, "flops": f} for n, (c, b, f) in ops[:12]]
                                                for mode, ops in top.items()}}
     Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

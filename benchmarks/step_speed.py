@@ -615,6 +615,14 @@ def roofline_section(result: dict, measured: dict | None, probes: dict | None) -
                   "; ".join(f"BN double backward {r['bn_double_backward']}: {r['ops']} operations, {r['bytes'] / 1e9:.0f} "
                             f"GB, **{r['paper_minutes_H100']:.0f} minutes on an H100** ({r['paper_minutes_H200']:.0f} on an "
                             "H200) for the paper preset" for r in stacked) + "."]
+    half = result.get("half_precision_rows", [])
+    if half:
+        lines += ["", "The same step (vmap, explicit BN, bs 8 G 8) under `inversion.precision` (autocast as a CPU applies it; the "
+                  "bound at the half type's nominal tensor-core rate, " + ", ".join(
+                      f"{n}: {g['half'] / 1e12:.0f} TFLOP/s" for n, g in gpus.items() if "half" in g) + "): " +
+                  "; ".join(f"{r['precision']}: {r['ops']} operations, {r['bytes'] / 1e9:.0f} GB, **{r['paper_minutes_H100']:.0f} "
+                            f"minutes on an H100** ({r['paper_minutes_H200']:.0f} on an H200) for the paper preset"
+                            for r in half) + "."]
     for mode, ops in result["top_ops_bs8_g8"].items():
         lines += ["", f"Operations moving most data at bs 8 G 8, BN double backward {mode}: " +
                   "; ".join(f"{o['op']} {o['calls']}× {o['bytes'] / 1e9:.0f} GB" for o in ops[:8]) + "."]
