@@ -199,7 +199,7 @@ class Objective:
                 stacked = stack_seeds(self.model, seeds).to(memory_format=memory_format(self.config))
             except ValueError as err:
                 raise UserError(f"inversion.batched_seeds 'stacked' cannot serve this model: {err} Use 'vmap'.") from err
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(probe.device.type, enabled=False):  # judged in float32 under any precision
                 own = torch.stack([self.model(x.contiguous(memory_format=memory_format(self.config))) for x in probe], 1)
                 difference = (stacked(self._stacked_input(probe)) - own).norm() / own.norm().clamp_min(1e-12)
             if difference > 0.1:  # rounding, TF32's included, stays orders below; a channel shuffle measured 51 %

@@ -86,3 +86,23 @@ def test_an_inversion_whose_objective_turns_non_finite_stops_there_and_keeps_its
     resumed = invert(model, artifact, labels.tolist(), config, None, checkpoint, "key")
     # the checkpoint written after iteration 3 was left whole: the run goes on from iteration 4
     assert len(calls) == 5 + 4 and sorted({row["iteration"] for row in resumed.log}) == list(range(8))
+
+
+def test_the_stacked_models_own_check_runs_in_float32_under_half_precision(attack, monkeypatch):
+    model, _, artifact, images, labels = attack
+    config = build_section("inversion", {"seeds": SEEDS, "device": "cpu", "precision": "bfloat16",
+                                         "batched_seeds": "stacked", "seed_batch": SEEDS})
+    objective = Objective(train_mode_copy(model), artifact, labels, config)
+    under_autocast = []
+    forward = type(objective.model).forward
+
+    def recorded(self, x):
+        if self is objective.model:  # the model's own logits, against which the stacked model is checked
+            under_autocast.append(torch.is_autocast_enabled("cpu"))
+        return forward(self, x)
+
+    monkeypatch.setattr(type(objective.model), "forward", recorded)
+    xs = torch.randn((SEEDS, *images.shape), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        objective.batched_terms(xs)
+    assert under_autocast == [False] * SEEDS
