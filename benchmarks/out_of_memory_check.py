@@ -4,7 +4,8 @@
 
 ResNet-50 at 224 px (random weights), bs 48, G 8, the defaults otherwise (graphed, TF32), with
 auto made to put all 8 seeds into one vmapped call (gradinv.inversion.BATCHED_IMAGES raised to
-384 images), which needs about 90 GB of tensors per 4 seeds (benchmarks/step_memory.py): the
+384 images): 4 seeds per call need about 68 GB with the written-out BatchNorm that auto takes
+(benchmarks/step_memory.py; 69 GB measured on an H100), 8 seeds twice that: the
 step must halve its chunks until they fit, say so, and go on; the run is then repeated twice with
 `seed_batch` set by hand to the chunk it ended with. The retried first iteration must compute
 what the run set by hand computes (iteration-0 totals within 1e-4), and the final images must
