@@ -6,7 +6,8 @@
 ResNet-50 at 224 px (random weights), bs 8, G 8 seeds batched, TF32 on; the step as configured by
 --bn-double-backward and --batched-seeds (default: as CUDA runs it by default, explicit BN, seeds
 under vmap), eager: the graphed step runs the same kernels without launch gaps, so the table says
-which kernels a faster step must cut.
+which kernels a faster step must cut. Only the steps are profiled (the engine's SeedStep, after two
+warm-up steps), not the inversion's set-up or its final per-seed evaluation.
 Writes benchmarks/results/step_profile-<device>.json: the machine, the settings, the top
 kernels (name, calls, total and mean time per step, share of the kernel time) and the top aten
 operators by their input shapes and the time of what they run themselves (on CUDA the kernels
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,8 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from gradinv.client import train_mode_copy  # noqa: E402
 from gradinv.config import build_section  # noqa: E402
-from gradinv.inversion import invert  # noqa: E402
+from gradinv.inversion import pixel_box, tf32_matmuls  # noqa: E402
+from gradinv.objective import Objective, memory_format  # noqa: E402
+from gradinv.seed_step import SeedStep  # noqa: E402
 from step_speed import machine, problem  # noqa: E402
 
 
@@ -55,6 +60,36 @@ def operator_table(prof, device: str, steps: int, top: int) -> list[dict]:
              "ms_per_step": own(e) / 1e3 / steps, "share": own(e) / total} for e in events[:top]]
 
 
+def profiled_steps(model, artifact, labels: list[int], config, device: torch.device, steps: int):
+    """(profile, seconds per step) of `steps` steps of all seeds as `invert` takes them eagerly (chunks
+    of config.seed_batch seeds), after two warm-up steps (cuDNN and the allocator), and nothing else."""
+    layout = memory_format(config)
+    objective = Objective(train_mode_copy(model).to(device, memory_format=layout), artifact,
+                          torch.tensor(labels, device=device), config)
+    start = torch.randn((config.seeds, artifact.batch_size, *artifact.meta["input_shape"]),
+                        generator=torch.Generator().manual_seed(config.seed))
+    step = SeedStep([objective] * config.seeds, start.to(device), config,
+                    pixel_box(artifact.meta["mean"], artifact.meta["std"], device), config.seed_batch, layout, graphed=False)
+    one_by_one = lambda fn, seeds: [fn(g) for g in seeds]  # noqa: E731
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def take() -> None:
+        step.fill(config.lr, [(0, 0, False)] * config.seeds)
+        step.step(False, one_by_one)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with tf32_matmuls(config.tf32):
+        take(), take()
+        sync()
+        with profile(activities=activities, record_shapes=True) as prof:
+            began = time.perf_counter()
+            for _ in range(steps):
+                take()
+            sync()
+            seconds = time.perf_counter() - began
+    return prof, seconds / steps
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -77,10 +112,8 @@ def main() -> int:
                 "bn_double_backward": args.bn_double_backward, "batched_seeds": args.batched_seeds,
                 "channels_last": args.channels_last, "cuda_graph": False, "registration": "none", "checkpoint_every": 0,
                 "log_every": 100_000, "warmup": 1}
-    invert(model, artifact, labels, build_section("inversion", {**settings, "iterations": 2}))  # cuDNN and the allocator warm
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-    with profile(activities=activities, record_shapes=True) as prof:  # the set-up (one forward and backward) is recorded too
-        result = invert(model, artifact, labels, build_section("inversion", {**settings, "iterations": args.steps}))
+    prof, seconds_per_step = profiled_steps(model, artifact, labels, build_section("inversion", settings),
+                                            torch.device(args.device), args.steps)
     rows = kernel_table(prof, args.device, args.steps, args.top)
     operators = operator_table(prof, args.device, args.steps, args.top)
     recorded = {"events": len(prof.events()),
@@ -89,7 +122,7 @@ def main() -> int:
         print(f"step_profile: the profiler recorded no {args.device} time ({recorded}).", file=sys.stderr)
     report = {"machine": machine(torch.device(args.device)), "command": "python " + " ".join(["benchmarks/step_profile.py", *sys.argv[1:]]),
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "top")},
-              "seconds_per_step_profiled": result.seconds / args.steps, "recorded": recorded, "kernels": rows,
+              "seconds_per_step_profiled": seconds_per_step, "recorded": recorded, "kernels": rows,
               "operators": operators}
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"step_profile-{args.device}.json"
     out.write_text(json.dumps(report, indent=1))
