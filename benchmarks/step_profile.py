@@ -110,8 +110,7 @@ def main() -> int:
     model, artifact, labels = problem(args.arch, 1000 if args.arch == "resnet50" else 10, args.px, args.batch)
     settings = {"seeds": args.seeds, "seed_batch": args.seeds, "device": args.device, "tf32": True,
                 "bn_double_backward": args.bn_double_backward, "batched_seeds": args.batched_seeds,
-                "channels_last": args.channels_last, "cuda_graph": False, "registration": "none", "checkpoint_every": 0,
-                "log_every": 100_000, "warmup": 1}
+                "channels_last": args.channels_last}
     prof, seconds_per_step = profiled_steps(model, artifact, labels, build_section("inversion", settings),
                                             torch.device(args.device), args.steps)
     rows = kernel_table(prof, args.device, args.steps, args.top)
