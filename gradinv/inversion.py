@@ -134,6 +134,11 @@ def _group_refresh_due(step: int, config: InversionConfig) -> bool:
     return config.alpha_group > 0 and step >= config.group_start and (step - config.group_start) % config.group_refresh == 0
 
 
+def _non_finite_cause(config: InversionConfig) -> str:
+    return (f" under inversion.precision {config.precision}, whose range or rounding it exceeded; use float32"
+            if config.precision != "float32" else "; lower inversion.lr, or check the gradient file")
+
+
 def refuse_non_finite(values: dict[str, list[float]], step: int, config: InversionConfig) -> None:
     """One sentence, where a logged loss term is no longer a finite number: the images would go on
     from a meaningless gradient."""
@@ -141,9 +146,17 @@ def refuse_non_finite(values: dict[str, list[float]], step: int, config: Inversi
     if not bad:
         return
     g, k = bad[0]
-    cause = (f" under inversion.precision {config.precision}, whose range or rounding it exceeded; use float32"
-             if config.precision != "float32" else "; lower inversion.lr, or check the gradient file")
-    raise UserError(f"the objective became non-finite at iteration {step} (seed {g}, term '{k}'){cause}.")
+    raise UserError(f"the objective became non-finite at iteration {step} (seed {g}, term '{k}'){_non_finite_cause(config)}.")
+
+
+def refuse_non_finite_images(images: torch.Tensor, done: int, config: InversionConfig) -> None:
+    """One sentence, where an image went non-finite between logged iterations, before its state
+    could overwrite the last good checkpoint (a resumed run would start from it and fail again)."""
+    finite = torch.isfinite(images.detach().flatten(1)).all(1).tolist()
+    if all(finite):
+        return
+    raise UserError(f"the images became non-finite before iteration {done} (seed {finite.index(False)})"
+                    f"{_non_finite_cause(config)}; the last checkpoint was kept.")
 
 
 def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], config: InversionConfig,
@@ -209,6 +222,7 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
                         on_log(step, {f"seed{g}_{k}": row[k] for k in LOSS_TERMS})
             done = step + 1
             if checkpoint and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.iterations:
+                refuse_non_finite_images(seeds.images, done, config)
                 save_checkpoint(checkpoint, checkpoint_key, InversionState(
                     done, seeds.images.detach(), seeds.optimizer.state_dict(), [gen.get_state() for gen in generators],
                     seeds.noise_generator.get_state(), consensus, log))

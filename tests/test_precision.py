@@ -106,3 +106,29 @@ def test_the_stacked_models_own_check_runs_in_float32_under_half_precision(attac
     with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
         objective.batched_terms(xs)
     assert under_autocast == [False] * SEEDS
+
+
+def test_images_gone_non_finite_between_logged_iterations_never_overwrite_the_last_checkpoint(attack, tmp_path, monkeypatch):
+    model, _, artifact, _, labels = attack
+    config = build_section("inversion", {"iterations": 8, "seeds": SEEDS, "device": "cpu", "log_every": 8,
+                                         "registration": "none", "checkpoint_every": 2})
+    honest, calls = SeedStep.step, []
+
+    def overflowing_at_the_fourth(self, *args):
+        calls.append(1)
+        terms = honest(self, *args)
+        if len(calls) == 4:  # iteration 3: not logged (log_every 8), its state due as the checkpoint of 4
+            with torch.no_grad():
+                self.images[1, 0, 0, 0, 0] = float("nan")
+        return terms
+
+    monkeypatch.setattr(SeedStep, "step", overflowing_at_the_fourth)
+    checkpoint = tmp_path / "run.safetensors"
+    with pytest.raises(UserError, match=r"images became non-finite before iteration 4 \(seed 1\); lower inversion.lr, "
+                                        r"or check the gradient file; the last checkpoint was kept\."):
+        invert(model, artifact, labels.tolist(), config, None, checkpoint, "key")
+    assert len(calls) == 4
+    monkeypatch.setattr(SeedStep, "step", lambda self, *args: (calls.append(1), honest(self, *args))[1])
+    resumed = invert(model, artifact, labels.tolist(), config, None, checkpoint, "key")
+    # resumed from the checkpoint of iteration 2 (iterations 2-7 taken again), to finite images
+    assert len(calls) == 4 + 6 and torch.isfinite(resumed.images).all()
