@@ -64,28 +64,55 @@ def test_a_non_finite_loss_term_stops_the_inversion_in_one_sentence_naming_its_c
         refuse_non_finite(values, 25, build_section("inversion", {}))
 
 
-def test_an_inversion_whose_objective_turns_non_finite_stops_there_and_keeps_its_last_checkpoint(attack, tmp_path, monkeypatch):
+def _spoiled_run_then_resumed(attack, tmp_path, monkeypatch, log_every: int, spoiled_call: int, spoil, stops: str):
+    """An 8-iteration run checkpointed every 2 iterations whose `spoiled_call`-th step (and every
+    later one) is spoiled by spoil(step, terms), which must stop it with the message `stops`; then
+    the same run resumed with honest steps. Returns (steps taken by both runs, the resumed result)."""
     model, _, artifact, _, labels = attack
-    config = build_section("inversion", {"iterations": 8, "seeds": SEEDS, "device": "cpu", "log_every": 1,
+    config = build_section("inversion", {"iterations": 8, "seeds": SEEDS, "device": "cpu", "log_every": log_every,
                                          "registration": "none", "checkpoint_every": 2})
     honest, calls = SeedStep.step, []
 
-    def overflowing_from_the_fifth(self, *args):
+    def spoiled(self, *args):
         calls.append(1)
         terms = honest(self, *args)
-        if len(calls) >= 5:  # as bfloat16 does on this 16 px model from some random starts (both BatchNorms)
-            terms["grad"] = torch.full_like(terms["grad"], float("inf"))
+        if len(calls) >= spoiled_call:
+            spoil(self, terms)
         return terms
 
-    monkeypatch.setattr(SeedStep, "step", overflowing_from_the_fifth)
+    monkeypatch.setattr(SeedStep, "step", spoiled)
     checkpoint = tmp_path / "run.safetensors"
-    with pytest.raises(UserError, match=r"non-finite at iteration 4 \(seed 0, term 'grad'\); lower inversion.lr"):
+    with pytest.raises(UserError, match=stops):
         invert(model, artifact, labels.tolist(), config, None, checkpoint, "key")
-    assert len(calls) == 5  # stopped at once
+    assert len(calls) == spoiled_call  # stopped at once
     monkeypatch.setattr(SeedStep, "step", lambda self, *args: (calls.append(1), honest(self, *args))[1])
     resumed = invert(model, artifact, labels.tolist(), config, None, checkpoint, "key")
+    return len(calls), resumed
+
+
+def test_an_inversion_whose_objective_turns_non_finite_stops_there_and_keeps_its_last_checkpoint(attack, tmp_path, monkeypatch):
+    def overflowed(step, terms):  # as bfloat16 does on this 16 px model from some random starts (both BatchNorms)
+        terms["grad"] = torch.full_like(terms["grad"], float("inf"))
+
+    steps, resumed = _spoiled_run_then_resumed(
+        attack, tmp_path, monkeypatch, 1, 5, overflowed,
+        r"non-finite at iteration 4 \(seed 0, term 'grad'\); lower inversion.lr")
     # the checkpoint written after iteration 3 was left whole: the run goes on from iteration 4
-    assert len(calls) == 5 + 4 and sorted({row["iteration"] for row in resumed.log}) == list(range(8))
+    assert steps == 5 + 4 and sorted({row["iteration"] for row in resumed.log}) == list(range(8))
+
+
+def test_images_gone_non_finite_between_logged_iterations_never_overwrite_the_last_checkpoint(attack, tmp_path, monkeypatch):
+    def nan_pixel(step, terms):
+        with torch.no_grad():
+            step.images[1, 0, 0, 0, 0] = float("nan")
+
+    # iteration 3 is not logged (log_every 8); its state was due as the checkpoint of iteration 4
+    steps, resumed = _spoiled_run_then_resumed(
+        attack, tmp_path, monkeypatch, 8, 4, nan_pixel,
+        r"images became non-finite before iteration 4 \(seed 1\); lower inversion.lr, or check the gradient file; "
+        r"the last checkpoint was kept\.")
+    # resumed from the checkpoint of iteration 2 (iterations 2-7 taken again), to finite images
+    assert steps == 4 + 6 and torch.isfinite(resumed.images).all()
 
 
 def test_the_stacked_models_own_check_runs_in_float32_under_half_precision(attack, monkeypatch):
@@ -106,29 +133,3 @@ def test_the_stacked_models_own_check_runs_in_float32_under_half_precision(attac
     with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
         objective.batched_terms(xs)
     assert under_autocast == [False] * SEEDS
-
-
-def test_images_gone_non_finite_between_logged_iterations_never_overwrite_the_last_checkpoint(attack, tmp_path, monkeypatch):
-    model, _, artifact, _, labels = attack
-    config = build_section("inversion", {"iterations": 8, "seeds": SEEDS, "device": "cpu", "log_every": 8,
-                                         "registration": "none", "checkpoint_every": 2})
-    honest, calls = SeedStep.step, []
-
-    def overflowing_at_the_fourth(self, *args):
-        calls.append(1)
-        terms = honest(self, *args)
-        if len(calls) == 4:  # iteration 3: not logged (log_every 8), its state due as the checkpoint of 4
-            with torch.no_grad():
-                self.images[1, 0, 0, 0, 0] = float("nan")
-        return terms
-
-    monkeypatch.setattr(SeedStep, "step", overflowing_at_the_fourth)
-    checkpoint = tmp_path / "run.safetensors"
-    with pytest.raises(UserError, match=r"images became non-finite before iteration 4 \(seed 1\); lower inversion.lr, "
-                                        r"or check the gradient file; the last checkpoint was kept\."):
-        invert(model, artifact, labels.tolist(), config, None, checkpoint, "key")
-    assert len(calls) == 4
-    monkeypatch.setattr(SeedStep, "step", lambda self, *args: (calls.append(1), honest(self, *args))[1])
-    resumed = invert(model, artifact, labels.tolist(), config, None, checkpoint, "key")
-    # resumed from the checkpoint of iteration 2 (iterations 2-7 taken again), to finite images
-    assert len(calls) == 4 + 6 and torch.isfinite(resumed.images).all()
