@@ -21,10 +21,15 @@
    (`torch.backends.cudnn.benchmark`: graphed, the tuning happens in the eager warm-up; its
    heuristics put a generic convolution kernel at 18 % of the step, step_profile.py), and at the
    paper preset under `inversion.precision` bfloat16 and float16 (autocast; what they do to the
-   reconstruction: tf32_quality.py). A variant that fails is recorded with its error.
+   reconstruction: tf32_quality.py) and with `inversion.conv_double_backward: explicit` (each
+   seed's convolutions dense instead of grouped; with cuDNN's heuristics and autotuned). A variant
+   that fails is recorded with its error.
 
-Writes benchmarks/results/cuda_graph.json (with the machine) after the check and after every
-speed row; exit 1 when a check fails. `--rejudge FILE` applies this script's criteria to the
+    python benchmarks/cuda_graph_check.py --skip-check --focus   # ~3 min: the paper preset's default
+                                                                  # step and those candidates only
+
+Writes benchmarks/results/cuda_graph.json (with the machine and the command) after the check
+and after every speed row; exit 1 when a check fails. `--rejudge FILE` applies this script's criteria to the
 differences a results file recorded (no GPU needed) and rewrites its verdict.
 """
 
@@ -71,6 +76,9 @@ VARIANTS = [(False, "pytorch", "vmap", False), (True, "explicit", "stacked", Fal
             (False, "explicit", "vmap", False), (True, "explicit", "vmap", False)]
 AUTOTUNED = (True, "explicit", "vmap", False)  # the CUDA default with several seeds, timed again under cudnn.benchmark
 HALF_PRECISIONS = ("bfloat16", "float16")  # the same step under autocast, at the paper preset
+# The same step with `inversion.conv_double_backward: explicit` (each seed's convolutions dense), at the
+# paper preset, with cuDNN's heuristics and autotuned.
+EXPLICIT_CONV = {"conv_double_backward": "explicit"}
 
 
 class Interrupted(Exception):
@@ -201,29 +209,37 @@ def seconds_per_iteration(model, artifact, labels, settings: dict, short: int, l
     return (times[long] - times[short]) / (long - short), torch.cuda.max_memory_allocated()
 
 
-def speed_plan() -> list[tuple[int, int, dict]]:
+def speed_plan(focus: bool = False) -> list[tuple[int, int, dict]]:
     """(bs, G, variant) in the order they run: every variant at the paper preset first, then the
     defaults as shipped at the paper's largest batch (bs 48, G 8: must fit an 80 GB card), then
-    the bs 1 rows. A variant lists the settings it fixes; the defaults row fixes none."""
+    the bs 1 rows. A variant lists the settings it fixes; the defaults row fixes none. With
+    `focus`, the paper preset's default step and its candidates only (autotuned, the explicit
+    convolution, half precision): the rows a short GPU lease must not miss."""
     plan = []
     for batch, seeds in SPEED_CONFIGS:
         variant = lambda graph, bn, layout, channels_last: {  # noqa: E731
             "cuda_graph": graph, "bn_double_backward": bn, "batched_seeds": layout, "channels_last": channels_last,
             "seed_batch": seeds}
-        plan += [(batch, seeds, variant(*v)) for v in VARIANTS if not (v[2] == "stacked" and seeds == 1)]
+        default, preset = variant(*AUTOTUNED), (batch, seeds) == (8, 8)
+        if focus and not preset:
+            continue
+        plan += [(batch, seeds, default)] if focus else [
+            (batch, seeds, variant(*v)) for v in VARIANTS if not (v[2] == "stacked" and seeds == 1)]
         if seeds > 1:
-            plan.append((batch, seeds, {**variant(*AUTOTUNED), "cudnn_benchmark": True}))
-        if (batch, seeds) == (8, 8):
-            plan += [(batch, seeds, {**variant(*AUTOTUNED), "precision": precision}) for precision in HALF_PRECISIONS]
-            plan.append((48, 8, {}))
+            plan.append((batch, seeds, {**default, "cudnn_benchmark": True}))
+        if preset:
+            plan += [(batch, seeds, {**default, **EXPLICIT_CONV}),
+                     (batch, seeds, {**default, **EXPLICIT_CONV, "cudnn_benchmark": True})]
+            plan += [(batch, seeds, {**default, "precision": precision}) for precision in HALF_PRECISIONS]
+            plan += [] if focus else [(48, 8, {})]
     return plan
 
 
-def speed(device: str, short: int, long: int, on_row=lambda rows: None) -> list[dict]:
+def speed(device: str, short: int, long: int, on_row=lambda rows: None, focus: bool = False) -> list[dict]:
     """Every entry of speed_plan; `on_row(rows)` after each, so a run cut short keeps what it measured.
     A variant that fails is a row with its error, and the others still run."""
     rows = []
-    for batch, seeds, fixed in speed_plan():
+    for batch, seeds, fixed in speed_plan(focus):
         model, artifact, labels = problem("resnet50", 1000, 224, batch)
         inversion = {k: v for k, v in fixed.items() if k != "cudnn_benchmark"}
         settings = {"seeds": seeds, "device": device, "tf32": True, **inversion,
@@ -262,6 +278,9 @@ def main() -> int:
     parser.add_argument("--short", type=int, default=4, help="iterations of the short timed run")
     parser.add_argument("--long", type=int, default=14, help="iterations of the long timed run")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-check", action="store_true", help="time only (the same-path check passed on two H100 runs)")
+    parser.add_argument("--focus", action="store_true",
+                        help="time the paper preset's default step and its candidates only (speed_plan)")
     parser.add_argument("--rejudge", metavar="FILE", help="rewrite the verdict of a recorded check under these criteria")
     args = parser.parse_args()
     if args.rejudge:
@@ -273,20 +292,22 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("cuda_graph_check: needs CUDA, and torch sees no GPU.", file=sys.stderr)
         return 2
-    result = {"machine": machine(torch.device("cuda")), "command": "python benchmarks/cuda_graph_check.py"}
-    try:
-        result["check"] = same_path_check("cuda")
-    except Exception as error:  # noqa: BLE001 - the speed figures are still worth having
-        traceback.print_exc()
-        result["check"] = {"passed": False, "error": f"{type(error).__name__}: {error}"[:400]}
-    print(json.dumps(result["check"]), flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    result = {"machine": machine(torch.device("cuda")),
+              "command": "python " + " ".join(["benchmarks/cuda_graph_check.py", *sys.argv[1:]])}
+    if not args.skip_check:
+        try:
+            result["check"] = same_path_check("cuda")
+        except Exception as error:  # noqa: BLE001 - the speed figures are still worth having
+            traceback.print_exc()
+            result["check"] = {"passed": False, "error": f"{type(error).__name__}: {error}"[:400]}
+        print(json.dumps(result["check"]), flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
     if not args.skip_speed:
         def keep(rows):
             result["speed"] = rows
             Path(args.out).write_text(json.dumps(result, indent=1))
-        speed("cuda", args.short, args.long, keep)
-    return 0 if result["check"]["passed"] else 1
+        speed("cuda", args.short, args.long, keep, args.focus)
+    return 0 if args.skip_check or result["check"]["passed"] else 1
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
     python benchmarks/step_profile.py --device cpu --arch resnet18 --px 32   # the same table on a CPU
 
 ResNet-50 at 224 px (random weights), bs 8, G 8 seeds batched, TF32 on; the step as configured by
---bn-double-backward and --batched-seeds (default: as CUDA runs it by default, explicit BN, seeds
-under vmap), eager: the graphed step runs the same kernels without launch gaps, so the table says
+--bn-double-backward, --batched-seeds and --conv-double-backward (default: as CUDA runs it by
+default, explicit BN, seeds under vmap, torch's convolutions), eager: the graphed step runs the same kernels without launch gaps, so the table says
 which kernels a faster step must cut. Only the steps are profiled (the engine's SeedStep, after two
 warm-up steps), not the inversion's set-up or its final per-seed evaluation.
 Writes benchmarks/results/step_profile-<device>.json: the machine, the settings, the top
@@ -99,6 +99,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--bn-double-backward", default="explicit", choices=["pytorch", "explicit"])
     parser.add_argument("--batched-seeds", default="vmap", choices=["vmap", "stacked"])
+    parser.add_argument("--conv-double-backward", default="pytorch", choices=["pytorch", "explicit"])
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
@@ -110,6 +111,7 @@ def main() -> int:
     model, artifact, labels = problem(args.arch, 1000 if args.arch == "resnet50" else 10, args.px, args.batch)
     settings = {"seeds": args.seeds, "seed_batch": args.seeds, "device": args.device, "tf32": True,
                 "bn_double_backward": args.bn_double_backward, "batched_seeds": args.batched_seeds,
+                "conv_double_backward": args.conv_double_backward,
                 "channels_last": args.channels_last}
     prof, seconds_per_step = profiled_steps(model, artifact, labels, build_section("inversion", settings),
                                             torch.device(args.device), args.steps)

@@ -21,7 +21,8 @@ launch gaps). It counts bs 8 G 8 once more with `inversion.batched_seeds: stacke
 stacked into the channels, gradinv/stacked_seeds.py) instead of vmap, and under
 `inversion.precision` bfloat16 and float16 (autocast as a CPU applies it: convolutions and
 matrix products in the half type, their outputs and what follows them stored in it; the bound
-then takes the half type's tensor-core rate). Writes benchmarks/results/step_roofline.json.
+then takes the half type's tensor-core rate), and with `inversion.conv_double_backward: explicit`
+(each seed's convolutions dense, gradinv/convolution.py). Writes benchmarks/results/step_roofline.json.
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ class TrafficCount(TorchDispatchMode):
 
 @contextmanager
 def fake_step(batch: int, seeds: int, bn_double_backward: str, batched_seeds: str = "vmap", chunk: int | None = None,
-              watch: TorchDispatchMode | None = None, precision: str = "float32") -> Iterator[tuple[SeedStep, Objective]]:
+              watch: TorchDispatchMode | None = None, precision: str = "float32",
+              conv_double_backward: str = "pytorch") -> Iterator[tuple[SeedStep, Objective]]:
     """The engine's step for ResNet-50 at 224 px, its seeds vmapped in chunks of `chunk` seeds (default:
     all at once), as the graphed step runs them (even chunks of one seed), on fake tensors: yields
     (step, objective) inside FakeTensorMode, the first step (which creates Adam's state) taken.
@@ -129,7 +131,7 @@ def fake_step(batch: int, seeds: int, bn_double_backward: str, batched_seeds: st
     model, artifact, _ = problem("resnet50", 1000, 224, 1)  # weights and artifact do not depend on bs
     config = build_section("inversion", {"seeds": seeds, "device": "cpu", "registration": "none",
                                          "bn_double_backward": bn_double_backward, "batched_seeds": batched_seeds,
-                                         "precision": precision})
+                                         "precision": precision, "conv_double_backward": conv_double_backward})
     objective = Objective(train_mode_copy(model), artifact, torch.zeros(batch, dtype=torch.int64), config)
     objective._functional_model()  # the copies of the model are made here: fake tensors cannot be deep-copied
     if batched_seeds == "stacked":
@@ -144,9 +146,11 @@ def fake_step(batch: int, seeds: int, bn_double_backward: str, batched_seeds: st
         yield step, objective
 
 
-def count_step(batch: int, seeds: int, bn_double_backward: str, batched_seeds: str = "vmap", precision: str = "float32") -> dict:
+def count_step(batch: int, seeds: int, bn_double_backward: str, batched_seeds: str = "vmap", precision: str = "float32",
+               conv_double_backward: str = "pytorch") -> dict:
     """The counts of the engine's second step (the first creates Adam's state)."""
-    with fake_step(batch, seeds, bn_double_backward, batched_seeds, precision=precision) as (step, _), TrafficCount() as counter:
+    with (fake_step(batch, seeds, bn_double_backward, batched_seeds, precision=precision,
+                    conv_double_backward=conv_double_backward) as (step, _), TrafficCount() as counter):
         step.step(False, None)
     return {"batch": batch, "seeds": seeds, "ops": len(counter.ops), "bytes": sum(b for _, b, _ in counter.ops),
             "flops": sum(f for _, _, f in counter.ops), "per_op": counter.ops}
@@ -193,11 +197,18 @@ def main() -> int:
                   for name, gpu in GPUS.items()}}
         half_rows.append(row)
         print(json.dumps(row), flush=True)
+    c = count_step(8, 8, "explicit", conv_double_backward="explicit")
+    explicit_conv_row = {"conv_double_backward": "explicit", "bn_double_backward": "explicit", "batch": 8, "seeds": 8,
+                         "ops": c["ops"], "bytes": c["bytes"], "flops": c["flops"],
+                         **{f"paper_minutes_{name}": bound_seconds(c["per_op"], gpu) * PAPER_ITERATIONS / 60
+                            for name, gpu in GPUS.items()}}
+    print(json.dumps(explicit_conv_row), flush=True)
     h100 = GPUS["H100"]
     top = {mode: sorted(ops.items(), key=lambda kv: -max(kv[1][1] / h100["bandwidth"], kv[1][2] / h100["tf32"]))
            for mode, ops in heaviest.items()}
     result = {"machine": machine(torch.device("cpu")), "command": "python benchmarks/step_roofline.py", "gpus": GPUS,
-              "rows": rows, "stacked_seeds_rows": stacked_rows, "half_precision_rows": half_rows, "top_ops_bs8_g8": {mode: [{"op": n, "calls": c, "bytes": b, "flops": f} for n, (c, b, f) in ops[:12]]
+              "rows": rows, "stacked_seeds_rows": stacked_rows, "half_precision_rows": half_rows,
+              "explicit_conv_rows": [explicit_conv_row], "top_ops_bs8_g8": {mode: [{"op": n, "calls": c, "bytes": b, "flops": f} for n, (c, b, f) in ops[:12]]
                                                for mode, ops in top.items()}}
     Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

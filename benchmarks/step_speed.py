@@ -490,18 +490,20 @@ def probes_section(result: dict) -> str:
 def against_bound(speed_rows: list[dict], roofline: dict, gpu: str) -> list[str]:
     """Each timed bs 8 G 8 row (the layout step_roofline counted) beside its counted traffic and
     arithmetic: achieved rates and how far above the bound it runs."""
-    counted = {(r["bn_double_backward"], "vmap"): r for r in roofline["rows"] if (r["batch"], r["seeds"]) == (8, 8)}
-    counted.update({(r["bn_double_backward"], "stacked"): r for r in roofline.get("stacked_seeds_rows", [])})
+    counted = {(r["bn_double_backward"], "vmap", "pytorch"): r for r in roofline["rows"] if (r["batch"], r["seeds"]) == (8, 8)}
+    counted.update({(r["bn_double_backward"], "stacked", "pytorch"): r for r in roofline.get("stacked_seeds_rows", [])})
+    counted.update({(r["bn_double_backward"], "vmap", "explicit"): r for r in roofline.get("explicit_conv_rows", [])})
     peak = roofline["gpus"][gpu]
     lines = []
     for r in speed_rows:
-        c = counted.get((r["bn_double_backward"], r.get("batched_seeds", "vmap")))
+        c = counted.get((r["bn_double_backward"], r.get("batched_seeds", "vmap"), r.get("conv_double_backward", "pytorch")))
         if ((r["batch"], r["seeds"]) != (8, 8) or r.get("channels_last") or "error" in r or c is None
                 or r.get("precision", "float32") != "float32"):  # counted in float32
             continue
         t = r["seconds_per_iteration"]
         lines.append(f"- {'graphed' if r['cuda_graph'] else 'eager'}, BN {r['bn_double_backward']}, seeds "
-                     f"{r.get('batched_seeds', 'vmap')}{', cudnn.benchmark' if r.get('cudnn_benchmark') else ''}: "
+                     f"{r.get('batched_seeds', 'vmap')}{', explicit convolutions' if r.get('conv_double_backward') == 'explicit' else ''}"
+                     f"{', cudnn.benchmark' if r.get('cudnn_benchmark') else ''}: "
                      f"{c['bytes'] / t / 1e12:.2f} TB/s of the counted {c['bytes'] / 1e9:.0f} GB "
                      f"({c['bytes'] / t / peak['bandwidth']:.0%} of the {gpu}'s {peak['bandwidth'] / 1e12:.2f} TB/s), "
                      f"{c['flops'] / t / 1e12:.1f} TFLOP/s ({c['flops'] / t / peak['tf32']:.1%} of TF32), "
@@ -511,10 +513,12 @@ def against_bound(speed_rows: list[dict], roofline: dict, gpu: str) -> list[str]
 
 def cuda_graph_section(result: dict, roofline: dict | None = None) -> str:
     """benchmarks/cuda_graph_check.py: the graphed step, the explicit BN double backward and stacked seeds against the default."""
-    check = result["check"]
+    check = result.get("check", {})
     title = (f"### CUDA graphs, the explicit BN double backward and stacked seeds in the engine "
              f"({result['machine'].get('gpu', 'GPU')})")
-    if "error" in check:
+    if not check:
+        verdict = "not run by this command (--skip-check)."
+    elif "error" in check:
         verdict = f"FAILED to run: {check['error']}"
     else:
         noise = check["float_noise_one_by_one_vs_batched"]
@@ -540,6 +544,7 @@ def cuda_graph_section(result: dict, roofline: dict | None = None) -> str:
                   "peak memory eager / graphed |",
                   "|---|---|---|---|---|---|---|---|"]
         layout_of = lambda r: (r.get("batched_seeds", "vmap") + (", channels_last" if r.get("channels_last") else "")  # noqa: E731
+                               + (", explicit convolutions" if r.get("conv_double_backward") == "explicit" else "")
                                + (", cudnn.benchmark" if r.get("cudnn_benchmark") else "")
                                + (f", {r['precision']}" if r.get("precision", "float32") != "float32" else ""))
         timed = [r for r in result["speed"] if not r.get("defaults")]
@@ -623,6 +628,13 @@ def roofline_section(result: dict, measured: dict | None, probes: dict | None) -
                   "; ".join(f"{r['precision']}: {r['ops']} operations, {r['bytes'] / 1e9:.0f} GB, **{r['paper_minutes_H100']:.0f} "
                             f"minutes on an H100** ({r['paper_minutes_H200']:.0f} on an H200) for the paper preset"
                             for r in half) + "."]
+    for r in result.get("explicit_conv_rows", []):
+        lines += ["", "The same step (vmap, explicit BN, bs 8 G 8) with `inversion.conv_double_backward: explicit` (each seed's "
+                  "convolutions dense, one per seed, instead of one grouped over the seeds; gradinv/convolution.py): "
+                  f"{r['ops']} operations, {r['bytes'] / 1e9:.0f} GB, **{r['paper_minutes_H100']:.0f} minutes on an H100** "
+                  f"({r['paper_minutes_H200']:.0f} on an H200) for the paper preset: more bytes than torch's grouped "
+                  "convolutions (activations laid out seed by seed, results stacked); what it is for is the kernels cuDNN "
+                  "runs, which only a GPU run measures."]
     for mode, ops in result["top_ops_bs8_g8"].items():
         lines += ["", f"Operations moving most data at bs 8 G 8, BN double backward {mode}: " +
                   "; ".join(f"{o['op']} {o['calls']}× {o['bytes'] / 1e9:.0f} GB" for o in ops[:8]) + "."]
@@ -649,9 +661,11 @@ def write_doc() -> Path:
                           ("cuda_graph", lambda result: cuda_graph_section(result, roofline))):
         if (RESULTS / f"{name}.json").is_file():
             parts += [section(json.loads((RESULTS / f"{name}.json").read_text())), ""]
-        if name == "tf32_quality":  # the same measurement of half precision, per machine
-            parts += [part for path in sorted(RESULTS.glob("precision_quality-*.json"))
-                      for part in (tf32_quality_section(json.loads(path.read_text())), "")]
+        # more runs of the same script: half precision per machine; a GPU lease's focused timings
+        more = {"tf32_quality": ("precision_quality-*.json", tf32_quality_section), "cuda_graph": ("cuda_graph-*.json", section)}
+        if name in more:
+            pattern, render = more[name]
+            parts += [part for path in sorted(RESULTS.glob(pattern)) for part in (render(json.loads(path.read_text())), "")]
     if "gpu" not in found:
         parts += ["### GPU", "", "No GPU figures yet: on a GPU machine, `python benchmarks/step_speed.py --suite gpu` (it needs",
                   "only torch and torchvision besides this repository) measures ResNet-50 at 224 px, bs 1/8/48,",

@@ -144,22 +144,23 @@ class _BatchNormTrain(torch.autograd.Function):
     (ReLU(inplace=True), a residual `out += identity`)."""
 
     @staticmethod
-    def vmap(info, in_dims, x, weight, bias, eps):
-        x_dim, weight_dim, bias_dim, _ = in_dims
+    def vmap(info, in_dims, x, weight, bias, eps, seeds_major):
+        x_dim, weight_dim, bias_dim, _, _ = in_dims
         seeds = info.batch_size
         channels = lambda t, dim: _per_seed_channels(t, dim, seeds)  # noqa: E731
         y, mean, var = _BatchNormTrain.apply(_fold_seeds(x, x_dim, seeds), channels(weight, weight_dim),
-                                             channels(bias, bias_dim), eps)
-        return (_unfold_seeds(y, seeds), mean.view(seeds, -1), var.view(seeds, -1)), (0, 0, 0)
+                                             channels(bias, bias_dim), eps, False)
+        y = _unfold_seeds(y, seeds)
+        return (y.contiguous() if seeds_major else y, mean.view(seeds, -1), var.view(seeds, -1)), (0, 0, 0)
 
     @staticmethod
-    def forward(x, weight, bias, eps):
+    def forward(x, weight, bias, eps, seeds_major):
         y, mean, rstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
         return y, mean, rstd.pow(-2) - eps
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _, eps = inputs
+        x, weight, _, eps, _ = inputs
         _, mean, var = output
         ctx.eps = eps
         ctx.set_materialize_grads(False)  # most layers' μ, σ² get no gradient: no zero tensors for them
@@ -178,7 +179,7 @@ class _BatchNormTrain(torch.autograd.Function):
             slope = torch.zeros_like(mean) if grad_var is None else 2 * grad_var / count
             offset = _channel_view(grad_mean / count - slope * mean, x)
             grad_x = torch.addcmul(offset if grad_x is None else grad_x + offset, x, _channel_view(slope, x))
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 StatisticsSink = Callable[[torch.Tensor, torch.Tensor], None]
@@ -191,13 +192,17 @@ class TrainBatchNorm2d(nn.BatchNorm2d):
     forward hands it the input's batch (mean, biased variance), differentiable."""
 
     statistics_sink: StatisticsSink | None = None
+    # Under vmap, the output laid out seed by seed (G, N, C, ...) rather than as a view of the seeds
+    # folded into the channels: for convolutions that take each seed's images as one slice
+    # (gradinv.convolution), one copy here instead of one in their forward and one in their backward.
+    seeds_major_output: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.weight is None:
             if self.statistics_sink is not None:
                 self.statistics_sink(*batch_statistics(x))
             return super().forward(x)
-        y, mean, var = _BatchNormTrain.apply(x, self.weight, self.bias, self.eps)
+        y, mean, var = _BatchNormTrain.apply(x, self.weight, self.bias, self.eps, self.seeds_major_output)
         if self.statistics_sink is not None:
             self.statistics_sink(mean, var)
         return y

@@ -246,7 +246,7 @@ def run_key(gradient_file: Path, labels: list[int], config: InversionConfig) -> 
     that changes the result."""
     digest = hashlib.sha256(gradient_file.read_bytes())
     speed_only = ("log_every", "checkpoint_every", "device", "seed_workers", "seed_batch", "channels_last", "cuda_graph",
-                  "bn_double_backward", "batched_seeds")
+                  "bn_double_backward", "conv_double_backward", "batched_seeds")
     settings = {k: v for k, v in as_dict(config).items() if k not in speed_only}
     digest.update(json.dumps([labels, settings], sort_keys=True).encode())
     return digest.hexdigest()

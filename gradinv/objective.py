@@ -9,9 +9,10 @@ client's own train mode (gradinv.client), so x̂ is judged by the function the c
 Against declared defenses the attacker knows of, ∇_W L is replaced by what the client shared:
 only the transmitted entries under top-k pruning, and the replayed local update under FedAvg.
 
-The attacker's model computes the client's function with two layers of its own whose second
-derivatives move less data: ReLU (gradinv.relu, always) and BatchNorm (gradinv.batchnorm, with
-`inversion.bn_double_backward: explicit`).
+The attacker's model computes the client's function with layers of its own whose second
+derivatives move less data: ReLU (gradinv.relu, always), BatchNorm (gradinv.batchnorm, with
+`inversion.bn_double_backward: explicit`) and, experimental, Conv2d with each seed's
+convolutions dense under vmap (gradinv.convolution, `inversion.conv_double_backward: explicit`).
 
 `batched_terms` evaluates several seeds in one call (torch.func.vmap over the seeds, or with
 `inversion.batched_seeds: stacked` the seeds stacked into the channels of one model; per-seed
@@ -31,6 +32,7 @@ from gradinv.artifacts import GradientArtifact
 from gradinv.batchnorm import with_explicit_double_backward
 from gradinv.client import local_update, parameter_gradients, recorded_bn_statistics
 from gradinv.config import InversionConfig
+from gradinv.convolution import with_explicit_conv_double_backward
 from gradinv.defenses import shared_update, transmitted_mask
 from gradinv.errors import UserError
 from gradinv.models import batchnorm_layers
@@ -111,7 +113,8 @@ class Objective:
     def __init__(self, model: nn.Module, artifact: GradientArtifact, labels: torch.Tensor, config: InversionConfig):
         device = labels.device
         model = with_detached_relu_masks(model)
-        self.model = with_explicit_double_backward(model) if explicit_bn_double_backward(config, device) else model
+        model = with_explicit_double_backward(model) if explicit_bn_double_backward(config, device) else model
+        self.model = with_explicit_conv_double_backward(model) if config.conv_double_backward == "explicit" else model
         self.labels = labels
         self.config = config
         self.target = {n: g.to(device) for n, g in artifact.grads.items()}

@@ -74,6 +74,22 @@ def attack(tiny_project):
 
 
 @pytest.fixture
+def attack64(attack):
+    """`attack` in float64 (model, gradient artifact and images): where a test holds two formulas to
+    each other exactly. The test victim's BatchNorm layers normalise 4 values per channel at
+    1×1 px, so ill-conditioned that float32 rounding alone moves an image gradient by ~2e-4."""
+    import copy
+
+    from gradinv.artifacts import GradientArtifact
+
+    model, meta, artifact, images, labels = attack
+    double = lambda tensors: {n: t.double() for n, t in tensors.items()}  # noqa: E731
+    return (copy.deepcopy(model).double(), meta,
+            GradientArtifact(double(artifact.grads), artifact.meta, double(artifact.bn_mean), double(artifact.bn_var)),
+            images.double(), labels)
+
+
+@pytest.fixture
 def project_copy(tiny_project, tmp_path) -> Path:
     """A private copy of the tiny project, for tests that break or rewrite its files."""
     root = tmp_path / "project"

@@ -15,7 +15,7 @@ def test_first_and_second_derivatives_match_finite_differences():
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
               for shape in ((3, 4, 5, 5), (4,), (4,))]
-    batch_norm = lambda x, weight, bias: _BatchNormTrain.apply(x, weight, bias, 1e-5)  # noqa: E731
+    batch_norm = lambda x, weight, bias: _BatchNormTrain.apply(x, weight, bias, 1e-5, False)  # noqa: E731
     y, mean, var = batch_norm(*inputs)
     assert torch.allclose(y, F.batch_norm(*inputs[:1], None, None, *inputs[1:], True, 0.0, 1e-5))
     expected_mean, expected_var = batch_statistics(inputs[0])
@@ -24,40 +24,49 @@ def test_first_and_second_derivatives_match_finite_differences():
     assert torch.autograd.gradgradcheck(batch_norm, inputs)
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["seed by seed", "seeds batched"])
-def test_the_objective_and_its_image_gradient_are_pytorchs_to_float_precision(attack, batched):
-    """Through a ResNet with residual additions and in-place ReLUs after BatchNorm, one seed at
-    a time and under vmap (where the seeds fold into the channels)."""
-    model, _, artifact, images, labels = attack
+def _terms_and_image_gradient(attack64, bn_double_backward: str, batched: bool):
+    """Two seeds' terms and image gradients in float64, the model seeing flipped images."""
+    model, _, artifact, images, labels = attack64
     generator = torch.Generator().manual_seed(1)
-    xs = torch.stack([images, torch.randn(images.shape, generator=generator)]).requires_grad_(True)
-    results = {}
-    for mode in ("pytorch", "explicit"):
-        objective = Objective(train_mode_copy(model), artifact, labels, build_section("inversion", {"bn_double_backward": mode}))
-        if batched:
-            terms = objective.batched_terms(xs, xs.flip(-1))
-            (grad,) = torch.autograd.grad(terms["total"].sum(), xs)
-        else:
-            per_seed = [objective.terms(x, None, lambda t: t.flip(-1)) for x in xs]
-            terms = {k: torch.stack([t[k] for t in per_seed]) for k in LOSS_TERMS}
-            (grad,) = torch.autograd.grad(terms["total"].sum(), xs)
-        results[mode] = terms, grad
-    (terms, grad), (ours, our_grad) = results["pytorch"], results["explicit"]
+    xs = torch.stack([images, torch.randn(images.shape, generator=generator, dtype=torch.float64)]).requires_grad_(True)
+    config = build_section("inversion", {"bn_double_backward": bn_double_backward})
+    objective = Objective(train_mode_copy(model), artifact, labels, config)
+    if batched:
+        terms = objective.batched_terms(xs, xs.flip(-1))
+    else:
+        per_seed = [objective.terms(x, None, lambda t: t.flip(-1)) for x in xs]
+        terms = {k: torch.stack([t[k] for t in per_seed]) for k in LOSS_TERMS}
+    return terms, torch.autograd.grad(terms["total"].sum(), xs)[0]
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["seed by seed", "seeds batched"])
+def test_the_objective_and_its_image_gradient_are_pytorchs_seed_by_seed_to_float64_precision(attack64, batched):
+    """Through a ResNet with residual additions and in-place ReLUs after BatchNorm, one seed at a
+    time and under vmap (where the seeds fold into the channels), against PyTorch's BatchNorm
+    seed by seed. (PyTorch's own BatchNorm under vmap is the one that is off: on this victim its
+    image gradient lies ~2e-4 from its seed-by-seed self, in float64.)"""
+    terms, grad = _terms_and_image_gradient(attack64, "pytorch", batched=False)
+    ours, our_grad = _terms_and_image_gradient(attack64, "explicit", batched)
     for name in LOSS_TERMS:
-        assert torch.allclose(ours[name], terms[name], rtol=1e-5, atol=1e-6), name
-    assert (our_grad - grad).norm() <= 1e-4 * grad.norm()  # measured: ~1e-6 (float32)
+        assert torch.allclose(ours[name], terms[name], rtol=1e-10, atol=1e-12), name
+    assert (our_grad - grad).norm() <= 1e-10 * grad.norm()  # measured: ~5e-15
 
 
 def test_an_inversion_follows_the_same_path_with_either_double_backward(attack):
+    """Same start; later no further from PyTorch's BatchNorm than float rounding alone takes two
+    runs of it (seeds on threads against one by one: on this ill-conditioned victim, ~5 % of how
+    far the images moved after 6 iterations)."""
     model, _, artifact, _, labels = attack
     settings = {"iterations": 6, "seeds": 2, "warmup": 2, "log_every": 1, "device": "cpu", "jitter": 1, "langevin": 0.1}
     labels = sorted(labels.tolist())
-    runs = {mode: invert(model, artifact, labels, build_section("inversion", {**settings, "bn_double_backward": mode}))
-            for mode in ("pytorch", "explicit")}
+    run = lambda **extra: invert(model, artifact, labels, build_section("inversion", {**settings, **extra}))  # noqa: E731
+    pytorch, explicit = run(bn_double_backward="pytorch"), run(bn_double_backward="explicit")
+    rounded_otherwise = run(bn_double_backward="pytorch", seed_workers=1)
     first = lambda result: [r["total"] for r in result.log if r["iteration"] == 0]  # noqa: E731
-    assert first(runs["explicit"]) == pytest.approx(first(runs["pytorch"]), rel=1e-5)
-    moved = (runs["pytorch"].images - runs["pytorch"].initial).abs().mean().item()
-    assert (runs["explicit"].images - runs["pytorch"].images).abs().mean().item() < 0.05 * moved
+    assert first(explicit) == pytest.approx(first(pytorch), rel=1e-5)
+    moved = (pytorch.images - pytorch.initial).abs().mean().item()
+    apart = lambda result: (result.images - pytorch.images).abs().mean().item() / moved  # noqa: E731
+    assert apart(explicit) <= 2 * apart(rounded_otherwise) + 0.01
 
 
 def test_a_fedavg_replay_differentiates_the_same_with_either_double_backward(attack):
@@ -101,3 +110,12 @@ def test_recorded_statistics_come_from_the_layers_forward_and_the_layer_forgets_
         expected_mean, expected_var = batch_statistics(x)
         assert torch.allclose(mean, expected_mean, atol=1e-6) and torch.allclose(var, expected_var, rtol=1e-5, atol=1e-6)
     assert all(m.statistics_sink is None for m in layers)  # no graph is kept alive past the forward
+
+
+def test_with_the_seeds_vmapped_pytorchs_batchnorm_is_the_one_off(attack64):
+    """What README, Speed, says of PyTorch's BatchNorm under vmap (seen with torch 2.14): its image
+    gradient lies ~2e-4 from its seed-by-seed self in float64, where the written-out one lies
+    ~5e-15 from it. Should a torch release mend it, this fails and that sentence must go."""
+    _, grad = _terms_and_image_gradient(attack64, "pytorch", batched=False)
+    _, vmapped = _terms_and_image_gradient(attack64, "pytorch", batched=True)
+    assert (vmapped - grad).norm() >= 1e-5 * grad.norm()

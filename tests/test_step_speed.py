@@ -44,20 +44,28 @@ def test_a_timed_step_is_set_against_the_traffic_and_arithmetic_counted_for_its_
     uncounted = [{**timed, "batched_seeds": "stacked"}, {**timed, "channels_last": True}, {**timed, "batch": 1},
                  {**timed, "precision": "float16"},
                  {**timed, "error": "out of GPU memory"}]
-    (line,) = against_bound([timed, *uncounted], roofline, "H100")
+    (line,) = against_bound([timed, *uncounted, {**timed, "conv_double_backward": "explicit"}], roofline, "H100")
     assert "1.00 TB/s of the counted 300 GB (50% of the H100's 2.00 TB/s)" in line
     assert "13.3 TFLOP/s (3.3% of TF32)" in line and line.endswith("3.0x its bound")
+    # the explicit convolution's step is set against its own count, not the default's
+    roofline["explicit_conv_rows"] = [{**roofline["rows"][0], "bytes": 330e9, "conv_double_backward": "explicit"}]
+    _, line = against_bound([timed, {**timed, "conv_double_backward": "explicit"}], roofline, "H100")
+    assert "seeds vmap, explicit convolutions:" in line and "of the counted 330 GB" in line
 
 
 def test_a_graphed_variant_timed_without_an_eager_twin_gets_a_line_of_its_own():
     step = {"batch": 8, "seeds": 8, "cuda_graph": True, "bn_double_backward": "explicit", "batched_seeds": "vmap",
             "channels_last": False, "peak_memory_bytes": 2**30}
     speed = [{**step, "cuda_graph": False, "seconds_per_iteration": 0.6}, {**step, "seconds_per_iteration": 0.3},
-             {**step, "cudnn_benchmark": True, "seconds_per_iteration": 0.2}]
+             {**step, "cudnn_benchmark": True, "seconds_per_iteration": 0.2},
+             {**step, "conv_double_backward": "explicit", "seconds_per_iteration": 0.1}]
     section = cuda_graph_section({"machine": {}, "command": "c", "check": {"error": "none"}, "speed": speed})
     rows = [line for line in section.splitlines() if line.startswith("| 8 | 8 |")]
     assert rows == ["| 8 | 8 | explicit | vmap | 0.600 | 0.300 | 2.00x | 1024 MiB / 1024 MiB |",
-                    "| 8 | 8 | explicit | vmap, cudnn.benchmark | not run | 0.200 | - | - / 1024 MiB |"]
+                    "| 8 | 8 | explicit | vmap, cudnn.benchmark | not run | 0.200 | - | - / 1024 MiB |",
+                    "| 8 | 8 | explicit | vmap, explicit convolutions | not run | 0.100 | - | - / 1024 MiB |"]
+    unchecked = cuda_graph_section({"machine": {}, "command": "c --skip-check", "speed": speed})  # timed only
+    assert "not run by this command (--skip-check)" in unchecked and rows[2] in unchecked.splitlines()
 
 
 def test_the_baseline_spells_the_distance_as_it_reads_and_leaves_the_library_as_it_was(monkeypatch):
