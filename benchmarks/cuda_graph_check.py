@@ -22,8 +22,8 @@
    heuristics put a generic convolution kernel at 18 % of the step, step_profile.py), and at the
    paper preset under `inversion.precision` bfloat16 and float16 (autocast; what they do to the
    reconstruction: tf32_quality.py) and with `inversion.conv_double_backward: explicit` (each
-   seed's convolutions dense instead of grouped; with cuDNN's heuristics and autotuned). A variant
-   that fails is recorded with its error.
+   seed's convolutions dense instead of grouped; with cuDNN's heuristics, autotuned, and in either
+   half precision). A variant that fails is recorded with its error.
 
     python benchmarks/cuda_graph_check.py --skip-check --focus   # ~3 min: the paper preset's default
                                                                   # step and those candidates only
@@ -77,7 +77,7 @@ VARIANTS = [(False, "pytorch", "vmap", False), (True, "explicit", "stacked", Fal
 AUTOTUNED = (True, "explicit", "vmap", False)  # the CUDA default with several seeds, timed again under cudnn.benchmark
 HALF_PRECISIONS = ("bfloat16", "float16")  # the same step under autocast, at the paper preset
 # The same step with `inversion.conv_double_backward: explicit` (each seed's convolutions dense), at the
-# paper preset, with cuDNN's heuristics and autotuned.
+# paper preset, with cuDNN's heuristics and autotuned, and in either half precision.
 EXPLICIT_CONV = {"conv_double_backward": "explicit"}
 
 
@@ -230,7 +230,8 @@ def speed_plan(focus: bool = False) -> list[tuple[int, int, dict]]:
         if preset:
             plan += [(batch, seeds, {**default, **EXPLICIT_CONV}),
                      (batch, seeds, {**default, **EXPLICIT_CONV, "cudnn_benchmark": True})]
-            plan += [(batch, seeds, {**default, "precision": precision}) for precision in HALF_PRECISIONS]
+            plan += [(batch, seeds, {**default, **conv, "precision": precision})
+                     for conv in ({}, EXPLICIT_CONV) for precision in HALF_PRECISIONS]
             plan += [] if focus else [(48, 8, {})]
     return plan
 

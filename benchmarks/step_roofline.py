@@ -22,7 +22,8 @@ stacked into the channels, gradinv/stacked_seeds.py) instead of vmap, and under
 `inversion.precision` bfloat16 and float16 (autocast as a CPU applies it: convolutions and
 matrix products in the half type, their outputs and what follows them stored in it; the bound
 then takes the half type's tensor-core rate), and with `inversion.conv_double_backward: explicit`
-(each seed's convolutions dense, gradinv/convolution.py). Writes benchmarks/results/step_roofline.json.
+(each seed's convolutions dense, gradinv/convolution.py; in float32 and float16). Writes
+benchmarks/results/step_roofline.json.
 """
 
 from __future__ import annotations
@@ -197,18 +198,22 @@ def main() -> int:
                   for name, gpu in GPUS.items()}}
         half_rows.append(row)
         print(json.dumps(row), flush=True)
-    c = count_step(8, 8, "explicit", conv_double_backward="explicit")
-    explicit_conv_row = {"conv_double_backward": "explicit", "bn_double_backward": "explicit", "batch": 8, "seeds": 8,
-                         "ops": c["ops"], "bytes": c["bytes"], "flops": c["flops"],
-                         **{f"paper_minutes_{name}": bound_seconds(c["per_op"], gpu) * PAPER_ITERATIONS / 60
-                            for name, gpu in GPUS.items()}}
-    print(json.dumps(explicit_conv_row), flush=True)
+    explicit_conv_rows = []
+    for precision in ("float32", "float16"):
+        c = count_step(8, 8, "explicit", precision=precision, conv_double_backward="explicit")
+        rate = "tf32" if precision == "float32" else "half"
+        row = {"conv_double_backward": "explicit", "precision": precision, "bn_double_backward": "explicit", "batch": 8,
+               "seeds": 8, "ops": c["ops"], "bytes": c["bytes"], "flops": c["flops"],
+               **{f"paper_minutes_{name}": bound_seconds(c["per_op"], gpu, rate) * PAPER_ITERATIONS / 60
+                  for name, gpu in GPUS.items()}}
+        explicit_conv_rows.append(row)
+        print(json.dumps(row), flush=True)
     h100 = GPUS["H100"]
     top = {mode: sorted(ops.items(), key=lambda kv: -max(kv[1][1] / h100["bandwidth"], kv[1][2] / h100["tf32"]))
            for mode, ops in heaviest.items()}
     result = {"machine": machine(torch.device("cpu")), "command": "python benchmarks/step_roofline.py", "gpus": GPUS,
               "rows": rows, "stacked_seeds_rows": stacked_rows, "half_precision_rows": half_rows,
-              "explicit_conv_rows": [explicit_conv_row], "top_ops_bs8_g8": {mode: [{"op": n, "calls": c, "bytes": b, "flops": f} for n, (c, b, f) in ops[:12]]
+              "explicit_conv_rows": explicit_conv_rows, "top_ops_bs8_g8": {mode: [{"op": n, "calls": c, "bytes": b, "flops": f} for n, (c, b, f) in ops[:12]]
                                                for mode, ops in top.items()}}
     Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

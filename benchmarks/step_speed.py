@@ -492,7 +492,8 @@ def against_bound(speed_rows: list[dict], roofline: dict, gpu: str) -> list[str]
     arithmetic: achieved rates and how far above the bound it runs."""
     counted = {(r["bn_double_backward"], "vmap", "pytorch"): r for r in roofline["rows"] if (r["batch"], r["seeds"]) == (8, 8)}
     counted.update({(r["bn_double_backward"], "stacked", "pytorch"): r for r in roofline.get("stacked_seeds_rows", [])})
-    counted.update({(r["bn_double_backward"], "vmap", "explicit"): r for r in roofline.get("explicit_conv_rows", [])})
+    counted.update({(r["bn_double_backward"], "vmap", "explicit"): r for r in roofline.get("explicit_conv_rows", [])
+                    if r.get("precision", "float32") == "float32"})
     peak = roofline["gpus"][gpu]
     lines = []
     for r in speed_rows:
@@ -628,13 +629,15 @@ def roofline_section(result: dict, measured: dict | None, probes: dict | None) -
                   "; ".join(f"{r['precision']}: {r['ops']} operations, {r['bytes'] / 1e9:.0f} GB, **{r['paper_minutes_H100']:.0f} "
                             f"minutes on an H100** ({r['paper_minutes_H200']:.0f} on an H200) for the paper preset"
                             for r in half) + "."]
-    for r in result.get("explicit_conv_rows", []):
+    explicit_conv = result.get("explicit_conv_rows", [])
+    if explicit_conv:
         lines += ["", "The same step (vmap, explicit BN, bs 8 G 8) with `inversion.conv_double_backward: explicit` (each seed's "
-                  "convolutions dense, one per seed, instead of one grouped over the seeds; gradinv/convolution.py): "
-                  f"{r['ops']} operations, {r['bytes'] / 1e9:.0f} GB, **{r['paper_minutes_H100']:.0f} minutes on an H100** "
-                  f"({r['paper_minutes_H200']:.0f} on an H200) for the paper preset: more bytes than torch's grouped "
-                  "convolutions (activations laid out seed by seed, results stacked); what it is for is the kernels cuDNN "
-                  "runs, which only a GPU run measures."]
+                  "convolutions dense, one per seed, instead of one grouped over the seeds; gradinv/convolution.py): " +
+                  "; ".join(f"{r.get('precision', 'float32')}: {r['ops']} operations, {r['bytes'] / 1e9:.0f} GB, "
+                            f"**{r['paper_minutes_H100']:.0f} minutes on an H100** ({r['paper_minutes_H200']:.0f} on an H200) "
+                            "for the paper preset" for r in explicit_conv) +
+                  ". More bytes than torch's grouped convolutions (activations laid out seed by seed, results stacked); "
+                  "what it is for is the kernels cuDNN runs, which only a GPU run measures."]
     for mode, ops in result["top_ops_bs8_g8"].items():
         lines += ["", f"Operations moving most data at bs 8 G 8, BN double backward {mode}: " +
                   "; ".join(f"{o['op']} {o['calls']}× {o['bytes'] / 1e9:.0f} GB" for o in ops[:8]) + "."]

@@ -258,9 +258,6 @@ def _check_cross_field(name: str, config) -> None:
         raise UserError(f"params: 'inversion.precision' {config.precision} cannot run PyTorch's BatchNorm with the seeds "
                         "batched under vmap (its batching rule fails under autocast); set 'inversion.bn_double_backward' "
                         "to auto or explicit, or 'inversion.seed_batch' to 1.")
-    if name == "inversion" and config.conv_double_backward == "explicit" and config.precision != "float32":
-        raise UserError(f"params: 'inversion.conv_double_backward' explicit runs in float32 only, not under "
-                        f"'inversion.precision' {config.precision}; set one of them back.")
     if name == "inversion" and config.conv_double_backward == "explicit" and config.batched_seeds == "stacked":
         raise UserError("params: 'inversion.conv_double_backward' explicit serves seeds batched by vmap, not "
                         "'inversion.batched_seeds' stacked (whose convolutions are grouped by design); set one of them back.")

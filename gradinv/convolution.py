@@ -15,7 +15,9 @@ and the backward of that, given upstream u, v, w of (g_x, g_W, g_b):
     d/dg = conv(u, W) + conv(x, v) + w,   d/dx = dgrad(g, v),   d/dW = wgrad(u, g)
 (⟨u, g_x⟩ = ⟨conv(u, W), g⟩ and ⟨v, g_W⟩ = ⟨conv(x, v), g⟩). Per seed, W is shared and v is
 the seed's own; d/dW sums over the seeds. Exact to float precision: tests/test_convolution.py
-(gradgradcheck, and against torch's own layer under vmap). A third derivative is not defined.
+(gradgradcheck, and against torch's own layer under vmap). Under autocast it convolves in the half
+type, as autocast runs nn.Conv2d, and its backwards in the type the forward ran in. A third
+derivative is not defined.
 `inversion.conv_double_backward: explicit` turns it on."""
 
 from __future__ import annotations
@@ -58,8 +60,9 @@ def _seeds_first(t: torch.Tensor, dim: int | None, seeds: int) -> torch.Tensor:
 def _per_seed_backward(grad, x, weight, geometry: _Geometry, has_bias: bool, needs: tuple[bool, bool]):
     """The backward of every seed's conv(x[s], weight): grad, x (G, N, ...); g_x (G, N, ...) through one
     dense dgrad, g_W (G, ...) and g_b (G, C_out, or G × 0 without bias) through one wgrad per seed.
-    `needs` = (g_x, g_W and g_b): what is not needed comes back None."""
-    seeds = grad.shape[0]
+    `needs` = (g_x, g_W and g_b): what is not needed comes back None. In the type the forward ran
+    in, grad's (autograd casts each gradient to its input's type)."""
+    seeds, x, weight = grad.shape[0], x.to(grad.dtype), weight.to(grad.dtype)
     grad_x = geometry.backward(_fold(grad), _fold(x), weight, True, False)[0].view(x.shape) if needs[0] else None
     grad_weight = grad_bias = None
     if needs[1]:
@@ -72,7 +75,9 @@ def _per_seed_double_backward(ctx, u, v, w):
     """The module docstring's formulas for (grad, x, weight) of _per_seed_backward, upstream u (G, N, ...)
     of g_x, v (G, ...) of g_W, w (G, C_out) of g_b, any of them None."""
     grad, x, weight = ctx.saved_tensors
-    geometry, seeds = ctx.geometry, grad.shape[0]
+    geometry, seeds, dtype = ctx.geometry, grad.shape[0], grad.dtype
+    x, weight = x.to(dtype), weight.to(dtype)
+    u, v, w = (t.to(dtype) if t is not None else None for t in (u, v, w))
     d_grad = d_x = d_weight = None
     if u is not None:
         u = u.contiguous()  # folded twice below
@@ -148,6 +153,10 @@ class _Conv(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, geometry):
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # as autocast runs nn.Conv2d (aten.convolution itself it leaves be)
+            dtype = torch.get_autocast_dtype(device)
+            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
         y = geometry.forward(x, weight)
         return y if bias is None else y + bias.view(1, -1, 1, 1)
 

@@ -82,13 +82,36 @@ def test_an_inversion_with_seeds_vmapped_follows_the_same_path_with_either_convo
     assert apart(explicit) <= 2 * apart(rounded_otherwise) + 0.01
 
 
-@pytest.mark.parametrize("settings, refused", [
-    ({"precision": "bfloat16"}, "runs in float32 only"),
-    ({"batched_seeds": "stacked"}, "not 'inversion.batched_seeds' stacked"),
-])
-def test_the_config_refuses_what_the_explicit_convolution_does_not_serve(settings, refused):
-    with pytest.raises(UserError, match=refused):
-        build_section("inversion", {**settings, "conv_double_backward": "explicit"})
+def test_the_config_refuses_stacked_seeds_with_it():
+    with pytest.raises(UserError, match="not 'inversion.batched_seeds' stacked"):
+        build_section("inversion", {"batched_seeds": "stacked", "conv_double_backward": "explicit"})
+
+
+def test_under_autocast_it_convolves_in_the_half_type_and_adds_no_error_of_its_own(attack):
+    """As autocast runs torch's convolutions (in bfloat16; each backward in the type its forward
+    ran in), so that the image gradient is torch's under the same autocast, far closer to it than
+    either is to float32's."""
+    model, _, artifact, images, labels = attack
+    xs = torch.stack([images, torch.randn(images.shape, generator=torch.Generator().manual_seed(1))]).requires_grad_(True)
+    convolved_in = set()
+
+    def recorded(module, args, out):
+        convolved_in.add(out.dtype)
+
+    grads = {}
+    for precision, mode in (("float32", "pytorch"), ("bfloat16", "pytorch"), ("bfloat16", "explicit")):
+        config = build_section("inversion", {"precision": precision, "conv_double_backward": mode, "seed_batch": 2})
+        objective = Objective(train_mode_copy(model), artifact, labels, config)
+        model_copy, _ = objective._functional_model()
+        hooks = [m.register_forward_hook(recorded) for m in model_copy.modules() if isinstance(m, SeedwiseConv2d)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "float32", cache_enabled=False):
+            terms = objective.batched_terms(xs, xs.flip(-1))
+        grads[precision, mode] = torch.autograd.grad(terms["total"].sum(), xs)[0]
+        for hook in hooks:
+            hook.remove()
+    assert convolved_in == {torch.bfloat16}
+    half_error = (grads["bfloat16", "pytorch"] - grads["float32", "pytorch"]).norm()
+    assert half_error > 0 and (grads["bfloat16", "explicit"] - grads["bfloat16", "pytorch"]).norm() <= 0.05 * half_error
 
 
 def test_under_vmap_no_convolution_is_grouped_over_the_seeds(attack):
