@@ -4,8 +4,9 @@ The seeds share the model's weights, but each seed has its own weight gradient, 
 derivative convolves with the upstream gradients of those: under torch.func.vmap
 (gradinv.objective.batched_terms) torch's batching rules run every such convolution as one
 grouped convolution (groups = seeds) on the seeds folded into the channels. On an H100, cuDNN
-ran one of them (3×3, 14×14, 256 channels per seed, 15 GFLOP) in 5.8 ms, at 1 % of the card's
-TF32 rate (benchmarks/results/step_profile-cuda.json). Written out here, a convolution with
+ran one of them (3×3, 14×14, 256 channels per seed, 15 GFLOP; matched by its count of calls) in
+5.8 ms, at 2.6 TFLOP/s, half a percent of the card's TF32 rate
+(benchmarks/results/step_profile-cuda.json). Written out here, a convolution with
 per-seed weights runs as one dense convolution per seed, on that seed's contiguous slice;
 convolutions with the shared weight run once over all seeds' images folded into the batch.
 
