@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU measurements the speed work still lacks, the most needed first, each under its own
+# time limit (about 9 minutes in all on an H100), so that a short GPU lease brings back what it can.
+#
+#     OUT=/some/folder bash benchmarks/gpu_lease.sh     # default: benchmarks/results
+#
+# Needs torch and torchvision only. Each script writes its own results file as it goes; one that
+# fails or runs out of time costs only its own figures. Afterwards, on any machine:
+# `python benchmarks/step_speed.py --doc`, then README (Speed) from docs/step_speed.md.
+set -u
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+run() {  # seconds, then the command
+    local limit=$1
+    shift
+    echo "== $* (at most ${limit} s)"
+    timeout "$limit" python "$@" || echo "== exit $? from: $*"
+}
+# the default step at the paper preset beside its candidates: cuDNN's autotuner, each seed's
+# convolutions dense (inversion.conv_double_backward), half precision
+run 330 benchmarks/cuda_graph_check.py --skip-check --focus --out "$out/cuda_graph-focus.json"
+# which kernels the default step and the explicit convolution's spend the time in
+run 75 benchmarks/step_profile.py --out "$out/step_profile-cuda.json"
+run 75 benchmarks/step_profile.py --conv-double-backward explicit --out "$out/step_profile-cuda-explicit-conv.json"
+# float16's effect on the reconstruction (bfloat16's was measured on a CPU)
+run 200 benchmarks/tf32_quality.py --iterations 400 --settings "tf32, seeds batched" "float16, seeds batched" \
+    --out "$out/precision_quality-cuda.json"
