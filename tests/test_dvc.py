@@ -54,26 +54,17 @@ def _project(tmp_path: Path, prefect_api_url: str):
     return root, run
 
 
-def test_dvc_repro_runs_only_stale_stages(tmp_path, prefect_api_url):
-    root, run = _project(tmp_path, prefect_api_url)
-    dvc = lambda *args: run("dvc", *args)  # noqa: E731
-    dvc("init", "--no-scm", "-q")
-    assert _ran(dvc("repro")) == list(STAGES)
-    assert (root / "data/eval/metrics.json").is_file()
-    assert _ran(dvc("repro")) == []
-    write_params(root / "params.yaml", {"inversion": {"iterations": 4}})
-    assert _ran(dvc("repro")) == ["invert", "evaluate"]
-
-
-def test_dvc_experiment_sets_a_param_and_records_its_metrics(tmp_path, prefect_api_url):
-    """The documented sweep: `dvc exp run -S capture.batch_size=...` in a git repository."""
+def test_an_experiment_records_its_metrics_and_repro_then_reruns_only_stale_stages(tmp_path, prefect_api_url):
+    """The documented sweep, `dvc exp run -S capture.batch_size=...` in a git repository, then plain
+    `dvc repro` on its workspace. One test, because every full run of the stages costs minutes."""
     root, run = _project(tmp_path, prefect_api_url)
     (root / ".gitignore").write_text("__pycache__/\n/data/*\n")
     run("git", "init", "-q")
     run("dvc", "init", "-q")
     run("git", "add", "-A")
     run("git", "commit", "-q", "-m", "baseline")
-    run("dvc", "exp", "run", "-q", "-n", "bs2", "-S", "capture.batch_size=2", "-S", "inversion.iterations=4")
+    assert _ran(run("dvc", "exp", "run", "-n", "bs2", "-S", "capture.batch_size=2",
+                    "-S", "inversion.iterations=4")) == list(STAGES)
 
     shown = json.loads(run("dvc", "exp", "show", "--json"))
     experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]
@@ -85,3 +76,8 @@ def test_dvc_experiment_sets_a_param_and_records_its_metrics(tmp_path, prefect_a
     # The workspace holds the experiment's results; the baseline params are untouched in git.
     assert json.loads((root / "data/eval/metrics.json").read_text())["batch_size"] == 2
     assert "batch_size: 4" in run("git", "show", "HEAD:params.yaml")
+
+    dvc = lambda *args: run("dvc", *args)  # noqa: E731
+    assert _ran(dvc("repro")) == []
+    write_params(root / "params.yaml", {"capture": {"batch_size": 2}, "inversion": {"iterations": 3}})
+    assert _ran(dvc("repro")) == ["invert", "evaluate"]
