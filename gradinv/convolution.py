@@ -17,7 +17,7 @@ and the backward of that, given upstream u, v, w of (g_x, g_W, g_b):
 (⟨u, g_x⟩ = ⟨conv(u, W), g⟩ and ⟨v, g_W⟩ = ⟨conv(x, v), g⟩). Per seed, W is shared and v is
 the seed's own; d/dW sums over the seeds. Exact to float precision: tests/test_convolution.py
 (gradgradcheck, and against torch's own layer under vmap). Under autocast it convolves in the half
-type, as autocast runs nn.Conv2d, and its backwards in the type the forward ran in. A third
+type, as autocast runs nn.Conv2d, keeps the half copies for its backwards and runs them in that type. A third
 derivative is not defined.
 `inversion.conv_double_backward: explicit` turns it on."""
 
@@ -154,10 +154,6 @@ class _Conv(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, geometry):
-        device = x.device.type
-        if torch.is_autocast_enabled(device):  # as autocast runs nn.Conv2d (aten.convolution itself it leaves be)
-            dtype = torch.get_autocast_dtype(device)
-            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
         y = geometry.forward(x, weight)
         return y if bias is None else y + bias.view(1, -1, 1, 1)
 
@@ -192,7 +188,13 @@ class SeedwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         geometry = _Geometry(self.stride, self.padding, self.dilation, self.groups)
-        return _Conv.apply(x, self.weight, self.bias, geometry)
+        weight, bias, device = self.weight, self.bias, x.device.type
+        # As autocast runs nn.Conv2d (aten.convolution itself it leaves be). Cast before _Conv, so
+        # that its backwards keep the half copies rather than the float32 tensors, as torch's do.
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
+        return _Conv.apply(x, weight, bias, geometry)
 
 
 def with_explicit_conv_double_backward(model: nn.Module) -> nn.Module:

@@ -114,6 +114,20 @@ def test_under_autocast_it_convolves_in_the_half_type_and_adds_no_error_of_its_o
     assert half_error > 0 and (grads["bfloat16", "explicit"] - grads["bfloat16", "pytorch"]).norm() <= 0.05 * half_error
 
 
+def test_under_autocast_the_backwards_keep_the_half_copies():
+    """As torch's autocast convolution does: what the backward reads is the half-type input and
+    weight (half the bytes), not the float32 tensors cast again in every backward."""
+    conv = with_explicit_conv_double_backward(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)))[0]
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    assert y.dtype == torch.bfloat16
+    assert [t.dtype for t in y.grad_fn.saved_tensors] == [torch.bfloat16, torch.bfloat16]
+    grad_x, = torch.autograd.grad(y.float().square().sum(), x, create_graph=True)
+    assert grad_x.dtype == torch.float32
+    assert [t.dtype for t in grad_x.grad_fn.next_functions[0][0].saved_tensors] == [torch.bfloat16] * 3
+
+
 def test_under_vmap_no_convolution_is_grouped_over_the_seeds(attack):
     """What the explicit convolution is for: torch's batching rules run each seed's own weight
     gradient (and the second derivative's convolutions with its upstream gradient) as one
