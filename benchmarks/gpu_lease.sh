@@ -9,12 +9,13 @@
 # `python benchmarks/step_speed.py --doc`, then README (Speed) from docs/step_speed.md.
 set -u
 out="${OUT:-benchmarks/results}"
+python="${PYTHON:-$(command -v python || command -v python3)}"  # a machine may have only python3
 mkdir -p "$out"
 run() {  # seconds, then the command
     local limit=$1
     shift
     echo "== $* (at most ${limit} s)"
-    timeout "$limit" python "$@" || echo "== exit $? from: $*"
+    timeout "$limit" "$python" "$@" || echo "== exit $? from: $*"
 }
 # the default step at the paper preset beside its candidates: cuDNN's autotuner, each seed's
 # convolutions dense (inversion.conv_double_backward), half precision
