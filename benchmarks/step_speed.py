@@ -411,7 +411,7 @@ def table(result: dict) -> str:
     baseline = {(r["batch"], r["seeds"]): r["seconds_per_iteration"] for r in result["rows"]
                 if r["variant"] == "baseline" and "error" not in r}
     lines = [f"### {result['suite'].upper()}: {result['rows'][0]['arch']}, {result['rows'][0]['px']} px",
-             "", f"Machine: {json.dumps(result['machine'])}.", f"Peak used for the fraction: {peak['source']}.",
+             "", *([result["note"], ""] if "note" in result else []), f"Machine: {json.dumps(result['machine'])}.", f"Peak used for the fraction: {peak['source']}.",
              f"Command: `{result['command']}`" + (f" (and `--resume` on the same kind of machine: {result['runs']} runs, "
                                                   "each row's `run` in the results file)" if result.get("runs", 1) > 1 else ""),
              timing_note(result["rows"][0]), "",
@@ -650,7 +650,8 @@ def write_doc() -> Path:
              "benchmarks/results/ of step_speed.py, step_roofline.py, tf32_quality.py, gpu_probes.py and",
              "cuda_graph_check.py; each section names the command and the machine behind its figures. What",
              "the figures mean, and which settings they made the defaults: README, section Speed.", ""]
-    found = {path.stem.split("-", 1)[1]: json.loads(path.read_text()) for path in sorted(RESULTS.glob("step_speed-*.json"))}
+    by_suite = lambda path: (path.stem.split("-")[1], path.stem.count("-"), path.name)  # noqa: E731 (-cpu, -cpu-second, -gpu)
+    found = {path.stem.split("-", 1)[1]: json.loads(path.read_text()) for path in sorted(RESULTS.glob("step_speed-*.json"), key=by_suite)}
     for result in found.values():
         parts += [table(result), ""]
     probes = json.loads((RESULTS / "gpu_probes.json").read_text()) if (RESULTS / "gpu_probes.json").is_file() else None

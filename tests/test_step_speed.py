@@ -110,3 +110,21 @@ def test_the_engine_as_shipped_is_timed_from_two_run_lengths(monkeypatch):
                    "variant": "engine-default", "iterations": 3})
     assert lengths == [4, 7, 4]  # warm-up, then the difference of 4 + 3 and 4 iterations
     assert row["flops_per_iteration"] > 0 and row["tf32"] is False  # no TF32 on a CPU
+
+
+def test_the_doc_shows_each_suites_own_file_first_then_other_machines_with_their_note(monkeypatch, tmp_path):
+    import json
+    import shutil
+
+    import step_speed
+
+    for name in ("step_speed-gpu.json", "step_speed-cpu.json", "step_speed-cpu-second.json"):
+        shutil.copy(step_speed.RESULTS / name, tmp_path / name)
+    monkeypatch.setattr(step_speed, "RESULTS", tmp_path)
+    monkeypatch.setattr(step_speed, "DOC", tmp_path / "step_speed.md")
+    doc = step_speed.write_doc().read_text()
+    first, second = (json.loads((tmp_path / name).read_text()) for name in ("step_speed-cpu.json", "step_speed-cpu-second.json"))
+    positions = [doc.index(f"Command: `{first['command']}`"), doc.index(second["note"]),
+                 doc.index(f"Command: `{second['command']}`"), doc.index("### GPU")]
+    assert positions == sorted(positions)
+    assert "note" not in first and doc.count(second["note"]) == 1
