@@ -146,8 +146,8 @@ def match_bn_statistics(model: nn.Module, bn_means: dict[str, torch.Tensor], bn_
         return x.detach(), batched(x, means, variances)[1]
 
 
-def bn_matched_posterior(model: nn.Module, artifact: GradientArtifact, steps: int, restarts: int = 2,
-                         seed: int = 0) -> torch.Tensor:
+def bn_matched_posterior(model: nn.Module, artifact: GradientArtifact, steps: int,
+                         restarts: int = LabelsConfig.posterior_restarts, seed: int = 0) -> torch.Tensor:
     """Mean softmax of `restarts` surrogate batches matched to the BN statistics that leaked with
     the gradient (`match_bn_statistics`), read in the client's train mode. Deep layers' statistics
     carry what the batch shows, so this p̄ follows the real batch's predictions where noise
@@ -165,7 +165,7 @@ def posterior_source(artifact: GradientArtifact, steps: int) -> str:
 
 
 def batch_posterior(model: nn.Module, artifact: GradientArtifact, steps: int,
-                    restarts: int = 2) -> tuple[torch.Tensor, str]:
+                    restarts: int = LabelsConfig.posterior_restarts) -> tuple[torch.Tensor, str]:
     """The attacker's estimate of p̄, and its `posterior_source`."""
     source = posterior_source(artifact, steps)
     if source == "bn_matched":
@@ -174,7 +174,8 @@ def batch_posterior(model: nn.Module, artifact: GradientArtifact, steps: int,
 
 
 def count_labels(model: nn.Module, artifact: GradientArtifact, posterior: torch.Tensor | None = None,
-                 posterior_steps: int = 0, posterior_restarts: int = 2) -> tuple[list[int], torch.Tensor]:
+                 posterior_steps: int = 0,
+                 posterior_restarts: int = LabelsConfig.posterior_restarts) -> tuple[list[int], torch.Tensor]:
     """Labels with multiplicities from the last layer's bias gradient (impact estimation).
 
     For mean cross-entropy over B samples, ∂L/∂b = p̄ − n/B, with p̄ the batch's mean softmax
