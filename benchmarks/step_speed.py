@@ -411,7 +411,8 @@ def table(result: dict) -> str:
     baseline = {(r["batch"], r["seeds"]): r["seconds_per_iteration"] for r in result["rows"]
                 if r["variant"] == "baseline" and "error" not in r}
     lines = [f"### {result['suite'].upper()}: {result['rows'][0]['arch']}, {result['rows'][0]['px']} px",
-             "", *([result["note"], ""] if "note" in result else []), f"Machine: {json.dumps(result['machine'])}.", f"Peak used for the fraction: {peak['source']}.",
+             "", *([result["note"], ""] if "note" in result else []),  # a second machine's file says why it is there
+             f"Machine: {json.dumps(result['machine'])}.", f"Peak used for the fraction: {peak['source']}.",
              f"Command: `{result['command']}`" + (f" (and `--resume` on the same kind of machine: {result['runs']} runs, "
                                                   "each row's `run` in the results file)" if result.get("runs", 1) > 1 else ""),
              timing_note(result["rows"][0]), "",

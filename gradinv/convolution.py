@@ -17,8 +17,8 @@ and the backward of that, given upstream u, v, w of (g_x, g_W, g_b):
 (⟨u, g_x⟩ = ⟨conv(u, W), g⟩ and ⟨v, g_W⟩ = ⟨conv(x, v), g⟩). Per seed, W is shared and v is
 the seed's own; d/dW sums over the seeds. Exact to float precision: tests/test_convolution.py
 (gradgradcheck, and against torch's own layer under vmap). Under autocast it convolves in the half
-type, as autocast runs nn.Conv2d, keeps the half copies for its backwards and runs them in that type. A third
-derivative is not defined.
+type, as autocast runs nn.Conv2d, keeps the half copies for its backwards and runs them in that
+type. A third derivative is not defined.
 `inversion.conv_double_backward: explicit` turns it on."""
 
 from __future__ import annotations

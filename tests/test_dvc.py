@@ -77,7 +77,6 @@ def test_an_experiment_records_its_metrics_and_repro_then_reruns_only_stale_stag
     assert json.loads((root / "data/eval/metrics.json").read_text())["batch_size"] == 2
     assert "batch_size: 4" in run("git", "show", "HEAD:params.yaml")
 
-    dvc = lambda *args: run("dvc", *args)  # noqa: E731
-    assert _ran(dvc("repro")) == []
+    assert _ran(run("dvc", "repro")) == []
     write_params(root / "params.yaml", {"capture": {"batch_size": 2}, "inversion": {"iterations": 3}})
-    assert _ran(dvc("repro")) == ["invert", "evaluate"]
+    assert _ran(run("dvc", "repro")) == ["invert", "evaluate"]
