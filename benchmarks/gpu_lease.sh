@@ -4,16 +4,25 @@
 #
 #     OUT=/some/folder bash benchmarks/gpu_lease.sh     # default: benchmarks/results
 #
-# Needs torch and torchvision only. Each script writes its own results file as it goes; one that
-# fails or runs out of time costs only its own figures. Afterwards, on any machine:
+# BUDGET (seconds, default 560) caps the whole: a step gets at most what is left of it and is
+# skipped with under 30 s left, so that one command of a lease that allows 10 minutes ends in
+# time. Needs torch and torchvision only. Each script writes its own results file as it goes; one
+# that fails or runs out of time costs only its own figures. Afterwards, on any machine:
 # `python benchmarks/step_speed.py --doc`, then README (Speed) from docs/step_speed.md.
 set -u
 out="${OUT:-benchmarks/results}"
 python="${PYTHON:-$(command -v python || command -v python3)}"  # a machine may have only python3
+budget="${BUDGET:-560}"
+started=$SECONDS
 mkdir -p "$out"
 run() {  # seconds, then the command
-    local limit=$1
+    local limit=$1 left=$((budget - (SECONDS - started)))
     shift
+    if [ "$left" -lt 30 ]; then
+        echo "== skipped (${left} s of the budget left): $*"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     echo "== $* (at most ${limit} s)"
     timeout "$limit" "$python" "$@" || echo "== exit $? from: $*"
 }
