@@ -61,9 +61,9 @@ def _seeds_first(t: torch.Tensor, dim: int | None, seeds: int) -> torch.Tensor:
 def _per_seed_backward(grad, x, weight, geometry: _Geometry, has_bias: bool, needs: tuple[bool, bool]):
     """The backward of every seed's conv(x[s], weight): grad, x (G, N, ...); g_x (G, N, ...) through one
     dense dgrad, g_W (G, ...) and g_b (G, C_out, or G × 0 without bias) through one wgrad per seed.
-    `needs` = (g_x, g_W and g_b): what is not needed comes back None. In the type the forward ran
-    in, grad's (autograd casts each gradient to its input's type)."""
-    seeds, x, weight = grad.shape[0], x.to(grad.dtype), weight.to(grad.dtype)
+    `needs` = (g_x, g_W and g_b): what is not needed comes back None. grad, x and weight share one
+    type (SeedwiseConv2d casts before the forward; autograd gives each gradient its tensor's type)."""
+    seeds = grad.shape[0]
     grad_x = geometry.backward(_fold(grad), _fold(x), weight, True, False)[0].view(x.shape) if needs[0] else None
     grad_weight = grad_bias = None
     if needs[1]:
@@ -76,9 +76,7 @@ def _per_seed_double_backward(ctx, u, v, w):
     """The module docstring's formulas for (grad, x, weight) of _per_seed_backward, upstream u (G, N, ...)
     of g_x, v (G, ...) of g_W, w (G, C_out) of g_b, any of them None."""
     grad, x, weight = ctx.saved_tensors
-    geometry, seeds, dtype = ctx.geometry, grad.shape[0], grad.dtype
-    x, weight = x.to(dtype), weight.to(dtype)
-    u, v, w = (t.to(dtype) if t is not None else None for t in (u, v, w))
+    geometry, seeds = ctx.geometry, grad.shape[0]
     d_grad = d_x = d_weight = None
     if u is not None:
         u = u.contiguous()  # folded twice below
