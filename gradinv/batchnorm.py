@@ -69,6 +69,11 @@ def _unfold_seeds(t: torch.Tensor, seeds: int) -> torch.Tensor:
     return t.reshape(t.shape[0], seeds, t.shape[1] // seeds, *t.shape[2:]).transpose(0, 1)
 
 
+def _same_memory_no_view(t: torch.Tensor) -> torch.Tensor:
+    """A tensor over t's memory, with t's shape and strides, that autograd does not take for a view of t."""
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
 def _per_seed_channels(t: torch.Tensor, dim: int | None, seeds: int) -> torch.Tensor:
     """A per-channel (C,) tensor under vmap -> (G·C,), matching _fold_seeds."""
     return _seeds_first(t, dim, seeds).reshape(-1)
@@ -139,30 +144,36 @@ class _BatchNormTrain(torch.autograd.Function):
     differentiable; the backward of y is _BatchNormBackward, so that a second backward runs the
     written-out formulas (those of μ and σ² are plain operations autograd differentiates). Under
     torch.func.vmap (seeds batched: gradinv.objective.batched_terms) the seeds fold into the
-    channels, each seed's channel normalised by its own statistics, as vmap requires; the
-    result is no view of the Function's output, so that models may modify it in place
-    (ReLU(inplace=True), a residual `out += identity`)."""
+    channels, each seed's channel normalised by its own statistics, as vmap requires, and y
+    comes back seed by seed, (G, N, C, ...), as the Function's own output, no view of one: a
+    model may modify it in place (ReLU(inplace=True), a residual `out += identity`) without
+    autograd's copies for an in-place write into a view (a copy of the whole output, twice, in
+    every backward)."""
 
     @staticmethod
-    def vmap(info, in_dims, x, weight, bias, eps, seeds_major):
-        x_dim, weight_dim, bias_dim, _, _ = in_dims
+    def vmap(info, in_dims, x, weight, bias, eps, seeds_major, _):
+        x_dim, weight_dim, bias_dim, *_ = in_dims
         seeds = info.batch_size
         channels = lambda t, dim: _per_seed_channels(t, dim, seeds)  # noqa: E731
         y, mean, var = _BatchNormTrain.apply(_fold_seeds(x, x_dim, seeds), channels(weight, weight_dim),
-                                             channels(bias, bias_dim), eps, False)
-        y = _unfold_seeds(y, seeds)
-        return (y.contiguous() if seeds_major else y, mean.view(seeds, -1), var.view(seeds, -1)), (0, 0, 0)
+                                             channels(bias, bias_dim), eps, seeds_major, seeds)
+        return (y, mean.view(seeds, -1), var.view(seeds, -1)), (0, 0, 0)
 
     @staticmethod
-    def forward(x, weight, bias, eps, seeds_major):
+    def forward(x, weight, bias, eps, seeds_major, seeds):
+        """`seeds` > 0: x has that many seeds folded into its channels, and y comes back (G, N, C, ...),
+        laid out seed by seed if `seeds_major`, else over y's own memory."""
         y, mean, rstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+        if seeds:
+            y = _unfold_seeds(y, seeds)
+            y = y.contiguous() if seeds_major else _same_memory_no_view(y)
         return y, mean, rstd.pow(-2) - eps
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _, eps, _ = inputs
+        x, weight, _, eps, _, seeds = inputs
         _, mean, var = output
-        ctx.eps = eps
+        ctx.eps, ctx.seeds = eps, seeds
         ctx.set_materialize_grads(False)  # most layers' μ, σ² get no gradient: no zero tensors for them
         ctx.save_for_backward(x, weight, mean, var)
 
@@ -170,6 +181,8 @@ class _BatchNormTrain(torch.autograd.Function):
     def backward(ctx, grad_out, grad_mean, grad_var):
         x, weight, mean, var = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
+        if grad_out is not None and ctx.seeds:
+            grad_out = _fold_seeds(grad_out, 0, ctx.seeds)
         if grad_out is not None:  # _BatchNormBackward's formulas differentiate μ and r through x
             rstd = torch.rsqrt(var.detach() + ctx.eps)
             grad_x, grad_weight, grad_bias = _BatchNormBackward.apply(grad_out, x, weight, mean.detach(), rstd, ctx.eps)
@@ -179,7 +192,7 @@ class _BatchNormTrain(torch.autograd.Function):
             slope = torch.zeros_like(mean) if grad_var is None else 2 * grad_var / count
             offset = _channel_view(grad_mean / count - slope * mean, x)
             grad_x = torch.addcmul(offset if grad_x is None else grad_x + offset, x, _channel_view(slope, x))
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
 StatisticsSink = Callable[[torch.Tensor, torch.Tensor], None]
@@ -202,7 +215,7 @@ class TrainBatchNorm2d(nn.BatchNorm2d):
             if self.statistics_sink is not None:
                 self.statistics_sink(*batch_statistics(x))
             return super().forward(x)
-        y, mean, var = _BatchNormTrain.apply(x, self.weight, self.bias, self.eps, self.seeds_major_output)
+        y, mean, var = _BatchNormTrain.apply(x, self.weight, self.bias, self.eps, self.seeds_major_output, 0)
         if self.statistics_sink is not None:
             self.statistics_sink(mean, var)
         return y

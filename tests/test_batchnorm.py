@@ -15,7 +15,7 @@ def test_first_and_second_derivatives_match_finite_differences():
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
               for shape in ((3, 4, 5, 5), (4,), (4,))]
-    batch_norm = lambda x, weight, bias: _BatchNormTrain.apply(x, weight, bias, 1e-5, False)  # noqa: E731
+    batch_norm = lambda x, weight, bias: _BatchNormTrain.apply(x, weight, bias, 1e-5, False, 0)  # noqa: E731
     y, mean, var = batch_norm(*inputs)
     assert torch.allclose(y, F.batch_norm(*inputs[:1], None, None, *inputs[1:], True, 0.0, 1e-5))
     expected_mean, expected_var = batch_statistics(inputs[0])
@@ -120,3 +120,53 @@ def test_with_the_seeds_vmapped_pytorchs_batchnorm_is_the_one_off(attack64):
     _, grad = _terms_and_image_gradient(attack64, "pytorch", batched=False)
     _, vmapped = _terms_and_image_gradient(attack64, "pytorch", batched=True)
     assert (vmapped - grad).norm() >= 1e-5 * grad.norm()
+
+
+class _Residual(torch.nn.Module):
+    """BatchNorm's output added to in place, as torchvision's residual blocks do (`out += identity`)."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.in_place = in_place
+        self.conv, self.bn = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        if self.in_place:
+            out += x
+            return out
+        return out + x
+
+
+def test_under_vmap_an_in_place_add_to_its_output_copies_nothing_more_than_an_add(attack):
+    """The written-out BatchNorm under vmap hands back its own output, no view of it: autograd
+    writes into a view in place by copying the whole of what it views, twice, every backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func._overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_):
+                self.bytes += out.numel() * out.element_size()
+            return out
+
+    xs = torch.randn(3, 2, 4, 5, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    results = {}
+    for in_place in (False, True):
+        torch.manual_seed(0)
+        model = with_explicit_double_backward(_Residual(in_place))
+        params = {n: p.detach() for n, p in model.named_parameters()}
+
+        def one_seed(x):
+            grads = torch.func.grad(lambda w: torch.func.functional_call(model, w, (x,)).square().sum())(params)
+            return sum(g.square().sum() for g in grads.values())
+
+        with Copies() as copies:
+            grad = torch.autograd.grad(torch.func.vmap(one_seed)(xs).sum(), xs)[0]
+        results[in_place] = copies.bytes, grad
+    assert results[True][0] == results[False][0]
+    assert torch.allclose(results[True][1], results[False][1], rtol=1e-5, atol=1e-6)
