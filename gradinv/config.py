@@ -116,7 +116,7 @@ class InversionConfig:
     precision: str = rule("float32", _one_of("float32", "bfloat16", "float16"))
     cuda_graph: bool | str = rule("auto", _one_of("auto", True, False))
     bn_double_backward: str = rule("auto", _one_of("auto", "pytorch", "explicit"))
-    conv_double_backward: str = rule("pytorch", _one_of("pytorch", "explicit"))
+    conv_double_backward: str = rule("pytorch", _one_of("pytorch", "explicit", "explicit-grouped"))
     batched_seeds: str = rule("vmap", _one_of("vmap", "stacked"))
     log_every: int = rule(25, _positive)
     seed: int = rule(0)
@@ -258,9 +258,9 @@ def _check_cross_field(name: str, config) -> None:
         raise UserError(f"params: 'inversion.precision' {config.precision} cannot run PyTorch's BatchNorm with the seeds "
                         "batched under vmap (its batching rule fails under autocast); set 'inversion.bn_double_backward' "
                         "to auto or explicit, or 'inversion.seed_batch' to 1.")
-    if name == "inversion" and config.conv_double_backward == "explicit" and config.batched_seeds == "stacked":
-        raise UserError("params: 'inversion.conv_double_backward' explicit serves seeds batched by vmap, not "
-                        "'inversion.batched_seeds' stacked (whose convolutions are grouped by design); set one of them back.")
+    if name == "inversion" and config.conv_double_backward != "pytorch" and config.batched_seeds == "stacked":
+        raise UserError(f"params: 'inversion.conv_double_backward' {config.conv_double_backward} serves seeds batched by "
+                        "vmap, not 'inversion.batched_seeds' stacked (whose convolutions are grouped by design); set one of them back.")
     if name == "audit":
         from gradinv.audit import audit_points
 

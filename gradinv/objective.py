@@ -11,8 +11,9 @@ only the transmitted entries under top-k pruning, and the replayed local update 
 
 The attacker's model computes the client's function with layers of its own whose second
 derivatives move less data: ReLU (gradinv.relu, always), BatchNorm (gradinv.batchnorm, with
-`inversion.bn_double_backward: explicit`) and, experimental, Conv2d with each seed's
-convolutions dense under vmap (gradinv.convolution, `inversion.conv_double_backward: explicit`).
+`inversion.bn_double_backward: explicit`) and, experimental, Conv2d with its double backward
+written out for the seeds under vmap (gradinv.convolution, `inversion.conv_double_backward`:
+explicit, each seed's convolutions dense; explicit-grouped, no activations copied between layouts).
 
 `batched_terms` evaluates several seeds in one call (torch.func.vmap over the seeds, or with
 `inversion.batched_seeds: stacked` the seeds stacked into the channels of one model; per-seed
@@ -114,7 +115,8 @@ class Objective:
         device = labels.device
         model = with_detached_relu_masks(model)
         model = with_explicit_double_backward(model) if explicit_bn_double_backward(config, device) else model
-        self.model = with_explicit_conv_double_backward(model) if config.conv_double_backward == "explicit" else model
+        self.model = (model if config.conv_double_backward == "pytorch"
+                      else with_explicit_conv_double_backward(model, config.conv_double_backward))
         self.labels = labels
         self.config = config
         self.target = {n: g.to(device) for n, g in artifact.grads.items()}
