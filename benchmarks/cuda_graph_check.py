@@ -21,11 +21,12 @@
    (`torch.backends.cudnn.benchmark`: graphed, the tuning happens in the eager warm-up; its
    heuristics put a generic convolution kernel at 18 % of the step, step_profile.py), and at the
    paper preset under `inversion.precision` bfloat16 and float16 (autocast; what they do to the
-   reconstruction: tf32_quality.py) and with `inversion.conv_double_backward: explicit` (each
-   seed's convolutions dense instead of grouped; with cuDNN's heuristics, autotuned, and in either
-   half precision). A variant that fails is recorded with its error.
+   reconstruction: tf32_quality.py) and with `inversion.conv_double_backward` explicit-grouped
+   (no activations copied between layouts) and explicit (each seed's convolutions dense instead
+   of grouped), autotuned and in half precision (PRESET_CANDIDATES, the likeliest first). A
+   variant that fails is recorded with its error.
 
-    python benchmarks/cuda_graph_check.py --skip-check --focus   # ~3 min: the paper preset's default
+    python benchmarks/cuda_graph_check.py --skip-check --focus   # ~5 min: the paper preset's default
                                                                   # step and those candidates only
 
 Writes benchmarks/results/cuda_graph.json (with the machine and the command) after the check
@@ -75,10 +76,14 @@ VARIANTS = [(False, "pytorch", "vmap", False), (True, "explicit", "stacked", Fal
             (True, "explicit", "stacked", True), (False, "explicit", "stacked", True), (True, "pytorch", "vmap", False),
             (False, "explicit", "vmap", False), (True, "explicit", "vmap", False)]
 AUTOTUNED = (True, "explicit", "vmap", False)  # the CUDA default with several seeds, timed again under cudnn.benchmark
-HALF_PRECISIONS = ("bfloat16", "float16")  # the same step under autocast, at the paper preset
-# The same step with `inversion.conv_double_backward: explicit` (each seed's convolutions dense), at the
-# paper preset, with cuDNN's heuristics and autotuned, and in either half precision.
-EXPLICIT_CONV = {"conv_double_backward": "explicit"}
+# The paper preset's candidates beyond the autotuned default, the likeliest first (a short lease keeps
+# what it reached): `inversion.conv_double_backward` explicit-grouped (torch's kernels, no activations
+# copied between layouts: the fewest bytes of any vmapped step, step_roofline.py) and explicit (each
+# seed's convolutions dense), half precision under autocast, cuDNN's autotuner.
+GROUPED, DENSE = {"conv_double_backward": "explicit-grouped"}, {"conv_double_backward": "explicit"}
+FLOAT16, BFLOAT16, AUTOTUNE = {"precision": "float16"}, {"precision": "bfloat16"}, {"cudnn_benchmark": True}
+PRESET_CANDIDATES = [GROUPED, {**GROUPED, **FLOAT16}, FLOAT16, {**GROUPED, **BFLOAT16}, BFLOAT16,
+                     {**GROUPED, **AUTOTUNE}, DENSE, {**DENSE, **AUTOTUNE}, {**DENSE, **FLOAT16}, {**DENSE, **BFLOAT16}]
 
 
 class Interrupted(Exception):
@@ -213,8 +218,8 @@ def speed_plan(focus: bool = False) -> list[tuple[int, int, dict]]:
     """(bs, G, variant) in the order they run: every variant at the paper preset first, then the
     defaults as shipped at the paper's largest batch (bs 48, G 8: must fit an 80 GB card), then
     the bs 1 rows. A variant lists the settings it fixes; the defaults row fixes none. With
-    `focus`, the paper preset's default step and its candidates only (autotuned, the explicit
-    convolution, half precision): the rows a short GPU lease must not miss."""
+    `focus`, the paper preset's default step and its candidates only (autotuned, PRESET_CANDIDATES):
+    the rows a short GPU lease must not miss."""
     plan = []
     for batch, seeds in SPEED_CONFIGS:
         variant = lambda graph, bn, layout, channels_last: {  # noqa: E731
@@ -228,10 +233,7 @@ def speed_plan(focus: bool = False) -> list[tuple[int, int, dict]]:
         if seeds > 1:
             plan.append((batch, seeds, {**default, "cudnn_benchmark": True}))
         if preset:
-            plan += [(batch, seeds, {**default, **EXPLICIT_CONV}),
-                     (batch, seeds, {**default, **EXPLICIT_CONV, "cudnn_benchmark": True})]
-            plan += [(batch, seeds, {**default, **conv, "precision": precision})
-                     for conv in ({}, EXPLICIT_CONV) for precision in HALF_PRECISIONS]
+            plan += [(batch, seeds, {**default, **candidate}) for candidate in PRESET_CANDIDATES]
             plan += [] if focus else [(48, 8, {})]
     return plan
 

@@ -26,12 +26,11 @@ run() {  # seconds, then the command
     echo "== $* (at most ${limit} s)"
     timeout "$limit" "$python" "$@" || echo "== exit $? from: $*"
 }
-# the default step at the paper preset beside its candidates: cuDNN's autotuner, each seed's
-# convolutions dense (inversion.conv_double_backward), half precision
-run 330 benchmarks/cuda_graph_check.py --skip-check --focus --out "$out/cuda_graph-focus.json"
-# which kernels the default step and the explicit convolution's spend the time in
-run 75 benchmarks/step_profile.py --out "$out/step_profile-cuda.json"
-run 75 benchmarks/step_profile.py --conv-double-backward explicit --out "$out/step_profile-cuda-explicit-conv.json"
+# the default step at the paper preset beside its candidates (cuda_graph_check.py's PRESET_CANDIDATES):
+# cuDNN's autotuner, inversion.conv_double_backward explicit-grouped and explicit, half precision
+run 360 benchmarks/cuda_graph_check.py --skip-check --focus --out "$out/cuda_graph-focus.json"
 # float16's effect on the reconstruction (bfloat16's was measured on a CPU)
 run 200 benchmarks/tf32_quality.py --iterations 400 --settings "tf32, seeds batched" "float16, seeds batched" \
     --out "$out/precision_quality-cuda.json"
+# which kernels the step spends its time in with the convolutions that copy no activations between layouts
+run 75 benchmarks/step_profile.py --conv-double-backward explicit-grouped --out "$out/step_profile-cuda-grouped-conv.json"

@@ -99,7 +99,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--bn-double-backward", default="explicit", choices=["pytorch", "explicit"])
     parser.add_argument("--batched-seeds", default="vmap", choices=["vmap", "stacked"])
-    parser.add_argument("--conv-double-backward", default="pytorch", choices=["pytorch", "explicit"])
+    parser.add_argument("--conv-double-backward", default="pytorch", choices=["pytorch", "explicit", "explicit-grouped"])
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)

@@ -6,8 +6,9 @@ Runs the engine's step (gradinv.seed_step: the seeds batched as `inversion.cuda_
 forward, parameter gradients with create_graph, objective, gradient to the images, Adam, pixel
 box) once for ResNet-50 at 224 px, with either BatchNorm double backward
 (`inversion.bn_double_backward`: pytorch, explicit), and counts every aten operation that moves data: bytes read and
-written (views and bare allocations excluded, an out= argument counted as written only; a
-broadcast input counted at its stored size) and FLOPs
+written (views and bare allocations excluded, an out= argument counted as written only, a tensor
+taken for its shape only, such as a convolution backward's weight where it computes no input
+gradient, not counted; a broadcast input counted at its stored size) and FLOPs
 (torch.utils.flop_counter's formulas). The operations and their sizes do not depend on the
 device, so the count runs on the CPU, on fake tensors (shapes only: FakeTensorMode), which lets
 it count bs 8 G 8 (64 images) in seconds and no memory.
@@ -21,8 +22,9 @@ launch gaps). It counts bs 8 G 8 once more with `inversion.batched_seeds: stacke
 stacked into the channels, gradinv/stacked_seeds.py) instead of vmap, and under
 `inversion.precision` bfloat16 and float16 (autocast as a CPU applies it: convolutions and
 matrix products in the half type, their outputs and what follows them stored in it; the bound
-then takes the half type's tensor-core rate), and with `inversion.conv_double_backward: explicit`
-(each seed's convolutions dense, gradinv/convolution.py; in float32 and float16). Writes
+then takes the half type's tensor-core rate), and with `inversion.conv_double_backward`
+explicit-grouped and explicit (the convolutions' double backward written out, gradinv/convolution.py;
+in float32 and float16). Writes
 benchmarks/results/step_roofline.json.
 """
 
@@ -83,8 +85,23 @@ def operation_flops(func, args, kwargs, out) -> int:
     return formula(*args, **kwargs, out_val=out)
 
 
-# Operations that allocate memory without writing it.
-ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+# Operations that allocate memory without writing it, or give a tensor other memory's place (set_).
+ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "set_"}
+# Operations that fill memory of their own, reading no tensor argument (only its shape or type).
+FILLS = {"new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like"}
+
+
+def unread(func, args) -> list[torch.Tensor]:
+    """The tensor arguments an operation takes for their shape only: a fill's, and a convolution
+    backward's input where it computes no weight gradient and its weight where it computes no
+    input gradient."""
+    name = func._overloadpacket.__name__
+    if name in FILLS:
+        return [a for a in args if isinstance(a, torch.Tensor)]
+    if name == "convolution_backward":
+        _, x, weight, *_, mask = args
+        return ([] if mask[1] else [x]) + ([] if mask[0] else [weight])
+    return []
 
 
 def written_only(func, kwargs: dict) -> list[torch.Tensor]:
@@ -107,13 +124,13 @@ class TrafficCount(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func._overloadpacket.__name__ in ALLOCATIONS:
             return out
-        unread = {id(t) for t in written_only(func, kwargs)}
+        not_read = {id(t) for t in written_only(func, kwargs) + unread(func, args)}
         inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         outputs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
         writes = any(r.alias_info is not None and r.alias_info.is_write for r in func._schema.returns)
         storages = {a.untyped_storage()._cdata for a in inputs}
         aliases_only = all(o.untyped_storage()._cdata in storages for o in outputs)
-        inputs = [a for a in inputs if id(a) not in unread]
+        inputs = [a for a in inputs if id(a) not in not_read]
         if outputs and (writes or not aliases_only):
             flops = operation_flops(func, args, kwargs, out)
             moved = sum(stored_bytes(t) for t in inputs) + sum(stored_bytes(t) for t in outputs)
@@ -199,10 +216,10 @@ def main() -> int:
         half_rows.append(row)
         print(json.dumps(row), flush=True)
     explicit_conv_rows = []
-    for precision in ("float32", "float16"):
-        c = count_step(8, 8, "explicit", precision=precision, conv_double_backward="explicit")
+    for mode, precision in ((m, p) for m in ("explicit-grouped", "explicit") for p in ("float32", "float16")):
+        c = count_step(8, 8, "explicit", precision=precision, conv_double_backward=mode)
         rate = "tf32" if precision == "float32" else "half"
-        row = {"conv_double_backward": "explicit", "precision": precision, "bn_double_backward": "explicit", "batch": 8,
+        row = {"conv_double_backward": mode, "precision": precision, "bn_double_backward": "explicit", "batch": 8,
                "seeds": 8, "ops": c["ops"], "bytes": c["bytes"], "flops": c["flops"],
                **{f"paper_minutes_{name}": bound_seconds(c["per_op"], gpu, rate) * PAPER_ITERATIONS / 60
                   for name, gpu in GPUS.items()}}

@@ -488,13 +488,19 @@ def probes_section(result: dict) -> str:
     return "\n".join(lines)
 
 
+def convolutions_named(row: dict) -> str:
+    """A row's `inversion.conv_double_backward`, as a table names it (nothing for torch's own)."""
+    mode = row.get("conv_double_backward", "pytorch")
+    return "" if mode == "pytorch" else f", convolutions {mode}"
+
+
 def against_bound(speed_rows: list[dict], roofline: dict, gpu: str) -> list[str]:
     """Each timed bs 8 G 8 row (the layout step_roofline counted) beside its counted traffic and
     arithmetic: achieved rates and how far above the bound it runs."""
     counted = {(r["bn_double_backward"], "vmap", "pytorch"): r for r in roofline["rows"] if (r["batch"], r["seeds"]) == (8, 8)}
     counted.update({(r["bn_double_backward"], "stacked", "pytorch"): r for r in roofline.get("stacked_seeds_rows", [])})
-    counted.update({(r["bn_double_backward"], "vmap", "explicit"): r for r in roofline.get("explicit_conv_rows", [])
-                    if r.get("precision", "float32") == "float32"})
+    counted.update({(r["bn_double_backward"], "vmap", r["conv_double_backward"]): r
+                    for r in roofline.get("explicit_conv_rows", []) if r.get("precision", "float32") == "float32"})
     peak = roofline["gpus"][gpu]
     lines = []
     for r in speed_rows:
@@ -504,7 +510,7 @@ def against_bound(speed_rows: list[dict], roofline: dict, gpu: str) -> list[str]
             continue
         t = r["seconds_per_iteration"]
         lines.append(f"- {'graphed' if r['cuda_graph'] else 'eager'}, BN {r['bn_double_backward']}, seeds "
-                     f"{r.get('batched_seeds', 'vmap')}{', explicit convolutions' if r.get('conv_double_backward') == 'explicit' else ''}"
+                     f"{r.get('batched_seeds', 'vmap')}{convolutions_named(r)}"
                      f"{', cudnn.benchmark' if r.get('cudnn_benchmark') else ''}: "
                      f"{c['bytes'] / t / 1e12:.2f} TB/s of the counted {c['bytes'] / 1e9:.0f} GB "
                      f"({c['bytes'] / t / peak['bandwidth']:.0%} of the {gpu}'s {peak['bandwidth'] / 1e12:.2f} TB/s), "
@@ -546,7 +552,7 @@ def cuda_graph_section(result: dict, roofline: dict | None = None) -> str:
                   "peak memory eager / graphed |",
                   "|---|---|---|---|---|---|---|---|"]
         layout_of = lambda r: (r.get("batched_seeds", "vmap") + (", channels_last" if r.get("channels_last") else "")  # noqa: E731
-                               + (", explicit convolutions" if r.get("conv_double_backward") == "explicit" else "")
+                               + convolutions_named(r)
                                + (", cudnn.benchmark" if r.get("cudnn_benchmark") else "")
                                + (f", {r['precision']}" if r.get("precision", "float32") != "float32" else ""))
         timed = [r for r in result["speed"] if not r.get("defaults")]
@@ -632,13 +638,15 @@ def roofline_section(result: dict, measured: dict | None, probes: dict | None) -
                             for r in half) + "."]
     explicit_conv = result.get("explicit_conv_rows", [])
     if explicit_conv:
-        lines += ["", "The same step (vmap, explicit BN, bs 8 G 8) with `inversion.conv_double_backward: explicit` (each seed's "
-                  "convolutions dense, one per seed, instead of one grouped over the seeds; gradinv/convolution.py): " +
-                  "; ".join(f"{r.get('precision', 'float32')}: {r['ops']} operations, {r['bytes'] / 1e9:.0f} GB, "
-                            f"**{r['paper_minutes_H100']:.0f} minutes on an H100** ({r['paper_minutes_H200']:.0f} on an H200) "
-                            "for the paper preset" for r in explicit_conv) +
-                  ". More bytes than torch's grouped convolutions (activations laid out seed by seed, results stacked); "
-                  "what it is for is the kernels cuDNN runs, which only a GPU run measures."]
+        lines += ["", "The same step (vmap, explicit BN, bs 8 G 8) with the convolutions' double backward written out "
+                  "(`inversion.conv_double_backward`, gradinv/convolution.py: explicit-grouped, the seeds kept folded into "
+                  "the channels where BatchNorm folds them, no activations copied between layouts; explicit, each seed's "
+                  "convolutions dense, one per seed, instead of one grouped over the seeds): " +
+                  "; ".join(f"{r['conv_double_backward']}, {r.get('precision', 'float32')}: {r['ops']} operations, "
+                            f"{r['bytes'] / 1e9:.0f} GB, {r['flops'] / 1e12:.2f} TFLOP, **{r['paper_minutes_H100']:.0f} "
+                            f"minutes on an H100** ({r['paper_minutes_H200']:.0f} on an H200) for the paper preset"
+                            for r in explicit_conv) + ". Neither computes the weights' own second derivative, which no "
+                  "image gradient needs."]
     for mode, ops in result["top_ops_bs8_g8"].items():
         lines += ["", f"Operations moving most data at bs 8 G 8, BN double backward {mode}: " +
                   "; ".join(f"{o['op']} {o['calls']}× {o['bytes'] / 1e9:.0f} GB" for o in ops[:8]) + "."]

@@ -40,9 +40,25 @@ def test_roofline_counts_no_traffic_for_allocations_and_an_out_argument_as_writt
     with TrafficCount() as counter:
         torch.empty_like(a)
         a.new_empty((64, 32))
+        a.new_empty(0).set_(a.untyped_storage(), 0, a.shape, a.stride())  # the same memory, nothing moved
         torch.add(a, b, out=out)  # reads a and b, writes out
         a.add_(b)  # reads a and b, writes a
-    assert [(name, moved) for name, moved, _ in counter.ops] == [("add", 3 * size), ("add_", 3 * size)]
+        a.new_zeros((64, 32))  # writes its output, reads nothing of a
+    assert [(name, moved) for name, moved, _ in counter.ops] == [("add", 3 * size), ("add_", 3 * size),
+                                                                   ("new_zeros", size)]
+
+
+def test_roofline_counts_what_a_convolution_backward_reads_for_what_it_computes():
+    """An input gradient (dgrad) reads the upstream gradient and the weight, a weight gradient (wgrad)
+    the upstream gradient and the input; each takes the other tensor for its shape only."""
+    x, weight, grad = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(2, 4, 6, 6)
+    size = lambda t: t.numel() * 4  # noqa: E731
+    with TrafficCount() as counter:
+        for mask in ([True, False, False], [False, True, False], [True, True, False]):
+            torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, mask)
+    assert [moved for _, moved, _ in counter.ops] == [
+        size(grad) + size(weight) + size(x), size(grad) + size(x) + size(weight),
+        size(grad) + size(weight) + size(x) + size(x) + size(weight)]
 
 
 def test_the_step_under_half_precision_moves_less_for_the_same_arithmetic():

@@ -47,10 +47,13 @@ def test_a_timed_step_is_set_against_the_traffic_and_arithmetic_counted_for_its_
     (line,) = against_bound([timed, *uncounted, {**timed, "conv_double_backward": "explicit"}], roofline, "H100")
     assert "1.00 TB/s of the counted 300 GB (50% of the H100's 2.00 TB/s)" in line
     assert "13.3 TFLOP/s (3.3% of TF32)" in line and line.endswith("3.0x its bound")
-    # the explicit convolution's step is set against its own count, not the default's
-    roofline["explicit_conv_rows"] = [{**roofline["rows"][0], "bytes": 330e9, "conv_double_backward": "explicit"}]
-    _, line = against_bound([timed, {**timed, "conv_double_backward": "explicit"}], roofline, "H100")
-    assert "seeds vmap, explicit convolutions:" in line and "of the counted 330 GB" in line
+    # a step with the convolutions written out is set against its own count, not the default's
+    roofline["explicit_conv_rows"] = [{**roofline["rows"][0], "bytes": 330e9, "conv_double_backward": "explicit"},
+                                      {**roofline["rows"][0], "bytes": 240e9, "conv_double_backward": "explicit-grouped"}]
+    written_out = [{**timed, "conv_double_backward": mode} for mode in ("explicit", "explicit-grouped")]
+    _, dense, grouped = against_bound([timed, *written_out], roofline, "H100")
+    assert "seeds vmap, convolutions explicit:" in dense and "of the counted 330 GB" in dense
+    assert "seeds vmap, convolutions explicit-grouped:" in grouped and "of the counted 240 GB" in grouped
 
 
 def test_a_graphed_variant_timed_without_an_eager_twin_gets_a_line_of_its_own():
@@ -63,7 +66,7 @@ def test_a_graphed_variant_timed_without_an_eager_twin_gets_a_line_of_its_own():
     rows = [line for line in section.splitlines() if line.startswith("| 8 | 8 |")]
     assert rows == ["| 8 | 8 | explicit | vmap | 0.600 | 0.300 | 2.00x | 1024 MiB / 1024 MiB |",
                     "| 8 | 8 | explicit | vmap, cudnn.benchmark | not run | 0.200 | - | - / 1024 MiB |",
-                    "| 8 | 8 | explicit | vmap, explicit convolutions | not run | 0.100 | - | - / 1024 MiB |"]
+                    "| 8 | 8 | explicit | vmap, convolutions explicit | not run | 0.100 | - | - / 1024 MiB |"]
     unchecked = cuda_graph_section({"machine": {}, "command": "c --skip-check", "speed": speed})  # timed only
     assert "not run by this command (--skip-check)" in unchecked and rows[2] in unchecked.splitlines()
 
