@@ -70,8 +70,9 @@ def _unfold_seeds(t: torch.Tensor, seeds: int) -> torch.Tensor:
 
 
 def _same_memory_no_view(t: torch.Tensor) -> torch.Tensor:
-    """A tensor over t's memory, with t's shape and strides, that autograd does not take for a view of t."""
-    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+    """A tensor over t's memory, with t's shape and strides, that autograd does not take for a view of t
+    (detach makes a view that no gradient passes through, and autograd keeps no record of those)."""
+    return t.detach()
 
 
 def _per_seed_channels(t: torch.Tensor, dim: int | None, seeds: int) -> torch.Tensor:
