@@ -582,7 +582,9 @@ def cuda_graph_section(result: dict, roofline: dict | None = None) -> str:
         gpu = next((name for name in (roofline or {}).get("gpus", {}) if name in result["machine"].get("gpu", "")), None)
         if gpu:
             lines += ["", f"Against what one step must move and compute (benchmarks/step_roofline.py; bs 8, G 8, "
-                          f"the layout it counted):", "", *against_bound(timed, roofline, gpu)]
+                          f"the layout it counted; the counts are of the step as it runs now, a timing taken before a "
+                          f"change to the step's operations is set against the count after it):", "",
+                      *against_bound(timed, roofline, gpu)]
     return "\n".join(lines)
 
 
