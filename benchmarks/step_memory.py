@@ -10,7 +10,8 @@ sum during one step, plus what stays (the attacker's models, the target gradient
 Adam's state). Not counted: what a GPU adds beyond tensors (cuDNN's and cuBLAS's workspaces,
 the allocator's rounding) and the set-up's own peak. A few configurations whose peak a GPU has
 measured are estimated as well, set as they were measured, so that the two can be set side by
-side (README, Speed). Writes benchmarks/results/step_memory.json.
+side (README, Speed), and a few with `inversion.conv_double_backward: explicit-grouped`. Writes
+benchmarks/results/step_memory.json.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ CUDA = torch.device("cuda")  # the defaults are resolved as for CUDA; nothing ru
 DEFAULTS = [(1, 1), (1, 8), (8, 8), (48, 1), (48, 8)]  # (bs, G); bs 8 G 8 is the paper preset, bs 48 G 8 its largest batch
 # (bs, G, bn_double_backward, seeds per vmapped chunk) as benchmarks/results/ recorded their measured peaks.
 AS_MEASURED = [(8, 8, "pytorch", 8), (48, 8, "pytorch", 2), (48, 8, "pytorch", 4), (48, 4, "pytorch", 4), (48, 8, "explicit", 4)]
+# (bs, G, seeds per vmapped chunk) with `inversion.conv_double_backward: explicit-grouped`, a candidate for CUDA's
+# default: the paper preset, and its largest batch as the defaults chunk it and with twice the seeds per chunk.
+GROUPED_CONVOLUTIONS = [(8, 8, 8), (48, 8, 1), (48, 8, 2)]
 
 
 class LiveStorage(TorchDispatchMode):
@@ -81,10 +85,11 @@ def real_bytes(objective) -> int:
     return sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
-def estimate(batch: int, seeds: int, bn_double_backward: str, chunk: int) -> dict:
+def estimate(batch: int, seeds: int, bn_double_backward: str, chunk: int, conv_double_backward: str = "pytorch") -> dict:
     """Peak bytes of one step (the second: the first creates Adam's state), and what stays between steps."""
     live = LiveStorage()
-    with fake_step(batch, seeds, bn_double_backward, chunk=chunk, watch=live) as (step, objective):
+    with fake_step(batch, seeds, bn_double_backward, chunk=chunk, watch=live,
+                   conv_double_backward=conv_double_backward) as (step, objective):
         held = live.current
         live.peak = held
         step.step(False, None)
@@ -104,8 +109,11 @@ def main() -> int:
                      "seeds_per_chunk": seed_batch(config, CUDA, batch)})
     rows += [{"settings": "as measured", "batch": b, "seeds": g, "bn_double_backward": bn, "seeds_per_chunk": chunk}
              for b, g, bn, chunk in AS_MEASURED]
+    rows += [{"settings": "conv_double_backward: explicit-grouped", "batch": b, "seeds": g, "bn_double_backward": "explicit",
+              "seeds_per_chunk": chunk, "conv_double_backward": "explicit-grouped"} for b, g, chunk in GROUPED_CONVOLUTIONS]
     for row in rows:
-        row.update(estimate(row["batch"], row["seeds"], row["bn_double_backward"], row["seeds_per_chunk"]))
+        row.update(estimate(row["batch"], row["seeds"], row["bn_double_backward"], row["seeds_per_chunk"],
+                            row.get("conv_double_backward", "pytorch")))
         print(json.dumps(row), flush=True)
     result = {"machine": machine(torch.device("cpu")), "command": "python benchmarks/step_memory.py", "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=1))
