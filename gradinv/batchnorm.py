@@ -53,14 +53,14 @@ def batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(dims), x.var(dims, unbiased=False)
 
 
-def _seeds_first(t: torch.Tensor, dim: int | None, seeds: int) -> torch.Tensor:
+def seeds_first(t: torch.Tensor, dim: int | None, seeds: int) -> torch.Tensor:
     """A tensor under vmap, its seed dimension `dim` (None: shared by all seeds) moved to the front."""
     return t.movedim(dim, 0) if dim is not None else t.expand(seeds, *t.shape)
 
 
 def _fold_seeds(t: torch.Tensor, dim: int | None, seeds: int) -> torch.Tensor:
     """(N, C, ...) per seed -> (N, G·C, ...): each seed's channels become channels of one batch."""
-    t = _seeds_first(t, dim, seeds)
+    t = seeds_first(t, dim, seeds)
     return t.transpose(0, 1).reshape(t.shape[1], seeds * t.shape[2], *t.shape[3:])
 
 
@@ -77,7 +77,7 @@ def _same_memory_no_view(t: torch.Tensor) -> torch.Tensor:
 
 def _per_seed_channels(t: torch.Tensor, dim: int | None, seeds: int) -> torch.Tensor:
     """A per-channel (C,) tensor under vmap -> (G·C,), matching _fold_seeds."""
-    return _seeds_first(t, dim, seeds).reshape(-1)
+    return seeds_first(t, dim, seeds).reshape(-1)
 
 
 class _BatchNormBackward(torch.autograd.Function):

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradinv.batchnorm import TrainBatchNorm2d
+from gradinv.batchnorm import TrainBatchNorm2d, seeds_first
 
 aten = torch.ops.aten
 
@@ -69,11 +69,6 @@ def _fold(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *t.shape[2:])
 
 
-def _seeds_moved_first(t: torch.Tensor, dim: int | None, seeds: int) -> torch.Tensor:
-    """A tensor under vmap, its seed dimension (None: shared by all seeds) moved to the front."""
-    return t.movedim(dim, 0) if dim is not None else t.expand(seeds, *t.shape)
-
-
 class SeedsMajor:
     """(G, N, ...) in memory, each seed's images one contiguous slice: a convolution with
     per-seed weights runs as one dense convolution per seed (`explicit`)."""
@@ -82,7 +77,7 @@ class SeedsMajor:
 
     def arrange(self, t: torch.Tensor, dim: int | None, seeds: int) -> torch.Tensor:
         """A tensor under vmap, as (G, N, ...) in this layout (a copy only where it is not)."""
-        return _seeds_moved_first(t, dim, seeds).contiguous()
+        return seeds_first(t, dim, seeds).contiguous()
 
     def weight_grads(self, grad, x, weight, geometry: _Geometry) -> torch.Tensor:
         """(G, ...): each seed's wgrad(x[s], grad[s])."""
@@ -106,7 +101,7 @@ class SeedsInChannels:
 
     def arrange(self, t: torch.Tensor, dim: int | None, seeds: int) -> torch.Tensor:
         """A tensor under vmap, as (N, G, ...) in this layout (a copy only where it is not)."""
-        return _seeds_moved_first(t, dim, seeds).transpose(0, 1).contiguous()
+        return seeds_first(t, dim, seeds).transpose(0, 1).contiguous()
 
     def weight_grads(self, grad, x, weight, geometry: _Geometry) -> torch.Tensor:
         seeds = grad.shape[1]
