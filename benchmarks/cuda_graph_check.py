@@ -21,7 +21,8 @@
    (`torch.backends.cudnn.benchmark`: graphed, the tuning happens in the eager warm-up; its
    heuristics put a generic convolution kernel at 18 % of the step, step_profile.py), and at the
    paper preset under `inversion.precision` bfloat16 and float16 (autocast; what they do to the
-   reconstruction: tf32_quality.py) and with `inversion.conv_double_backward` explicit-grouped
+   reconstruction: tf32_quality.py), with `inversion.bn_double_backward: explicit-fused` (one Triton
+   kernel for BatchNorm's second-order elementwise outputs) and with `inversion.conv_double_backward` explicit-grouped
    (no activations copied between layouts) and explicit (each seed's convolutions dense instead
    of grouped), autotuned and in half precision (PRESET_CANDIDATES, the likeliest first). A
    variant that fails is recorded with its error.
@@ -77,13 +78,17 @@ VARIANTS = [(False, "pytorch", "vmap", False), (True, "explicit", "stacked", Fal
             (False, "explicit", "vmap", False), (True, "explicit", "vmap", False)]
 AUTOTUNED = (True, "explicit", "vmap", False)  # the CUDA default with several seeds, timed again under cudnn.benchmark
 # The paper preset's candidates beyond the autotuned default, the likeliest first (a short lease keeps
-# what it reached): `inversion.conv_double_backward` explicit-grouped (torch's kernels, no activations
-# copied between layouts: the fewest bytes of any vmapped step, step_roofline.py) and explicit (each
-# seed's convolutions dense), half precision under autocast, cuDNN's autotuner.
+# what it reached): `inversion.bn_double_backward: explicit-fused` (BatchNorm's second-order elementwise
+# outputs in one Triton kernel) with and without `inversion.conv_double_backward` explicit-grouped
+# (torch's kernels, no activations copied between layouts: together the fewest bytes of any vmapped
+# step, step_roofline.py), explicit (each seed's convolutions dense), half precision under autocast,
+# cuDNN's autotuner.
 GROUPED, DENSE = {"conv_double_backward": "explicit-grouped"}, {"conv_double_backward": "explicit"}
+FUSED = {"bn_double_backward": "explicit-fused"}
 FLOAT16, BFLOAT16, AUTOTUNE = {"precision": "float16"}, {"precision": "bfloat16"}, {"cudnn_benchmark": True}
-PRESET_CANDIDATES = [GROUPED, {**GROUPED, **FLOAT16}, FLOAT16, {**GROUPED, **BFLOAT16}, BFLOAT16,
-                     {**GROUPED, **AUTOTUNE}, DENSE, {**DENSE, **AUTOTUNE}, {**DENSE, **FLOAT16}, {**DENSE, **BFLOAT16}]
+PRESET_CANDIDATES = [{**GROUPED, **FUSED}, GROUPED, FUSED, {**GROUPED, **FUSED, **FLOAT16}, {**GROUPED, **FLOAT16},
+                     FLOAT16, {**GROUPED, **BFLOAT16}, BFLOAT16, {**GROUPED, **AUTOTUNE}, DENSE, {**DENSE, **AUTOTUNE},
+                     {**DENSE, **FLOAT16}, {**DENSE, **BFLOAT16}]
 
 
 class Interrupted(Exception):

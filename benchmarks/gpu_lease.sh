@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements the speed work still lacks, the most needed first, each under its own
-# time limit (about 9 minutes in all on an H100), so that a short GPU lease brings back what it can.
+# time limit (about 10 minutes in all on an H100), so that a short GPU lease brings back what it can.
 #
 #     OUT=/some/folder bash benchmarks/gpu_lease.sh     # default: benchmarks/results
 #
@@ -26,8 +26,11 @@ run() {  # seconds, then the command
     echo "== $* (at most ${limit} s)"
     timeout "$limit" "$python" "$@" || echo "== exit $? from: $*"
 }
+# BatchNorm's second-order elementwise outputs in one Triton kernel: the same results on CUDA, and their time
+run 60 benchmarks/bn_elementwise_check.py --out "$out/bn_elementwise-cuda.json"
 # the default step at the paper preset beside its candidates (cuda_graph_check.py's PRESET_CANDIDATES):
-# cuDNN's autotuner, inversion.conv_double_backward explicit-grouped and explicit, half precision
+# inversion.bn_double_backward explicit-fused, inversion.conv_double_backward explicit-grouped and
+# explicit, half precision, cuDNN's autotuner
 run 360 benchmarks/cuda_graph_check.py --skip-check --focus --out "$out/cuda_graph-focus.json"
 # float16's effect on the reconstruction (bfloat16's was measured on a CPU)
 run 200 benchmarks/tf32_quality.py --iterations 400 --settings "tf32, seeds batched" "float16, seeds batched" \

@@ -22,9 +22,12 @@ launch gaps). It counts bs 8 G 8 once more with `inversion.batched_seeds: stacke
 stacked into the channels, gradinv/stacked_seeds.py) instead of vmap, and under
 `inversion.precision` bfloat16 and float16 (autocast as a CPU applies it: convolutions and
 matrix products in the half type, their outputs and what follows them stored in it; the bound
-then takes the half type's tensor-core rate), and with `inversion.conv_double_backward`
+then takes the half type's tensor-core rate), with `inversion.conv_double_backward`
 explicit-grouped and explicit (the convolutions' double backward written out, gradinv/convolution.py;
-in float32 and float16). Writes
+in float32 and float16), and with `inversion.bn_double_backward: explicit-fused` (BatchNorm's
+second-order elementwise outputs in one kernel, gradinv.bn_elementwise: counted as one operation
+that reads its inputs and writes its outputs once, as the Triton kernel does on CUDA; with either
+convolution double backward, in float32 and float16). Writes
 benchmarks/results/step_roofline.json.
 """
 
@@ -225,12 +228,22 @@ def main() -> int:
                   for name, gpu in GPUS.items()}}
         explicit_conv_rows.append(row)
         print(json.dumps(row), flush=True)
+    fused_bn_rows = []
+    for conv, precision in ((c, p) for c in ("explicit-grouped", "pytorch") for p in ("float32", "float16")):
+        c = count_step(8, 8, "explicit-fused", precision=precision, conv_double_backward=conv)
+        rate = "tf32" if precision == "float32" else "half"
+        row = {"bn_double_backward": "explicit-fused", "conv_double_backward": conv, "precision": precision, "batch": 8,
+               "seeds": 8, "ops": c["ops"], "bytes": c["bytes"], "flops": c["flops"],
+               **{f"paper_minutes_{name}": bound_seconds(c["per_op"], gpu, rate) * PAPER_ITERATIONS / 60
+                  for name, gpu in GPUS.items()}}
+        fused_bn_rows.append(row)
+        print(json.dumps(row), flush=True)
     h100 = GPUS["H100"]
     top = {mode: sorted(ops.items(), key=lambda kv: -max(kv[1][1] / h100["bandwidth"], kv[1][2] / h100["tf32"]))
            for mode, ops in heaviest.items()}
     result = {"machine": machine(torch.device("cpu")), "command": "python benchmarks/step_roofline.py", "gpus": GPUS,
               "rows": rows, "stacked_seeds_rows": stacked_rows, "half_precision_rows": half_rows,
-              "explicit_conv_rows": explicit_conv_rows, "top_ops_bs8_g8": {mode: [{"op": n, "calls": c, "bytes": b, "flops": f} for n, (c, b, f) in ops[:12]]
+              "explicit_conv_rows": explicit_conv_rows, "fused_bn_rows": fused_bn_rows, "top_ops_bs8_g8": {mode: [{"op": n, "calls": c, "bytes": b, "flops": f} for n, (c, b, f) in ops[:12]]
                                                for mode, ops in top.items()}}
     Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

@@ -500,7 +500,8 @@ def against_bound(speed_rows: list[dict], roofline: dict, gpu: str) -> list[str]
     counted = {(r["bn_double_backward"], "vmap", "pytorch"): r for r in roofline["rows"] if (r["batch"], r["seeds"]) == (8, 8)}
     counted.update({(r["bn_double_backward"], "stacked", "pytorch"): r for r in roofline.get("stacked_seeds_rows", [])})
     counted.update({(r["bn_double_backward"], "vmap", r["conv_double_backward"]): r
-                    for r in roofline.get("explicit_conv_rows", []) if r.get("precision", "float32") == "float32"})
+                    for r in roofline.get("explicit_conv_rows", []) + roofline.get("fused_bn_rows", [])
+                    if r.get("precision", "float32") == "float32"})
     peak = roofline["gpus"][gpu]
     lines = []
     for r in speed_rows:
@@ -649,6 +650,14 @@ def roofline_section(result: dict, measured: dict | None, probes: dict | None) -
                             f"minutes on an H100** ({r['paper_minutes_H200']:.0f} on an H200) for the paper preset"
                             for r in explicit_conv) + ". Neither computes the weights' own second derivative, which no "
                   "image gradient needs."]
+    fused = result.get("fused_bn_rows", [])
+    if fused:
+        lines += ["", "The same step (vmap, bs 8 G 8) with BatchNorm's second-order elementwise outputs in one Triton "
+                  "kernel (`inversion.bn_double_backward: explicit-fused`, gradinv/bn_elementwise.py: u, x and g read "
+                  "once, both outputs written once, where five `addcmul`s made 13 passes): " +
+                  "; ".join(f"convolutions {r['conv_double_backward']}, {r['precision']}: {r['ops']} operations, "
+                            f"{r['bytes'] / 1e9:.0f} GB, **{r['paper_minutes_H100']:.1f} minutes on an H100** "
+                            f"({r['paper_minutes_H200']:.1f} on an H200) for the paper preset" for r in fused) + "."]
     for mode, ops in result["top_ops_bs8_g8"].items():
         lines += ["", f"Operations moving most data at bs 8 G 8, BN double backward {mode}: " +
                   "; ".join(f"{o['op']} {o['calls']}× {o['bytes'] / 1e9:.0f} GB" for o in ops[:8]) + "."]

@@ -31,6 +31,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from gradinv.bn_elementwise import second_order_terms
+
 
 def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-channel (C,) tensor shaped to broadcast against `like` (N, C, ...)."""
@@ -87,34 +89,35 @@ class _BatchNormBackward(torch.autograd.Function):
     its own."""
 
     @staticmethod
-    def vmap(info, in_dims, grad_out, x, weight, mean, rstd, eps):
+    def vmap(info, in_dims, grad_out, x, weight, mean, rstd, eps, fused):
         seeds = info.batch_size
-        (g_dim, x_dim, weight_dim, mean_dim, rstd_dim, _) = in_dims
+        (g_dim, x_dim, weight_dim, mean_dim, rstd_dim, *_) = in_dims
         channels = lambda t, dim: _per_seed_channels(t, dim, seeds)  # noqa: E731
         grad_x, grad_weight, grad_bias = _BatchNormBackward.apply(
             _fold_seeds(grad_out, g_dim, seeds), _fold_seeds(x, x_dim, seeds), channels(weight, weight_dim),
-            channels(mean, mean_dim), channels(rstd, rstd_dim), eps)
+            channels(mean, mean_dim), channels(rstd, rstd_dim), eps, fused)
         return (_unfold_seeds(grad_x, seeds), grad_weight.view(seeds, -1), grad_bias.view(seeds, -1)), (0, 0, 0)
 
     @staticmethod
-    def forward(grad_out, x, weight, mean, rstd, eps):
+    def forward(grad_out, x, weight, mean, rstd, eps, fused):
         return tuple(torch.ops.aten.native_batch_norm_backward(
             grad_out, x, weight, None, None, mean, rstd, True, eps, [True, True, True]))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad_out, x, weight, mean, rstd, _ = inputs
+        grad_out, x, weight, mean, rstd, _, fused = inputs
         _, sum_g_xhat, sum_g = output
+        ctx.fused = fused
         ctx.save_for_backward(grad_out, x, weight, mean, rstd, sum_g_xhat, sum_g)
 
     @staticmethod
     def backward(ctx, u, p, q):
         """The formulas of the module docstring, each output as a·u + b·g + c·x + d with
-        per-channel a, b, c, d (x̂ = r·x − r·μ): three passes per output; the three means of u
-        read u, x and g once each, through BatchNorm's own fused reductions."""
+        per-channel a, b, c, d (x̂ = r·x − r·μ), computed by gradinv.bn_elementwise (in one pass
+        where `fused`); the three means of u read u, x and g once each, through BatchNorm's own
+        fused reductions."""
         g, x, weight, mean, r, sum_g_xhat, sum_g = ctx.saved_tensors
         count = x.numel() // x.shape[1]
-        channel = lambda t: _channel_view(t, x)  # noqa: E731
         g_mean, m_gx = sum_g / count, sum_g_xhat / count
         if u is None:
             u_mean = m_ux = m_ug = torch.zeros_like(r)
@@ -128,16 +131,14 @@ class _BatchNormBackward(torch.autograd.Function):
         gamma_r = weight * r
         # d/dg = γ r·u + (p − γ r m_ux)·x̂ + (q − γ r ū)
         g_xhat = p - gamma_r * m_ux
-        grad_g = torch.addcmul(channel(q - gamma_r * u_mean - g_xhat * r * mean), x, channel(g_xhat * r))
         # d/dx = −γ r² m_gx·u + b·g + c·x̂ + d, with b = r (p − γ r m_ux)
         b = r * g_xhat
         c = -gamma_r * r * cross + gamma_r * r * m_gx * m_ux - b * m_gx
         d = gamma_r * r * m_gx * u_mean - b * g_mean
-        grad_x = torch.addcmul(torch.addcmul(channel(d - c * r * mean), x, channel(c * r)), g, channel(b))
-        if u is not None:  # out of place: vmap has no batching rule for addcmul_
-            grad_g = torch.addcmul(grad_g, u, channel(gamma_r))
-            grad_x = torch.addcmul(grad_x, u, channel(-gamma_r * r * m_gx))
-        return grad_g, grad_x, r * count * cross, None, None, None
+        coefficients = (gamma_r, g_xhat * r, q - gamma_r * u_mean - g_xhat * r * mean,
+                        -gamma_r * r * m_gx, b, c * r, d - c * r * mean)
+        grad_g, grad_x = second_order_terms(u, x, g, coefficients, ctx.fused)
+        return grad_g, grad_x, r * count * cross, None, None, None, None
 
 
 class _BatchNormTrain(torch.autograd.Function):
@@ -152,18 +153,19 @@ class _BatchNormTrain(torch.autograd.Function):
     every backward)."""
 
     @staticmethod
-    def vmap(info, in_dims, x, weight, bias, eps, seeds_major, _):
+    def vmap(info, in_dims, x, weight, bias, eps, seeds_major, _, fused):
         x_dim, weight_dim, bias_dim, *_ = in_dims
         seeds = info.batch_size
         channels = lambda t, dim: _per_seed_channels(t, dim, seeds)  # noqa: E731
         y, mean, var = _BatchNormTrain.apply(_fold_seeds(x, x_dim, seeds), channels(weight, weight_dim),
-                                             channels(bias, bias_dim), eps, seeds_major, seeds)
+                                             channels(bias, bias_dim), eps, seeds_major, seeds, fused)
         return (y, mean.view(seeds, -1), var.view(seeds, -1)), (0, 0, 0)
 
     @staticmethod
-    def forward(x, weight, bias, eps, seeds_major, seeds):
+    def forward(x, weight, bias, eps, seeds_major, seeds, fused):
         """`seeds` > 0: x has that many seeds folded into its channels, and y comes back (G, N, C, ...),
-        laid out seed by seed if `seeds_major`, else over y's own memory."""
+        laid out seed by seed if `seeds_major`, else over y's own memory. `fused`: the double
+        backward's elementwise outputs in one pass (gradinv.bn_elementwise)."""
         y, mean, rstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
         if seeds:
             y = _unfold_seeds(y, seeds)
@@ -172,9 +174,9 @@ class _BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _, eps, _, seeds = inputs
+        x, weight, _, eps, _, seeds, fused = inputs
         _, mean, var = output
-        ctx.eps, ctx.seeds = eps, seeds
+        ctx.eps, ctx.seeds, ctx.fused = eps, seeds, fused
         ctx.set_materialize_grads(False)  # most layers' μ, σ² get no gradient: no zero tensors for them
         ctx.save_for_backward(x, weight, mean, var)
 
@@ -186,14 +188,15 @@ class _BatchNormTrain(torch.autograd.Function):
             grad_out = _fold_seeds(grad_out, 0, ctx.seeds)
         if grad_out is not None:  # _BatchNormBackward's formulas differentiate μ and r through x
             rstd = torch.rsqrt(var.detach() + ctx.eps)
-            grad_x, grad_weight, grad_bias = _BatchNormBackward.apply(grad_out, x, weight, mean.detach(), rstd, ctx.eps)
+            grad_x, grad_weight, grad_bias = _BatchNormBackward.apply(grad_out, x, weight, mean.detach(), rstd, ctx.eps,
+                                                                      ctx.fused)
         if grad_mean is not None or grad_var is not None:
             count = x.numel() // x.shape[1]
             grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
             slope = torch.zeros_like(mean) if grad_var is None else 2 * grad_var / count
             offset = _channel_view(grad_mean / count - slope * mean, x)
             grad_x = torch.addcmul(offset if grad_x is None else grad_x + offset, x, _channel_view(slope, x))
-        return grad_x, grad_weight, grad_bias, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
 StatisticsSink = Callable[[torch.Tensor, torch.Tensor], None]
@@ -210,21 +213,26 @@ class TrainBatchNorm2d(nn.BatchNorm2d):
     # folded into the channels: for convolutions that take each seed's images as one slice
     # (gradinv.convolution), one copy here instead of one in their forward and one in their backward.
     seeds_major_output: bool = False
+    # The double backward's elementwise outputs in one Triton kernel on CUDA (gradinv.bn_elementwise).
+    fused_second_order: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.weight is None:
             if self.statistics_sink is not None:
                 self.statistics_sink(*batch_statistics(x))
             return super().forward(x)
-        y, mean, var = _BatchNormTrain.apply(x, self.weight, self.bias, self.eps, self.seeds_major_output, 0)
+        y, mean, var = _BatchNormTrain.apply(x, self.weight, self.bias, self.eps, self.seeds_major_output, 0,
+                                             self.fused_second_order)
         if self.statistics_sink is not None:
             self.statistics_sink(mean, var)
         return y
 
 
-def with_explicit_double_backward(model: nn.Module) -> nn.Module:
-    """`model` with each nn.BatchNorm2d (exactly that class) turned into TrainBatchNorm2d, in place."""
+def with_explicit_double_backward(model: nn.Module, fused: bool = False) -> nn.Module:
+    """`model` with each nn.BatchNorm2d (exactly that class) turned into TrainBatchNorm2d, in place;
+    `fused`: their double backwards' elementwise outputs in one kernel where a GPU runs Triton."""
     for module in model.modules():
         if type(module) is nn.BatchNorm2d:
             module.__class__ = TrainBatchNorm2d
+            module.fused_second_order = fused
     return model

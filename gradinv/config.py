@@ -115,7 +115,7 @@ class InversionConfig:
     tf32: bool = rule(True)
     precision: str = rule("float32", _one_of("float32", "bfloat16", "float16"))
     cuda_graph: bool | str = rule("auto", _one_of("auto", True, False))
-    bn_double_backward: str = rule("auto", _one_of("auto", "pytorch", "explicit"))
+    bn_double_backward: str = rule("auto", _one_of("auto", "pytorch", "explicit", "explicit-fused"))
     conv_double_backward: str = rule("pytorch", _one_of("pytorch", "explicit", "explicit-grouped"))
     batched_seeds: str = rule("vmap", _one_of("vmap", "stacked"))
     log_every: int = rule(25, _positive)

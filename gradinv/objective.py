@@ -98,9 +98,9 @@ def explicit_bn_double_backward(config: InversionConfig, device: torch.device) -
     more than one seed, where the graphed step ran 1.5x faster with it on an H100 (ResNet-50, 224 px,
     8 seeds, bs 8; 3x at bs 1); PyTorch's with one seed (graphed, bs 1: 0.040 against 0.060 s/it)
     and on a CPU, where explicit was no faster. Under half precision always explicit: PyTorch's
-    BatchNorm under vmap fails under autocast."""
+    BatchNorm under vmap fails under autocast. `explicit-fused` is explicit as well."""
     if config.bn_double_backward != "auto":
-        return config.bn_double_backward == "explicit"
+        return config.bn_double_backward.startswith("explicit")
     return config.precision != "float32" or (device.type == "cuda" and config.seeds > 1)
 
 
@@ -114,7 +114,8 @@ class Objective:
     def __init__(self, model: nn.Module, artifact: GradientArtifact, labels: torch.Tensor, config: InversionConfig):
         device = labels.device
         model = with_detached_relu_masks(model)
-        model = with_explicit_double_backward(model) if explicit_bn_double_backward(config, device) else model
+        if explicit_bn_double_backward(config, device):
+            model = with_explicit_double_backward(model, fused=config.bn_double_backward == "explicit-fused")
         self.model = (model if config.conv_double_backward == "pytorch"
                       else with_explicit_conv_double_backward(model, config.conv_double_backward))
         self.labels = labels

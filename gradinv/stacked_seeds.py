@@ -21,6 +21,8 @@ import copy
 import torch
 from torch import nn
 
+from gradinv.batchnorm import TrainBatchNorm2d
+
 PER_CHANNEL = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 
 
@@ -52,6 +54,8 @@ def _stacked_batch_norm(bn: nn.BatchNorm2d, seeds: int) -> nn.BatchNorm2d:
     stacked = type(bn)(seeds * bn.num_features, bn.eps, track_running_stats=False).to(bn.weight.device).train()
     stacked.weight = nn.Parameter(bn.weight.detach().repeat(seeds))
     stacked.bias = nn.Parameter(bn.bias.detach().repeat(seeds))
+    if isinstance(bn, TrainBatchNorm2d):
+        stacked.fused_second_order = bn.fused_second_order
     return stacked
 
 

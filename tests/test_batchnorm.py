@@ -15,7 +15,7 @@ def test_first_and_second_derivatives_match_finite_differences():
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
               for shape in ((3, 4, 5, 5), (4,), (4,))]
-    batch_norm = lambda x, weight, bias: _BatchNormTrain.apply(x, weight, bias, 1e-5, False, 0)  # noqa: E731
+    batch_norm = lambda x, weight, bias: _BatchNormTrain.apply(x, weight, bias, 1e-5, False, 0, False)  # noqa: E731
     y, mean, var = batch_norm(*inputs)
     assert torch.allclose(y, F.batch_norm(*inputs[:1], None, None, *inputs[1:], True, 0.0, 1e-5))
     expected_mean, expected_var = batch_statistics(inputs[0])

@@ -51,20 +51,25 @@ def test_the_speed_plan_times_the_paper_preset_first_then_the_shipped_defaults_a
     assert not [fixed for _, seeds, fixed in plan if seeds == 1 and fixed.get("batched_seeds") == "stacked"]
     autotuned = [(batch, seeds) for batch, seeds, fixed in plan if fixed.get("cudnn_benchmark") and "conv_double_backward" not in fixed]
     assert autotuned == [(8, 8), (1, 8)]  # the default step with several seeds, once per configuration
-    half = [(batch, seeds, fixed["precision"], fixed.get("conv_double_backward")) for batch, seeds, fixed in plan
-            if "precision" in fixed]
-    assert sorted(half, key=str) == sorted([(8, 8, precision, conv)  # the paper preset only, each convolution
+    half = [(batch, seeds, fixed["precision"], fixed.get("conv_double_backward"), fixed["bn_double_backward"])
+            for batch, seeds, fixed in plan if "precision" in fixed]
+    assert sorted(half, key=str) == sorted([(8, 8, precision, conv, "explicit")  # the paper preset only, each convolution
                                             for precision in ("bfloat16", "float16")
-                                            for conv in (None, "explicit", "explicit-grouped")], key=str)
+                                            for conv in (None, "explicit", "explicit-grouped")]
+                                           + [(8, 8, "float16", "explicit-grouped", "explicit-fused")], key=str)
     for mode in ("explicit", "explicit-grouped"):
         explicit_conv = [(batch, seeds, fixed.get("cudnn_benchmark", False), fixed.get("precision", "float32"))
-                         for batch, seeds, fixed in plan if fixed.get("conv_double_backward") == mode]
+                         for batch, seeds, fixed in plan if fixed.get("conv_double_backward") == mode
+                         and fixed["bn_double_backward"] == "explicit"]
         assert sorted(explicit_conv, key=str) == sorted([(8, 8, False, "float32"), (8, 8, True, "float32"),
                                                          (8, 8, False, "bfloat16"), (8, 8, False, "float16")], key=str)
+    fused = [(batch, seeds, fixed.get("conv_double_backward"), fixed.get("precision", "float32"))
+             for batch, seeds, fixed in plan if fixed.get("bn_double_backward") == "explicit-fused"]
+    assert fused == [(8, 8, "explicit-grouped", "float32"), (8, 8, None, "float32"), (8, 8, "explicit-grouped", "float16")]
     candidates = [fixed for _, _, fixed in plan if fixed.get("cudnn_benchmark") or "precision" in fixed
-                  or "conv_double_backward" in fixed]
-    assert all(fixed["cuda_graph"] and fixed["bn_double_backward"] == "explicit" and fixed["batched_seeds"] == "vmap"
-               for fixed in candidates)
+                  or "conv_double_backward" in fixed or fixed.get("bn_double_backward") == "explicit-fused"]
+    assert all(fixed["cuda_graph"] and fixed["bn_double_backward"] in ("explicit", "explicit-fused")
+               and fixed["batched_seeds"] == "vmap" for fixed in candidates)
 
 
 def test_the_focused_plan_is_the_paper_presets_default_step_and_its_candidates():
@@ -72,9 +77,13 @@ def test_the_focused_plan_is_the_paper_presets_default_step_and_its_candidates()
                    and fixed["bn_double_backward"] == "explicit" and fixed["batched_seeds"] == "vmap")
     focused = speed_plan(focus=True)
     assert focused[0] == (8, 8, default) and all((batch, seeds) == (8, 8) for batch, seeds, _ in focused)
-    extended = [fixed for batch, seeds, fixed in speed_plan() if (batch, seeds) == (8, 8) and set(fixed) > set(default)
-                and all(fixed[k] == v for k, v in default.items())]
-    assert [fixed for _, _, fixed in focused[1:]] == extended and len(extended) == 11  # autotuned, PRESET_CANDIDATES
-    # the likeliest first: the convolutions that copy no activations between layouts, then half precision
-    assert [fixed.get("conv_double_backward") for _, _, fixed in focused[2:4]] == ["explicit-grouped"] * 2
-    assert [fixed.get("precision") for _, _, fixed in focused[2:5]] == [None, "float16", "float16"]
+    as_default = lambda fixed: {**fixed, "bn_double_backward": "explicit"} if fixed["bn_double_backward"] == "explicit-fused" else fixed  # noqa: E731
+    extended = [fixed for batch, seeds, fixed in speed_plan() if (batch, seeds) == (8, 8)
+                and (set(fixed) > set(default) or fixed["bn_double_backward"] == "explicit-fused")
+                and all(as_default(fixed)[k] == v for k, v in default.items())]
+    assert [fixed for _, _, fixed in focused[1:]] == extended and len(extended) == 14  # autotuned, PRESET_CANDIDATES
+    # the likeliest first: BatchNorm's fused elementwise kernel and the convolutions that copy no
+    # activations between layouts, together, then each alone, then half precision
+    assert [(fixed["bn_double_backward"], fixed.get("conv_double_backward")) for _, _, fixed in focused[2:5]] == [
+        ("explicit-fused", "explicit-grouped"), ("explicit", "explicit-grouped"), ("explicit-fused", None)]
+    assert [fixed.get("precision") for _, _, fixed in focused[4:7]] == [None, "float16", "float16"]

@@ -19,9 +19,10 @@ def test_each_step_gets_at_most_what_is_left_of_the_budget_and_the_rest_is_skipp
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     ran = calls.read_text().splitlines()
-    assert [line.split()[0] for line in ran] == ["benchmarks/cuda_graph_check.py", "benchmarks/tf32_quality.py"]
-    assert f"--out {tmp_path / 'out'}/cuda_graph-focus.json" in ran[0]
+    assert [line.split()[0] for line in ran] == ["benchmarks/bn_elementwise_check.py", "benchmarks/cuda_graph_check.py",
+                                                 "benchmarks/tf32_quality.py"]
+    assert f"--out {tmp_path / 'out'}/cuda_graph-focus.json" in ran[1]
     limits = [int(s) for s in re.findall(r"\(at most (\d+) s\)", done.stdout)]
-    assert len(limits) == 2 and all(limit <= 33 for limit in limits)  # capped by the budget, not 360 and 200
+    assert len(limits) == 3 and all(limit <= 33 for limit in limits)  # capped by the budget, not 60, 360 and 200
     skipped = [line for line in done.stdout.splitlines() if line.startswith("== skipped")]
     assert len(skipped) == 1 and "step_profile.py --conv-double-backward explicit-grouped" in skipped[0]

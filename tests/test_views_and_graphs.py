@@ -127,6 +127,7 @@ def test_bn_double_backward_auto_is_explicit_on_cuda_with_several_seeds():
     assert not explicit_bn_double_backward(build_section("inversion", {"seeds": 1}), cuda)
     assert not explicit_bn_double_backward(build_section("inversion", {"seeds": 8}), cpu)
     assert explicit_bn_double_backward(build_section("inversion", {"seeds": 1, "bn_double_backward": "explicit"}), cpu)
+    assert explicit_bn_double_backward(build_section("inversion", {"seeds": 1, "bn_double_backward": "explicit-fused"}), cpu)
     assert not explicit_bn_double_backward(build_section("inversion", {"seeds": 8, "bn_double_backward": "pytorch"}), cuda)
     with pytest.raises(UserError, match="bn_double_backward"):
         build_section("inversion", {"bn_double_backward": "fast"})

@@ -1,0 +1,148 @@
+"""gradinv.bn_elementwise: BatchNorm's double backward, its elementwise outputs in one operation
+(`inversion.bn_double_backward: explicit-fused`), and the Triton kernel that runs it on CUDA,
+here through Triton's interpreter on the CPU."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from gradinv.bn_elementwise import fusable, second_order_terms, second_order_terms_composed
+from gradinv.client import train_mode_copy
+from gradinv.config import build_section
+from gradinv.objective import Objective
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from step_roofline import TrafficCount  # noqa: E402
+
+
+def _names(counter: TrafficCount) -> list[str]:
+    return [name for name, _, _ in counter.ops]
+
+
+def _moved(counter: TrafficCount) -> int:
+    return sum(moved for _, moved, _ in counter.ops)
+
+
+def _tensors(shape=(3, 5, 4, 6), seed=0, dtype=torch.float32, memory_format=torch.contiguous_format):
+    generator = torch.Generator().manual_seed(seed)
+    u, x, g = (torch.randn(shape, generator=generator).to(dtype=dtype, memory_format=memory_format) for _ in range(3))
+    return u, x, g, torch.randn(7, shape[1], generator=generator)
+
+
+def test_the_composed_operations_give_the_documented_affine_combinations():
+    u, x, g, c = (t.double() for t in _tensors())
+    grad_g, grad_x = second_order_terms_composed(u, x, g, c)
+    k = [row.view(1, -1, 1, 1) for row in c]
+    assert torch.allclose(grad_g, k[0] * u + k[1] * x + k[2], rtol=1e-12)
+    assert torch.allclose(grad_x, k[3] * u + k[4] * g + k[5] * x + k[6], rtol=1e-12)
+    without_u = second_order_terms_composed(None, x, g, c)
+    assert torch.allclose(without_u[0], k[1] * x + k[2]) and torch.allclose(without_u[1], k[4] * g + k[5] * x + k[6])
+
+
+def test_only_tensors_of_one_gap_free_layout_are_fused():
+    u, x, g, _ = _tensors()
+    assert fusable(u, x, g) and fusable(None, x, g)
+    last = [t.contiguous(memory_format=torch.channels_last) for t in (u, x, g)]
+    assert fusable(*last)
+    assert not fusable(last[0], x, g)  # layouts differ
+    assert not fusable(u, x[:, :, :, :3], g[:, :, :, :3])  # shapes differ
+    assert not fusable(u[:, :, :, ::2], x[:, :, :, ::2], g[:, :, :, ::2])  # gaps in memory
+    assert not fusable(None, x[:, :1].expand_as(x), g[:, :1].expand_as(g))  # overlapping
+
+
+def test_fused_the_two_outputs_are_one_operation_moving_five_passes_instead_of_thirteen():
+    u, x, g, c = _tensors(shape=(4, 8, 16, 16))
+    c = tuple(c)  # as gradinv.batchnorm hands them over
+    size = x.numel() * x.element_size()
+    with TrafficCount() as composed:
+        expected = second_order_terms(u, x, g, c, fused=False)
+    with TrafficCount() as fused:
+        got = second_order_terms(u, x, g, c, fused=True)
+    assert _names(fused) == ["stack", "bn_second_order_terms"] and _names(composed).count("addcmul") == 5
+    kernel = fused.ops[-1][1]
+    assert kernel == 5 * size + 7 * 8 * 4  # u, x, g read, two outputs written, and the 7 × 8 coefficients
+    assert _moved(composed) >= 13 * size and "stack" not in _names(composed)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))  # on the CPU the operator runs the composed ones
+    with FakeTensorMode():
+        fake = second_order_terms(*_tensors(memory_format=torch.channels_last), fused=True)
+    assert all(t.shape == (3, 5, 4, 6) and t.is_contiguous(memory_format=torch.channels_last) for t in fake)
+
+
+def test_the_objective_and_image_gradient_are_the_same_with_the_elementwise_part_fused(attack64):
+    """Seeds vmapped, in float64: bn_double_backward explicit-fused runs the custom operator in every
+    layer's double backward and lands exactly where explicit does (the CPU runs the same operations)."""
+    model, _, artifact, images, labels = attack64
+    xs = torch.stack([images, torch.randn(images.shape, generator=torch.Generator().manual_seed(1),
+                                          dtype=torch.float64)]).requires_grad_(True)
+    results = {}
+    for mode in ("explicit", "explicit-fused"):
+        objective = Objective(train_mode_copy(model), artifact, labels, build_section("inversion", {"bn_double_backward": mode}))
+        with TrafficCount() as operations:
+            terms = objective.batched_terms(xs, xs)
+            grad = torch.autograd.grad(terms["total"].sum(), xs)[0]
+        results[mode] = terms["total"], grad, _names(operations).count("bn_second_order_terms")
+    layers = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert results["explicit"][2] == 0 and results["explicit-fused"][2] == layers > 0
+    assert torch.equal(results["explicit"][0], results["explicit-fused"][0])
+    assert torch.equal(results["explicit"][1], results["explicit-fused"][1])
+
+
+_INTERPRETED = textwrap.dedent("""
+    import torch
+    from gradinv.bn_elementwise import second_order_terms_composed, output_type
+    from gradinv.bn_elementwise_triton import BLOCK, second_order_terms_triton
+    generator = torch.Generator().manual_seed(0)
+    worst = 0.0
+    shape = (3, 5, 7, 11)  # 1155 elements: a block and a part of one
+    assert torch.Size(shape).numel() % BLOCK
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for dtype in (torch.float32, torch.float16):
+            for with_u in (True, False):
+                u, x, g = (torch.randn(shape, generator=generator).to(dtype=dtype, memory_format=layout) for _ in range(3))
+                c = torch.randn(7, shape[1], generator=generator)
+                u = u if with_u else None
+                expected = second_order_terms_composed(u, x, g, c)
+                got = second_order_terms_triton(u, x, g, c, output_type(u, x, g, c))
+                for e, o in zip(expected, got):
+                    assert o.dtype == e.dtype and o.stride() == e.stride(), (o.dtype, o.stride(), e.stride())
+                    worst = max(worst, ((o - e).abs() / (e.abs() + 1)).max().item())
+    print(worst)
+""")
+
+
+def test_the_triton_kernel_gives_the_composed_results_in_either_layout_and_type():
+    """Triton's interpreter runs the CUDA kernel on CPU tensors (it must be set before Triton
+    compiles: its own process). float16 tensors with float32 coefficients give float32 outputs,
+    as type promotion does for the composed operations."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) <= 1e-6  # float32 arithmetic, another order of rounding
+
+
+def test_stacked_seeds_keep_the_fused_double_backward(attack):
+    from gradinv.batchnorm import TrainBatchNorm2d, with_explicit_double_backward
+    from gradinv.stacked_seeds import stack_seeds
+
+    for fused in (False, True):
+        stacked = stack_seeds(with_explicit_double_backward(train_mode_copy(attack[0]), fused=fused), 2)
+        layers = [m for m in stacked.modules() if isinstance(m, TrainBatchNorm2d)]
+        assert layers and all(m.fused_second_order is fused for m in layers)
+
+
+def test_the_cuda_benchmark_says_in_one_sentence_that_it_needs_a_gpu(tmp_path):
+    out = tmp_path / "bn_elementwise.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bn_elementwise_check.py"), "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "needs a CUDA GPU" in done.stdout and not out.exists()
+    assert len(done.stdout.strip().splitlines()) == 1 and not done.stderr.strip()
