@@ -9,7 +9,8 @@
    and resumed from its checkpoint against an uninterrupted one: identical at every logged
    iteration where an eager run repeats itself exactly; where it does not (CUDA, measured), at
    each iteration within 10x the largest difference two eager runs have shown up to then. The
-   explicit BN double backward and stacked seeds run other kernels: equal at iteration 0 (same
+   explicit BN double backward (and, against it, `explicit-fused`) and stacked seeds run other
+   kernels: equal at iteration 0 (same
    images, same draws), later no further apart than float noise alone takes two runs (seeds one
    by one against batched).
 2. Speed: ResNet-50 at 224 px (random weights), TF32 on, seeds batched, eager against graphed,
@@ -205,6 +206,7 @@ def same_path_check(device: str) -> dict:
         same["resumed_vs_uninterrupted_graphed"] = agreement(graphed_explicit, resumed)
         float_noise = agreement(eager, run(seed_batch=1, seed_workers=1))
         other_kernels = {"explicit_bn_vs_pytorch": agreement(eager, explicit),
+                         "explicit_fused_bn_vs_explicit": agreement(explicit, run(False, "explicit-fused")),
                          "stacked_vs_vmapped": agreement(eager, run(False, "pytorch", "stacked"))}
     return judged({"identical": same, "within_float_noise": other_kernels, "float_noise_one_by_one_vs_batched": float_noise})
 
