@@ -31,12 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from gradinv.bn_elementwise import second_order_terms
-
-
-def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-channel (C,) tensor shaped to broadcast against `like` (N, C, ...)."""
-    return t.view(1, -1, *([1] * (like.dim() - 2)))
+from gradinv.bn_elementwise import channel_view, second_order_terms
 
 
 def _channel_sums(v: torch.Tensor, t: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor):
@@ -194,8 +189,8 @@ class _BatchNormTrain(torch.autograd.Function):
             count = x.numel() // x.shape[1]
             grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
             slope = torch.zeros_like(mean) if grad_var is None else 2 * grad_var / count
-            offset = _channel_view(grad_mean / count - slope * mean, x)
-            grad_x = torch.addcmul(offset if grad_x is None else grad_x + offset, x, _channel_view(slope, x))
+            offset = channel_view(grad_mean / count - slope * mean, x)
+            grad_x = torch.addcmul(offset if grad_x is None else grad_x + offset, x, channel_view(slope, x))
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 

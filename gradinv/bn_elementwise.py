@@ -11,31 +11,32 @@ operations. It is a custom operator (`gradinv::bn_second_order_terms`) so that w
 shows as one operation to a dispatch mode (benchmarks/step_roofline.py counts it as the
 kernel runs it) and fake tensors know its outputs' shapes."""
 
-from __future__ import annotations
-
 import functools
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
-COEFFICIENTS = 7
+# No `from __future__ import annotations` here: torch.library reads the operator's schema from its
+# annotations, and older torch releases do not read them as strings.
 
 
-def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-channel (C,) tensor shaped to broadcast against `like` (N, C, ...)."""
     return t.view(1, -1, *([1] * (like.dim() - 2)))
 
 
-def output_type(u: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor, coefficients: torch.Tensor) -> torch.dtype:
+def output_type(u: Optional[torch.Tensor], x: torch.Tensor, g: torch.Tensor, coefficients: torch.Tensor) -> torch.dtype:
     """The type the composed operations give (type promotion over all four; coefficients (7, C))."""
     tensors = [coefficients, x, g] + ([u] if u is not None else [])
     return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
 
 
-def second_order_terms_composed(u: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor,
+def second_order_terms_composed(u: Optional[torch.Tensor], x: torch.Tensor, g: torch.Tensor,
                                 coefficients: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_g, grad_x) of the module docstring in aten operations (out of place: vmap has no
     batching rule for addcmul_); `coefficients` the seven (C,) tensors, or their (7, C) stack."""
-    c = [_channel_view(row, x) for row in coefficients]
+    c = [channel_view(row, x) for row in coefficients]
     grad_g = torch.addcmul(c[2], x, c[1])
     grad_x = torch.addcmul(torch.addcmul(c[6], x, c[5]), g, c[4])
     if u is not None:
@@ -44,7 +45,7 @@ def second_order_terms_composed(u: torch.Tensor | None, x: torch.Tensor, g: torc
     return grad_g, grad_x
 
 
-def fusable(u: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor) -> bool:
+def fusable(u: Optional[torch.Tensor], x: torch.Tensor, g: torch.Tensor) -> bool:
     """Whether the one-pass kernel takes these tensors: x, g (and u) of one shape and one memory
     layout without gaps (the layer's tensors are; anything else runs composed)."""
     tensors = [x, g] + ([u] if u is not None else [])
@@ -63,7 +64,7 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("gradinv::bn_second_order_terms", mutates_args=())
-def bn_second_order_terms(u: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor,
+def bn_second_order_terms(u: Optional[torch.Tensor], x: torch.Tensor, g: torch.Tensor,
                           coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return second_order_terms_composed(u, x, g, coefficients)
 
@@ -83,7 +84,7 @@ def _shapes(u, x, g, coefficients):
     return torch.empty_like(x, dtype=dtype), torch.empty_like(x, dtype=dtype)
 
 
-def second_order_terms(u: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor,
+def second_order_terms(u: Optional[torch.Tensor], x: torch.Tensor, g: torch.Tensor,
                        coefficients: Sequence[torch.Tensor], fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_g, grad_x): through the custom operator where `fused` and the tensors allow it (the
     coefficients stacked for it; composed, they need no stacking)."""

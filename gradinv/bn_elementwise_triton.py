@@ -1,9 +1,10 @@
 """gradinv.bn_elementwise's two outputs in one Triton kernel: each element of u, x and g read
 once, grad_g and grad_x written once, arithmetic in float32 whatever the tensors' type. Imported
 only on CUDA (Triton compiles for the GPU; tests/test_bn_elementwise.py runs the kernel on the
-CPU through Triton's interpreter)."""
+CPU through Triton's interpreter). Its annotations stay objects, not strings (no `from __future__
+import annotations`): Triton reads `tl.constexpr` from them."""
 
-from __future__ import annotations
+from typing import Optional
 
 import torch
 import triton
@@ -35,7 +36,7 @@ def _second_order_terms(u_ptr, x_ptr, g_ptr, c_ptr, grad_g_ptr, grad_x_ptr, nume
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=inside)
 
 
-def second_order_terms_triton(u: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor, coefficients: torch.Tensor,
+def second_order_terms_triton(u: Optional[torch.Tensor], x: torch.Tensor, g: torch.Tensor, coefficients: torch.Tensor,
                               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """x, g (and u) of one shape and one gap-free layout (gradinv.bn_elementwise.fusable): the
     outputs share it, and the channel of each element follows from its offset in memory."""

@@ -146,3 +146,21 @@ def test_the_cuda_benchmark_says_in_one_sentence_that_it_needs_a_gpu(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "needs a CUDA GPU" in done.stdout and not out.exists()
     assert len(done.stdout.strip().splitlines()) == 1 and not done.stderr.strip()
+
+
+def test_the_triton_kernel_compiles_for_an_h100_without_one():
+    """Triton compiles ahead of time for a target it is told of (here sm_90, an H100's), down to the
+    GPU's binary: the compiled path, which the interpreter does not take, at least builds."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from gradinv.bn_elementwise_triton import BLOCK, _second_order_terms
+
+    for tensors, has_u in (("fp32", True), ("fp16", False)):
+        signature = {"u_ptr": f"*{tensors}", "x_ptr": f"*{tensors}", "g_ptr": f"*{tensors}", "c_ptr": "*fp32",
+                     "grad_g_ptr": "*fp32", "grad_x_ptr": "*fp32", "numel": "i64", "channel_stride": "i64",
+                     "channels": "i32", "HAS_U": "constexpr", "BLOCK": "constexpr"}
+        source = ASTSource(fn=_second_order_terms, signature=signature, constexprs={"HAS_U": has_u, "BLOCK": BLOCK})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
