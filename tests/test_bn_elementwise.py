@@ -164,3 +164,23 @@ def test_the_triton_kernel_compiles_for_an_h100_without_one():
         source = ASTSource(fn=_second_order_terms, signature=signature, constexprs={"HAS_U": has_u, "BLOCK": BLOCK})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
         assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
+
+
+def test_an_inversion_with_the_elementwise_part_fused_is_explicits_on_the_cpu(attack, monkeypatch):
+    """Seeds on threads, each seed's step alone (no vmap): the operator runs in every step and the
+    CPU's composed operations give explicit's images exactly."""
+    import gradinv.bn_elementwise as bn_elementwise
+    from gradinv.inversion import invert
+
+    calls = []
+    operator = bn_elementwise.bn_second_order_terms
+    monkeypatch.setattr(bn_elementwise, "bn_second_order_terms", lambda *args: calls.append(1) or operator(*args))
+    model, _, artifact, _, labels = attack
+    settings = {"iterations": 3, "seeds": 2, "warmup": 1, "log_every": 1, "device": "cpu", "registration": "none"}
+    results = {}
+    for mode in ("explicit", "explicit-fused"):
+        config = build_section("inversion", {**settings, "bn_double_backward": mode})
+        results[mode] = invert(model, artifact, sorted(labels.tolist()), config).images, len(calls)
+    layers = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert results["explicit"][1] == 0 and results["explicit-fused"][1] >= 3 * 2 * layers  # every iteration, seed, layer
+    assert torch.equal(results["explicit"][0], results["explicit-fused"][0])
