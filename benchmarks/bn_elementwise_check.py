@@ -1,14 +1,15 @@
-"""The fused elementwise part of BatchNorm's double backward (gradinv.bn_elementwise, Triton) against
-the composed aten operations it replaces, on CUDA: same results, and time per step.
+"""The fused elementwise parts of BatchNorm's derivatives (gradinv.bn_elementwise, Triton) against
+the composed aten operations they replace, on CUDA: same results, and time per step.
 
     python benchmarks/bn_elementwise_check.py        # a CUDA GPU with Triton; torch and torchvision only (~20 s)
 
 For each BatchNorm layer of ResNet-50 at 224 px, its tensors as the layer's double backward sees
 them at bs 8 with 8 vmapped seeds (the seeds folded into the channels: (8, 8·C, H, W)): the
-largest difference between the kernel's outputs and the composed operations' (float32; relative,
-in units of 1 + |value|), and the median time of each over repeated calls (CUDA events). Per step:
-the sum over the 53 layers, and the bandwidth each reaches on the bytes it moves (5 passes fused,
-13 composed). Writes benchmarks/results/bn_elementwise-cuda.json; exit 1 when the results differ
+largest difference between the kernels' outputs and the composed operations' (float32; relative,
+in units of 1 + |value|), and the median time of each over repeated calls (CUDA events), for the
+double backward's two outputs (5 passes fused, 13 composed) and the input gradient with the BN
+prior's statistics (3 passes fused, 5 composed). Per step: the sum over the 53 layers, and the
+bandwidth each reaches on the bytes it moves. Writes benchmarks/results/bn_elementwise-cuda.json; exit 1 when the results differ
 by more than float32 rounding, 2 without a CUDA GPU or Triton."""
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from step_speed import machine  # noqa: E402
 
-from gradinv.bn_elementwise import output_type, second_order_terms_composed  # noqa: E402
+from gradinv.bn_elementwise import first_order_terms_composed, output_type, second_order_terms_composed  # noqa: E402
 
 BATCH, SEEDS, REPEATS = 8, 8, 20
-TOLERANCE = 1e-5  # float32, another order of rounding: measured on the CPU through Triton's interpreter, 3e-7
+TOLERANCE = 1e-5  # float32, another order of rounding: measured on the CPU through Triton's interpreter: up to 7e-7
 
 
 def layer_shapes() -> Counter:
@@ -65,7 +66,7 @@ def main() -> int:
         print("bn_elementwise_check.py needs a CUDA GPU: the kernel it checks is Triton's, compiled for one.")
         return 2
     try:
-        from gradinv.bn_elementwise_triton import second_order_terms_triton
+        from gradinv.bn_elementwise_triton import first_order_terms_triton, second_order_terms_triton
     except ImportError as error:
         print(f"bn_elementwise_check.py needs Triton ({error}).")
         return 2
@@ -75,17 +76,19 @@ def main() -> int:
         u, x, g = (torch.randn(shape, device="cuda", generator=generator) for _ in range(3))
         c = torch.randn(7, shape[1], device="cuda", generator=generator)
         dtype = output_type(u, x, g, c)
-        expected = second_order_terms_composed(u, x, g, c)
-        got = second_order_terms_triton(u, x, g, c, dtype)
+        expected = (*second_order_terms_composed(u, x, g, c), first_order_terms_composed(x, g, c[:3]))
+        got = (*second_order_terms_triton(u, x, g, c, dtype), first_order_terms_triton(x, g, c[:3], dtype))
         difference = max(((o - e).abs() / (e.abs() + 1)).max().item() for o, e in zip(got, expected))
         worst = max(worst, difference)
-        fused = median_ms(lambda: second_order_terms_triton(u, x, g, c, dtype))
-        composed = median_ms(lambda: second_order_terms_composed(u, x, g, c))
         rows.append({"shape": list(shape), "layers": layers, "max_rel_difference": difference,
-                     "fused_ms": fused, "composed_ms": composed, "bytes_per_pass": x.numel() * x.element_size()})
+                     "second_order_fused_ms": median_ms(lambda: second_order_terms_triton(u, x, g, c, dtype)),
+                     "second_order_composed_ms": median_ms(lambda: second_order_terms_composed(u, x, g, c)),
+                     "first_order_fused_ms": median_ms(lambda: first_order_terms_triton(x, g, c[:3], dtype)),
+                     "first_order_composed_ms": median_ms(lambda: first_order_terms_composed(x, g, c[:3])),
+                     "bytes_per_pass": x.numel() * x.element_size()})
         del u, x, g, expected, got
-    per_step = {name: sum(r[f"{name}_ms"] * r["layers"] for r in rows) for name in ("fused", "composed")}
-    passes = {"fused": 5, "composed": 13}
+    passes = {"second_order_fused": 5, "second_order_composed": 13, "first_order_fused": 3, "first_order_composed": 5}
+    per_step = {name: sum(r[f"{name}_ms"] * r["layers"] for r in rows) for name in passes}
     moved = {name: sum(r["bytes_per_pass"] * r["layers"] for r in rows) * passes[name] for name in passes}
     result = {"machine": machine(torch.device("cuda")), "command": "python benchmarks/bn_elementwise_check.py",
               "batch": BATCH, "seeds": SEEDS, "rows": rows, "max_rel_difference": worst,

@@ -22,8 +22,8 @@
    (`torch.backends.cudnn.benchmark`: graphed, the tuning happens in the eager warm-up; its
    heuristics put a generic convolution kernel at 18 % of the step, step_profile.py), and at the
    paper preset under `inversion.precision` bfloat16 and float16 (autocast; what they do to the
-   reconstruction: tf32_quality.py), with `inversion.bn_double_backward: explicit-fused` (one Triton
-   kernel for BatchNorm's second-order elementwise outputs) and with `inversion.conv_double_backward` explicit-grouped
+   reconstruction: tf32_quality.py), with `inversion.bn_double_backward: explicit-fused` (Triton
+   kernels for BatchNorm's elementwise derivatives) and with `inversion.conv_double_backward` explicit-grouped
    (no activations copied between layouts) and explicit (each seed's convolutions dense instead
    of grouped), autotuned and in half precision (PRESET_CANDIDATES, the likeliest first). A
    variant that fails is recorded with its error.
@@ -79,8 +79,8 @@ VARIANTS = [(False, "pytorch", "vmap", False), (True, "explicit", "stacked", Fal
             (False, "explicit", "vmap", False), (True, "explicit", "vmap", False)]
 AUTOTUNED = (True, "explicit", "vmap", False)  # the CUDA default with several seeds, timed again under cudnn.benchmark
 # The paper preset's candidates beyond the autotuned default, the likeliest first (a short lease keeps
-# what it reached): `inversion.bn_double_backward: explicit-fused` (BatchNorm's second-order elementwise
-# outputs in one Triton kernel) with and without `inversion.conv_double_backward` explicit-grouped
+# what it reached): `inversion.bn_double_backward: explicit-fused` (BatchNorm's elementwise derivatives
+# in Triton kernels) with and without `inversion.conv_double_backward` explicit-grouped
 # (torch's kernels, no activations copied between layouts: together the fewest bytes of any vmapped
 # step, step_roofline.py), explicit (each seed's convolutions dense), half precision under autocast,
 # cuDNN's autotuner.

@@ -26,7 +26,7 @@ run() {  # seconds, then the command
     echo "== $* (at most ${limit} s)"
     timeout "$limit" "$python" "$@" || echo "== exit $? from: $*"
 }
-# BatchNorm's second-order elementwise outputs in one Triton kernel: the same results on CUDA, and their time
+# BatchNorm's elementwise derivatives in Triton kernels: the same results on CUDA as composed, and their time
 run 60 benchmarks/bn_elementwise_check.py --out "$out/bn_elementwise-cuda.json"
 # the default step at the paper preset beside its candidates (cuda_graph_check.py's PRESET_CANDIDATES):
 # inversion.bn_double_backward explicit-fused, inversion.conv_double_backward explicit-grouped and

@@ -8,7 +8,8 @@ box) once for ResNet-50 at 224 px, with either BatchNorm double backward
 (`inversion.bn_double_backward`: pytorch, explicit), and counts every aten operation that moves data: bytes read and
 written (views and bare allocations excluded, an out= argument counted as written only, a tensor
 taken for its shape only, such as a convolution backward's weight where it computes no input
-gradient, not counted; a broadcast input counted at its stored size) and FLOPs
+gradient, not counted, nor a gradient batch norm's backward is not asked for, which fake tensors
+hold all the same; a broadcast input counted at its stored size) and FLOPs
 (torch.utils.flop_counter's formulas). The operations and their sizes do not depend on the
 device, so the count runs on the CPU, on fake tensors (shapes only: FakeTensorMode), which lets
 it count bs 8 G 8 (64 images) in seconds and no memory.
@@ -25,8 +26,8 @@ matrix products in the half type, their outputs and what follows them stored in 
 then takes the half type's tensor-core rate), with `inversion.conv_double_backward`
 explicit-grouped and explicit (the convolutions' double backward written out, gradinv/convolution.py;
 in float32 and float16), and with `inversion.bn_double_backward: explicit-fused` (BatchNorm's
-second-order elementwise outputs in one kernel, gradinv.bn_elementwise: counted as one operation
-that reads its inputs and writes its outputs once, as the Triton kernel does on CUDA; with either
+elementwise derivatives in one kernel each, gradinv.bn_elementwise: each counted as one operation
+that reads its inputs and writes its outputs once, as its Triton kernel does on CUDA; with either
 convolution double backward, in float32 and float16). Writes
 benchmarks/results/step_roofline.json.
 """
@@ -107,6 +108,15 @@ def unread(func, args) -> list[torch.Tensor]:
     return []
 
 
+def not_produced(func, args, out) -> list[torch.Tensor]:
+    """Outputs the kernel does not compute that fake tensors still hold: batch norm's backward
+    computes only the gradients its output mask asks for, but its meta function (which fake
+    tensors run) returns all three."""
+    if func._overloadpacket is torch.ops.aten.native_batch_norm_backward:
+        return [o for o, wanted in zip(out, args[9]) if not wanted and o is not None]
+    return []
+
+
 def written_only(func, kwargs: dict) -> list[torch.Tensor]:
     """The tensors an out= overload writes its results into: written, not read."""
     if func._overloadname != "out":
@@ -129,7 +139,8 @@ class TrafficCount(TorchDispatchMode):
             return out
         not_read = {id(t) for t in written_only(func, kwargs) + unread(func, args)}
         inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        outputs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        phantoms = {id(o) for o in not_produced(func, args, out)}
+        outputs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor) and id(o) not in phantoms]
         writes = any(r.alias_info is not None and r.alias_info.is_write for r in func._schema.returns)
         storages = {a.untyped_storage()._cdata for a in inputs}
         aliases_only = all(o.untyped_storage()._cdata in storages for o in outputs)

@@ -652,9 +652,10 @@ def roofline_section(result: dict, measured: dict | None, probes: dict | None) -
                   "image gradient needs."]
     fused = result.get("fused_bn_rows", [])
     if fused:
-        lines += ["", "The same step (vmap, bs 8 G 8) with BatchNorm's second-order elementwise outputs in one Triton "
-                  "kernel (`inversion.bn_double_backward: explicit-fused`, gradinv/bn_elementwise.py: u, x and g read "
-                  "once, both outputs written once, where five `addcmul`s made 13 passes): " +
+        lines += ["", "The same step (vmap, bs 8 G 8) with BatchNorm's elementwise derivatives in Triton kernels "
+                  "(`inversion.bn_double_backward: explicit-fused`, gradinv/bn_elementwise.py: the double backward's "
+                  "two outputs in 5 passes, where five `addcmul`s made 13; the last backward's input gradient with the "
+                  "BN prior's statistics in 5, where the backward kernel and the term added after it made 8): " +
                   "; ".join(f"convolutions {r['conv_double_backward']}, {r['precision']}: {r['ops']} operations, "
                             f"{r['bytes'] / 1e9:.0f} GB, **{r['paper_minutes_H100']:.1f} minutes on an H100** "
                             f"({r['paper_minutes_H200']:.1f} on an H200) for the paper preset" for r in fused) + "."]

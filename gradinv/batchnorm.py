@@ -16,13 +16,17 @@ Given upstream gradients u, p, q of (g_x, g_γ, g_β), the double backward is
            + r (p − γ r m_ux)(g − ḡ − x̂ m_gx)
 with m_vx = mean(v x̂). The forward and backward themselves are PyTorch's fused kernels; only
 the second derivative is ours (exact to float precision: tests/test_batchnorm.py, gradgradcheck).
-A third derivative is not defined (the inversion never takes one).
+A third derivative is not defined (the inversion never takes one). Its elementwise outputs are
+per-channel affine combinations of u, x and g (gradinv.bn_elementwise: one Triton kernel on
+CUDA under `inversion.bn_double_backward: explicit-fused`, as is the backward's input gradient
+with the BN prior's statistics term, below).
 
 The layer also hands the BN prior (gradinv.objective.bn_distance) the batch statistics its fused
 forward computed anyway, differentiable, instead of a pass of its own over the activations:
-their gradient (μ' = 1/M, σ²' = 2 (x − μ)/M) joins the layer's input gradient in two
-elementwise operations, where the prior's own statistics took about a dozen passes (forward
-and backward)."""
+their gradient (μ' = 1/M, σ²' = 2 (x − μ)/M), per channel s·x + t, joins the layer's input
+gradient inside its backward: the backward's sums, then g_x + s·x + t as one per-channel affine
+combination of g and x, where the prior's own statistics took about a dozen passes (forward and
+backward) and adding the term after PyTorch's backward kernel five."""
 
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from gradinv.bn_elementwise import channel_view, second_order_terms
+from gradinv.bn_elementwise import channel_view, first_order_terms, second_order_terms
 
 
 def _channel_sums(v: torch.Tensor, t: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor):
@@ -78,32 +82,52 @@ def _per_seed_channels(t: torch.Tensor, dim: int | None, seeds: int) -> torch.Te
 
 
 class _BatchNormBackward(torch.autograd.Function):
-    """(g, x, γ, μ, r) -> (g_x, g_γ, g_β): the backward, and its written-out backward. Under
-    vmap the seeds fold into the channels, as in _BatchNormTrain: one fused kernel for all
-    three outputs, where torch's batching rule spells the weight's gradient out in passes of
-    its own."""
+    """(g, x, γ, μ, r, s, t) -> (g_x + s·x + t, g_γ, g_β): the backward, the BN prior's
+    statistics term s·x + t (s, t per channel, None without it; see _BatchNormTrain.backward)
+    joined to its input gradient, and its written-out backward. Under vmap the seeds fold into
+    the channels, as in _BatchNormTrain: one fused kernel for all three outputs, where torch's
+    batching rule spells the weight's gradient out in passes of its own."""
 
     @staticmethod
-    def vmap(info, in_dims, grad_out, x, weight, mean, rstd, eps, fused):
+    def vmap(info, in_dims, grad_out, x, weight, mean, rstd, eps, fused, slope, shift):
         seeds = info.batch_size
-        (g_dim, x_dim, weight_dim, mean_dim, rstd_dim, *_) = in_dims
-        channels = lambda t, dim: _per_seed_channels(t, dim, seeds)  # noqa: E731
+        (g_dim, x_dim, weight_dim, mean_dim, rstd_dim, _, _, slope_dim, shift_dim) = in_dims
+        channels = lambda t, dim: None if t is None else _per_seed_channels(t, dim, seeds)  # noqa: E731
         grad_x, grad_weight, grad_bias = _BatchNormBackward.apply(
             _fold_seeds(grad_out, g_dim, seeds), _fold_seeds(x, x_dim, seeds), channels(weight, weight_dim),
-            channels(mean, mean_dim), channels(rstd, rstd_dim), eps, fused)
+            channels(mean, mean_dim), channels(rstd, rstd_dim), eps, fused, channels(slope, slope_dim),
+            channels(shift, shift_dim))
         return (_unfold_seeds(grad_x, seeds), grad_weight.view(seeds, -1), grad_bias.view(seeds, -1)), (0, 0, 0)
 
     @staticmethod
-    def forward(grad_out, x, weight, mean, rstd, eps, fused):
-        return tuple(torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, weight, None, None, mean, rstd, True, eps, [True, True, True]))
+    def forward(grad_out, x, weight, mean, rstd, eps, fused, slope, shift):
+        """BatchNorm's fused backward kernel (two reads of g and x for the sums, one pass for g_x),
+        the statistics term added after it (five passes). Where `fused`, with the term: the same
+        sums, then g_x + s·x + t as one per-channel affine combination of g and x in one pass
+        (gradinv.bn_elementwise). Composed (two `addcmul`s after the sums), it would save a pass
+        in float32 but cost one more cast under autocast (each `addcmul` casts its half-precision
+        tensor): `explicit` keeps the kernel and the term as they were."""
+        if slope is None or not fused:
+            grad_x, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, weight, None, None, mean, rstd, True, eps, [True, True, True])
+            if slope is not None:
+                grad_x = torch.addcmul(grad_x + channel_view(shift, x), x, channel_view(slope, x))
+            return grad_x, sum_g_xhat, sum_g
+        sum_g_xhat, sum_g = _channel_sums(grad_out, x, mean, rstd)
+        count = x.numel() // x.shape[1]
+        gamma_r = weight * rstd
+        # γ r (g − ḡ − x̂ m_gx) + s·x + t, with x̂ = r·x − r·μ
+        x_coefficient = slope - gamma_r * rstd * sum_g_xhat / count
+        constant = shift - gamma_r * sum_g / count + gamma_r * rstd * mean * sum_g_xhat / count
+        grad_x = first_order_terms(x, grad_out, (gamma_r, x_coefficient, constant), fused)
+        return grad_x, sum_g_xhat, sum_g
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad_out, x, weight, mean, rstd, _, fused = inputs
+        grad_out, x, weight, mean, rstd, _, fused, slope, _ = inputs
         _, sum_g_xhat, sum_g = output
-        ctx.fused = fused
-        ctx.save_for_backward(grad_out, x, weight, mean, rstd, sum_g_xhat, sum_g)
+        ctx.fused, ctx.statistics_term = fused, slope is not None
+        ctx.save_for_backward(grad_out, x, weight, mean, rstd, sum_g_xhat, sum_g, slope)
 
     @staticmethod
     def backward(ctx, u, p, q):
@@ -111,7 +135,7 @@ class _BatchNormBackward(torch.autograd.Function):
         per-channel a, b, c, d (x̂ = r·x − r·μ), computed by gradinv.bn_elementwise (in one pass
         where `fused`); the three means of u read u, x and g once each, through BatchNorm's own
         fused reductions."""
-        g, x, weight, mean, r, sum_g_xhat, sum_g = ctx.saved_tensors
+        g, x, weight, mean, r, sum_g_xhat, sum_g, slope = ctx.saved_tensors
         count = x.numel() // x.shape[1]
         g_mean, m_gx = sum_g / count, sum_g_xhat / count
         if u is None:
@@ -130,10 +154,14 @@ class _BatchNormBackward(torch.autograd.Function):
         b = r * g_xhat
         c = -gamma_r * r * cross + gamma_r * r * m_gx * m_ux - b * m_gx
         d = gamma_r * r * m_gx * u_mean - b * g_mean
+        u_coefficient = -gamma_r * r * m_gx if slope is None else slope - gamma_r * r * m_gx  # d(s·x)/dx = s
         coefficients = (gamma_r, g_xhat * r, q - gamma_r * u_mean - g_xhat * r * mean,
-                        -gamma_r * r * m_gx, b, c * r, d - c * r * mean)
+                        u_coefficient, b, c * r, d - c * r * mean)
         grad_g, grad_x = second_order_terms(u, x, g, coefficients, ctx.fused)
-        return grad_g, grad_x, r * count * cross, None, None, None, None
+        grad_slope = grad_shift = None
+        if ctx.statistics_term and u is not None:  # Σ u·x and Σ u
+            grad_slope, grad_shift = sum_u_xhat / r + mean * sum_u, sum_u
+        return grad_g, grad_x, r * count * cross, None, None, None, None, grad_slope, grad_shift
 
 
 class _BatchNormTrain(torch.autograd.Function):
@@ -177,20 +205,24 @@ class _BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_mean, grad_var):
+        """y's gradient through _BatchNormBackward; μ's and σ²'s (μ' = 1/M, σ²' = 2 (x − μ)/M)
+        as s·x + t per channel, s = 2 g_σ² / M, t = g_μ / M − s·μ (μ not detached: a second
+        backward differentiates it through x), joined to the input gradient inside it."""
         x, weight, mean, var = ctx.saved_tensors
-        grad_x = grad_weight = grad_bias = None
-        if grad_out is not None and ctx.seeds:
-            grad_out = _fold_seeds(grad_out, 0, ctx.seeds)
-        if grad_out is not None:  # _BatchNormBackward's formulas differentiate μ and r through x
-            rstd = torch.rsqrt(var.detach() + ctx.eps)
-            grad_x, grad_weight, grad_bias = _BatchNormBackward.apply(grad_out, x, weight, mean.detach(), rstd, ctx.eps,
-                                                                      ctx.fused)
+        slope = shift = None
         if grad_mean is not None or grad_var is not None:
             count = x.numel() // x.shape[1]
             grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
             slope = torch.zeros_like(mean) if grad_var is None else 2 * grad_var / count
-            offset = channel_view(grad_mean / count - slope * mean, x)
-            grad_x = torch.addcmul(offset if grad_x is None else grad_x + offset, x, channel_view(slope, x))
+            shift = grad_mean / count - slope * mean
+        if grad_out is None:
+            grad_x = None if slope is None else torch.addcmul(channel_view(shift, x), x, channel_view(slope, x))
+            return grad_x, None, None, None, None, None, None
+        if ctx.seeds:
+            grad_out = _fold_seeds(grad_out, 0, ctx.seeds)
+        rstd = torch.rsqrt(var.detach() + ctx.eps)  # _BatchNormBackward's formulas differentiate μ and r through x
+        grad_x, grad_weight, grad_bias = _BatchNormBackward.apply(grad_out, x, weight, mean.detach(), rstd, ctx.eps,
+                                                                  ctx.fused, slope, shift)
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
@@ -208,7 +240,7 @@ class TrainBatchNorm2d(nn.BatchNorm2d):
     # folded into the channels: for convolutions that take each seed's images as one slice
     # (gradinv.convolution), one copy here instead of one in their forward and one in their backward.
     seeds_major_output: bool = False
-    # The double backward's elementwise outputs in one Triton kernel on CUDA (gradinv.bn_elementwise).
+    # The derivatives' elementwise parts in Triton kernels on CUDA (gradinv.bn_elementwise).
     fused_second_order: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,17 @@
-"""The elementwise half of BatchNorm's written-out double backward (gradinv.batchnorm) as one
-operation: with per-channel coefficients c₀ … c₆ (each (C,)),
+"""The elementwise parts of BatchNorm's written-out derivatives (gradinv.batchnorm), each as one
+operation. The double backward's two outputs, with per-channel coefficients c₀ … c₆ (each (C,)):
 
     grad_g = c₀·u + c₁·x + c₂                grad_x = c₃·u + c₄·g + c₅·x + c₆
 
 (u may be None: its terms drop out). Composed of aten operations, these are five `addcmul`s
 that read and write activation-sized tensors 13 times; on CUDA with Triton
 (`inversion.bn_double_backward: explicit-fused`) one kernel reads u, x and g once and writes the
-two outputs: 5 passes (gradinv.bn_elementwise_triton). Every other device runs the composed
-operations. It is a custom operator (`gradinv::bn_second_order_terms`) so that what it moves
-shows as one operation to a dispatch mode (benchmarks/step_roofline.py counts it as the
-kernel runs it) and fake tensors know its outputs' shapes."""
+two outputs: 5 passes (gradinv.bn_elementwise_triton). And the input gradient of the backward
+that also carries the BN prior's statistics, a·g + b·x + c: 5 passes composed, 3 fused. Every
+other device runs the composed operations. They are custom operators
+(`gradinv::bn_second_order_terms`, `gradinv::bn_first_order_terms`) so that what they move shows
+as one operation to a dispatch mode (benchmarks/step_roofline.py counts each as its kernel runs
+it) and fake tensors know their outputs' shapes."""
 
 import functools
 from collections.abc import Sequence
@@ -91,3 +93,36 @@ def second_order_terms(u: Optional[torch.Tensor], x: torch.Tensor, g: torch.Tens
     if fused and fusable(u, x, g):
         return bn_second_order_terms(u, x, g, torch.stack(list(coefficients)))
     return second_order_terms_composed(u, x, g, coefficients)
+
+
+def first_order_terms_composed(x: torch.Tensor, g: torch.Tensor, coefficients: Sequence[torch.Tensor]) -> torch.Tensor:
+    """a·g + b·x + c, coefficients (a, b, c) per channel, in aten operations (5 passes)."""
+    a, b, c = (channel_view(row, x) for row in coefficients)
+    return torch.addcmul(torch.addcmul(c, x, b), g, a)
+
+
+@torch.library.custom_op("gradinv::bn_first_order_terms", mutates_args=())
+def bn_first_order_terms(x: torch.Tensor, g: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    return first_order_terms_composed(x, g, coefficients)
+
+
+@bn_first_order_terms.register_kernel("cuda")
+def _first_order_on_cuda(x, g, coefficients):
+    try:
+        from gradinv.bn_elementwise_triton import first_order_terms_triton
+    except ImportError:
+        return first_order_terms_composed(x, g, coefficients)
+    return first_order_terms_triton(x, g, coefficients, output_type(None, x, g, coefficients))
+
+
+@bn_first_order_terms.register_fake
+def _first_order_shape(x, g, coefficients):
+    return torch.empty_like(x, dtype=output_type(None, x, g, coefficients))
+
+
+def first_order_terms(x: torch.Tensor, g: torch.Tensor, coefficients: Sequence[torch.Tensor], fused: bool) -> torch.Tensor:
+    """a·g + b·x + c (BatchNorm's input gradient with the BN prior's statistics term): in one pass
+    over x and g where `fused` and the tensors allow it (3 passes in all)."""
+    if fused and fusable(None, x, g):
+        return bn_first_order_terms(x, g, torch.stack(list(coefficients)))
+    return first_order_terms_composed(x, g, coefficients)

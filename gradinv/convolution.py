@@ -6,7 +6,7 @@ derivative convolves with the upstream gradients of those: under torch.func.vmap
 grouped convolution (groups = seeds) on the seeds folded into the channels, and every
 convolution with the shared weight on the seeds folded into the batch, seed by seed. BatchNorm
 under vmap folds the seeds into the channels too, so between the two layouts every layer's
-activations are copied, forward and backward (about 34 GB of a step's 252 at ResNet-50, bs 8,
+activations are copied, forward and backward (about 34 GB of a step's 246 at ResNet-50, bs 8,
 G 8: benchmarks/step_roofline.py). Two layouts for the seeds here (`inversion.conv_double_backward`):
 
 - `explicit`, seed by seed ((G, N, ...) in memory): a convolution with per-seed weights runs as

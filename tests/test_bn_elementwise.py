@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from gradinv.bn_elementwise import fusable, second_order_terms, second_order_terms_composed
+from gradinv.bn_elementwise import (first_order_terms, first_order_terms_composed, fusable, second_order_terms,
+                                    second_order_terms_composed)
 from gradinv.client import train_mode_copy
 from gradinv.config import build_section
 from gradinv.objective import Objective
@@ -45,6 +46,7 @@ def test_the_composed_operations_give_the_documented_affine_combinations():
     assert torch.allclose(grad_x, k[3] * u + k[4] * g + k[5] * x + k[6], rtol=1e-12)
     without_u = second_order_terms_composed(None, x, g, c)
     assert torch.allclose(without_u[0], k[1] * x + k[2]) and torch.allclose(without_u[1], k[4] * g + k[5] * x + k[6])
+    assert torch.allclose(first_order_terms_composed(x, g, c[:3]), k[0] * g + k[1] * x + k[2], rtol=1e-12)
 
 
 def test_only_tensors_of_one_gap_free_layout_are_fused():
@@ -71,14 +73,23 @@ def test_fused_the_two_outputs_are_one_operation_moving_five_passes_instead_of_t
     assert kernel == 5 * size + 7 * 8 * 4  # u, x, g read, two outputs written, and the 7 × 8 coefficients
     assert _moved(composed) >= 13 * size and "stack" not in _names(composed)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))  # on the CPU the operator runs the composed ones
+    with TrafficCount() as first_order:
+        got = first_order_terms(x, g, c[:3], fused=True)
+    assert _names(first_order) == ["stack", "bn_first_order_terms"]
+    assert first_order.ops[-1][1] == 3 * size + 3 * 8 * 4  # x and g read, one output written, 3 × 8 coefficients
+    assert torch.equal(got, first_order_terms(x, g, c[:3], fused=False))
     with FakeTensorMode():
-        fake = second_order_terms(*_tensors(memory_format=torch.channels_last), fused=True)
+        u, x, g, c = _tensors(memory_format=torch.channels_last)
+        fake = [*second_order_terms(u, x, g, c, fused=True), first_order_terms(x, g, c[:3], fused=True)]
     assert all(t.shape == (3, 5, 4, 6) and t.is_contiguous(memory_format=torch.channels_last) for t in fake)
 
 
 def test_the_objective_and_image_gradient_are_the_same_with_the_elementwise_part_fused(attack64):
-    """Seeds vmapped, in float64: bn_double_backward explicit-fused runs the custom operator in every
-    layer's double backward and lands exactly where explicit does (the CPU runs the same operations)."""
+    """Seeds vmapped, in float64: bn_double_backward explicit-fused runs the custom operators in every
+    layer (the double backward's, and the input gradient's with the BN prior's statistics) and lands
+    where explicit does: the same objective, and the image gradient within float64 rounding (the
+    CPU runs the double backward's operations as explicit does, and the statistics term as the
+    backward's sums and then a·g + b·x + c, another order of the same arithmetic)."""
     model, _, artifact, images, labels = attack64
     xs = torch.stack([images, torch.randn(images.shape, generator=torch.Generator().manual_seed(1),
                                           dtype=torch.float64)]).requires_grad_(True)
@@ -88,17 +99,19 @@ def test_the_objective_and_image_gradient_are_the_same_with_the_elementwise_part
         with TrafficCount() as operations:
             terms = objective.batched_terms(xs, xs)
             grad = torch.autograd.grad(terms["total"].sum(), xs)[0]
-        results[mode] = terms["total"], grad, _names(operations).count("bn_second_order_terms")
+        results[mode] = terms["total"], grad, [_names(operations).count(f"bn_{order}_order_terms")
+                                               for order in ("first", "second")]
     layers = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    assert results["explicit"][2] == 0 and results["explicit-fused"][2] == layers > 0
+    assert results["explicit"][2] == [0, 0] and results["explicit-fused"][2] == [layers, layers] and layers > 0
     assert torch.equal(results["explicit"][0], results["explicit-fused"][0])
-    assert torch.equal(results["explicit"][1], results["explicit-fused"][1])
+    grad, fused_grad = results["explicit"][1], results["explicit-fused"][1]
+    assert (fused_grad - grad).norm() <= 1e-12 * grad.norm()  # measured: 5e-16
 
 
 _INTERPRETED = textwrap.dedent("""
     import torch
-    from gradinv.bn_elementwise import second_order_terms_composed, output_type
-    from gradinv.bn_elementwise_triton import BLOCK, second_order_terms_triton
+    from gradinv.bn_elementwise import first_order_terms_composed, second_order_terms_composed, output_type
+    from gradinv.bn_elementwise_triton import BLOCK, first_order_terms_triton, second_order_terms_triton
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     shape = (3, 5, 7, 11)  # 1155 elements: a block and a part of one
@@ -111,6 +124,8 @@ _INTERPRETED = textwrap.dedent("""
                 u = u if with_u else None
                 expected = second_order_terms_composed(u, x, g, c)
                 got = second_order_terms_triton(u, x, g, c, output_type(u, x, g, c))
+                expected += (first_order_terms_composed(x, g, c[:3]),)
+                got += (first_order_terms_triton(x, g, c[:3], output_type(None, x, g, c)),)
                 for e, o in zip(expected, got):
                     assert o.dtype == e.dtype and o.stride() == e.stride(), (o.dtype, o.stride(), e.stride())
                     worst = max(worst, ((o - e).abs() / (e.abs() + 1)).max().item())
@@ -155,7 +170,7 @@ def test_the_triton_kernel_compiles_for_an_h100_without_one():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from gradinv.bn_elementwise_triton import BLOCK, _second_order_terms
+    from gradinv.bn_elementwise_triton import BLOCK, _first_order_terms, _second_order_terms
 
     for tensors, has_u in (("fp32", True), ("fp16", False)):
         signature = {"u_ptr": f"*{tensors}", "x_ptr": f"*{tensors}", "g_ptr": f"*{tensors}", "c_ptr": "*fp32",
@@ -164,11 +179,15 @@ def test_the_triton_kernel_compiles_for_an_h100_without_one():
         source = ASTSource(fn=_second_order_terms, signature=signature, constexprs={"HAS_U": has_u, "BLOCK": BLOCK})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
         assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
+        signature = {"x_ptr": f"*{tensors}", "g_ptr": f"*{tensors}", "c_ptr": "*fp32", "out_ptr": "*fp32",
+                     "numel": "i64", "channel_stride": "i64", "channels": "i32", "BLOCK": "constexpr"}
+        source = ASTSource(fn=_first_order_terms, signature=signature, constexprs={"BLOCK": BLOCK})
+        assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
 
 
 def test_an_inversion_with_the_elementwise_part_fused_is_explicits_on_the_cpu(attack, monkeypatch):
-    """Seeds on threads, each seed's step alone (no vmap): the operator runs in every step and the
-    CPU's composed operations give explicit's images exactly."""
+    """Seeds on threads, each seed's step alone (no vmap): the operator runs in every step, and the
+    images stay within float32 rounding of explicit's (the statistics term's arithmetic in another order)."""
     import gradinv.bn_elementwise as bn_elementwise
     from gradinv.inversion import invert
 
@@ -180,7 +199,10 @@ def test_an_inversion_with_the_elementwise_part_fused_is_explicits_on_the_cpu(at
     results = {}
     for mode in ("explicit", "explicit-fused"):
         config = build_section("inversion", {**settings, "bn_double_backward": mode})
-        results[mode] = invert(model, artifact, sorted(labels.tolist()), config).images, len(calls)
+        result = invert(model, artifact, sorted(labels.tolist()), config)
+        results[mode] = (result.images, result.initial), len(calls)
     layers = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert results["explicit"][1] == 0 and results["explicit-fused"][1] >= 3 * 2 * layers  # every iteration, seed, layer
-    assert torch.equal(results["explicit"][0], results["explicit-fused"][0])
+    (images, initial), (fused_images, _) = results["explicit"][0], results["explicit-fused"][0]
+    moved = (images - initial).abs().mean()
+    assert (fused_images - images).abs().mean() <= 1e-4 * moved  # measured: 2.6e-6

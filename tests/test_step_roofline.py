@@ -61,6 +61,21 @@ def test_roofline_counts_what_a_convolution_backward_reads_for_what_it_computes(
         size(grad) + size(weight) + size(x) + size(x) + size(weight)]
 
 
+def test_roofline_counts_batch_norms_backward_writing_only_the_gradients_its_mask_asks_for():
+    """Fake tensors (which the step is counted on) get all three gradients from batch norm's
+    backward whatever its output mask; the kernel writes only those asked for."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        g, x, per_channel = torch.randn(8, 64, 32, 32), torch.randn(8, 64, 32, 32), torch.ones(64)
+        with TrafficCount() as counter:
+            for mask in ([True, True, True], [False, True, True]):
+                torch.ops.aten.native_batch_norm_backward(g, x, per_channel, None, None, per_channel, per_channel,
+                                                          True, 0.0, mask)
+    size, channels = g.numel() * 4, 64 * 4
+    assert [moved for _, moved, _ in counter.ops] == [3 * size + 5 * channels, 2 * size + 5 * channels]
+
+
 def test_the_step_under_half_precision_moves_less_for_the_same_arithmetic():
     """The engine's step counted under inversion.precision: the convolutions' outputs and what follows
     them stored in two bytes, the FLOPs unchanged, a few casts more (ResNet-50, 224 px, bs 1, G 2)."""
