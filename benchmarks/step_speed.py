@@ -589,6 +589,13 @@ def cuda_graph_section(result: dict, roofline: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def counted_step(r: dict, minutes: str = ".0f", flops: bool = False) -> str:
+    """One counted step (a step_roofline.py row): its operations, bytes and the paper preset at its bound."""
+    return (f"{r['ops']} operations, {r['bytes'] / 1e9:.0f} GB, " + (f"{r['flops'] / 1e12:.2f} TFLOP, " if flops else "")
+            + f"**{r['paper_minutes_H100']:{minutes}} minutes on an H100** ({r['paper_minutes_H200']:{minutes}} on an H200) "
+            "for the paper preset")
+
+
 def roofline_section(result: dict, measured: dict | None, probes: dict | None) -> str:
     """benchmarks/step_roofline.py: the step's bandwidth/compute bound, beside the H200's measured steps."""
     gpus, rows = result["gpus"], result["rows"]
@@ -628,26 +635,20 @@ def roofline_section(result: dict, measured: dict | None, probes: dict | None) -
         lines += ["", "The same step with the seeds stacked into the channels instead of vmapped (`inversion.batched_seeds: "
                   "stacked`, gradinv/stacked_seeds.py: grouped convolutions, one copy of the weights per seed, no layout "
                   "changes between BatchNorm and the convolutions), bs 8 G 8: " +
-                  "; ".join(f"BN double backward {r['bn_double_backward']}: {r['ops']} operations, {r['bytes'] / 1e9:.0f} "
-                            f"GB, **{r['paper_minutes_H100']:.0f} minutes on an H100** ({r['paper_minutes_H200']:.0f} on an "
-                            "H200) for the paper preset" for r in stacked) + "."]
+                  "; ".join(f"BN double backward {r['bn_double_backward']}: {counted_step(r)}" for r in stacked) + "."]
     half = result.get("half_precision_rows", [])
     if half:
         lines += ["", "The same step (vmap, explicit BN, bs 8 G 8) under `inversion.precision` (autocast as a CPU applies it; the "
                   "bound at the half type's nominal tensor-core rate, " + ", ".join(
                       f"{n}: {g['half'] / 1e12:.0f} TFLOP/s" for n, g in gpus.items() if "half" in g) + "): " +
-                  "; ".join(f"{r['precision']}: {r['ops']} operations, {r['bytes'] / 1e9:.0f} GB, **{r['paper_minutes_H100']:.0f} "
-                            f"minutes on an H100** ({r['paper_minutes_H200']:.0f} on an H200) for the paper preset"
-                            for r in half) + "."]
+                  "; ".join(f"{r['precision']}: {counted_step(r)}" for r in half) + "."]
     explicit_conv = result.get("explicit_conv_rows", [])
     if explicit_conv:
         lines += ["", "The same step (vmap, explicit BN, bs 8 G 8) with the convolutions' double backward written out "
                   "(`inversion.conv_double_backward`, gradinv/convolution.py: explicit-grouped, the seeds kept folded into "
                   "the channels where BatchNorm folds them, no activations copied between layouts; explicit, each seed's "
                   "convolutions dense, one per seed, instead of one grouped over the seeds): " +
-                  "; ".join(f"{r['conv_double_backward']}, {r.get('precision', 'float32')}: {r['ops']} operations, "
-                            f"{r['bytes'] / 1e9:.0f} GB, {r['flops'] / 1e12:.2f} TFLOP, **{r['paper_minutes_H100']:.0f} "
-                            f"minutes on an H100** ({r['paper_minutes_H200']:.0f} on an H200) for the paper preset"
+                  "; ".join(f"{r['conv_double_backward']}, {r.get('precision', 'float32')}: {counted_step(r, flops=True)}"
                             for r in explicit_conv) + ". Neither computes the weights' own second derivative, which no "
                   "image gradient needs."]
     fused = result.get("fused_bn_rows", [])
@@ -656,9 +657,8 @@ def roofline_section(result: dict, measured: dict | None, probes: dict | None) -
                   "(`inversion.bn_double_backward: explicit-fused`, gradinv/bn_elementwise.py: the double backward's "
                   "two outputs in 5 passes, where five `addcmul`s made 13; the last backward's input gradient with the "
                   "BN prior's statistics in 5, where the backward kernel and the term added after it made 8): " +
-                  "; ".join(f"convolutions {r['conv_double_backward']}, {r['precision']}: {r['ops']} operations, "
-                            f"{r['bytes'] / 1e9:.0f} GB, **{r['paper_minutes_H100']:.1f} minutes on an H100** "
-                            f"({r['paper_minutes_H200']:.1f} on an H200) for the paper preset" for r in fused) + "."]
+                  "; ".join(f"convolutions {r['conv_double_backward']}, {r['precision']}: {counted_step(r, '.1f')}"
+                            for r in fused) + "."]
     for mode, ops in result["top_ops_bs8_g8"].items():
         lines += ["", f"Operations moving most data at bs 8 G 8, BN double backward {mode}: " +
                   "; ".join(f"{o['op']} {o['calls']}× {o['bytes'] / 1e9:.0f} GB" for o in ops[:8]) + "."]
