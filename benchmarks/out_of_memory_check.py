@@ -74,7 +74,7 @@ def run(model, artifact, labels, settings: dict, simulate: int | None) -> tuple[
     return result, stderr.getvalue()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "out_of_memory.json"))
     parser.add_argument("--device", default="cuda")
@@ -83,7 +83,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--iterations", type=int, default=4, help="2 eager, then captured and replayed")
     parser.add_argument("--simulate-images", type=int, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     classes = 1000 if args.arch == "resnet50" else 10
     model, artifact, labels = problem(args.arch, classes, args.px, args.batch)
@@ -102,7 +102,7 @@ def main() -> int:
     noise = (repeated.images - by_hand.images).norm().item() / moved
     first = lambda result: [row["total"] for row in result.log if row["iteration"] == 0]  # noqa: E731
     first_apart = max(abs(a - b) / abs(b) for a, b in zip(first(auto), first(by_hand), strict=True))
-    result = {"machine": machine(device), "command": "python " + " ".join(["benchmarks/out_of_memory_check.py", *sys.argv[1:]]),
+    result = {"machine": machine(device), "command": "python " + " ".join(["benchmarks/out_of_memory_check.py", *(sys.argv[1:] if argv is None else argv)]),
               "arch": args.arch, "px": args.px, "batch": args.batch, "seeds": SEEDS, "iterations": args.iterations,
               "simulated_most_images": args.simulate_images, "halvings": halvings, "seeds_per_call_at_the_end": ended_with,
               "peak_memory_bytes_set_by_hand": peak, "iteration0_totals_max_rel_diff": first_apart,

@@ -90,7 +90,7 @@ def profiled_steps(model, artifact, labels: list[int], config, device: torch.dev
     return prof, seconds / steps
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--arch", default="resnet50")
@@ -104,7 +104,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("step_profile: --device cuda, and torch sees no GPU.", file=sys.stderr)
         return 2
@@ -121,7 +121,7 @@ def main() -> int:
                 "device_events": sum(e.device_type != torch.autograd.DeviceType.CPU for e in prof.events())}
     if not rows:
         print(f"step_profile: the profiler recorded no {args.device} time ({recorded}).", file=sys.stderr)
-    report = {"machine": machine(torch.device(args.device)), "command": "python " + " ".join(["benchmarks/step_profile.py", *sys.argv[1:]]),
+    report = {"machine": machine(torch.device(args.device)), "command": "python " + " ".join(["benchmarks/step_profile.py", *(sys.argv[1:] if argv is None else argv)]),
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "top")},
               "seconds_per_step_profiled": seconds_per_step, "recorded": recorded, "kernels": rows,
               "operators": operators}

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import statistics
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -61,19 +64,44 @@ def test_sweep_refuses_batch_sizes_above_the_class_count():
         check_sizes([2, 20], distinct_labels=True, num_classes=12)
 
 
-def test_three_batch_fan_out_on_a_two_worker_local_cluster(project_copy, prefect_api_url):
+@pytest.fixture(scope="module")
+def flows_project(tiny_project, tmp_path_factory) -> Path:
+    """One copy of the tiny project for this module's flows: the first trains the victim, the
+    others find it cached. Each flow writes its own folder under data/."""
+    root = tmp_path_factory.mktemp("flows") / "project"
+    shutil.copytree(tiny_project, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(prefect_api_url):
+    """A two-worker cluster started once, which flows reach through `batches.address` (as a
+    cluster started by hand): its workers load torch and the code once for every flow."""
+    from distributed import LocalCluster
+
+    os.environ["PREFECT_API_URL"] = prefect_api_url  # the workers report task runs to the tests' server
+    try:
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                               dashboard_address=None)
+    finally:
+        del os.environ["PREFECT_API_URL"]
+    with cluster:
+        yield cluster
+
+
+def test_three_batch_fan_out_on_a_two_worker_local_cluster(flows_project, prefect_api_url):
     from mlflow.tracking import MlflowClient
 
     from flows.batches import many_batches
     from tasks.tracking import tracking_uri
 
-    params = write_params(project_copy / "params.yaml", {"batches": {"count": 3, "workers": 2}})
-    result = many_batches(str(params), str(project_copy))
+    params = write_params(flows_project / "params.yaml", {"batches": {"count": 3, "workers": 2}})
+    result = many_batches(str(params), str(flows_project))
 
-    table = pq.read_table(project_copy / "data/batches/per_batch.parquet").to_pydict()
+    table = pq.read_table(flows_project / "data/batches/per_batch.parquet").to_pydict()
     assert table["batch"] == [0, 1, 2]
     assert table["capture_seed"] == [1, 2, 3]  # capture.seed + i
-    folders = [project_copy / f"data/batches/batch-{i:03d}" for i in range(3)]
+    folders = [flows_project / f"data/batches/batch-{i:03d}" for i in range(3)]
     drawn = [read_tensors(f / "truth/truth.safetensors", "truth")["pool_index"].tolist() for f in folders]
     assert len({tuple(d) for d in drawn}) == 3  # three different client batches
 
@@ -85,30 +113,32 @@ def test_three_batch_fan_out_on_a_two_worker_local_cluster(project_copy, prefect
     assert summary["psnr"]["std"] == pytest.approx(statistics.stdev(m["psnr"] for m in metrics), abs=1e-9)
     assert summary["overall_iip"] == pytest.approx(sum(map(sum, hits)) / sum(map(len, hits)))
     assert summary["images"] == 3 * 4
-    assert json.loads((project_copy / "data/batches/summary.json").read_text()) == summary
+    assert json.loads((flows_project / "data/batches/summary.json").read_text()) == summary
 
-    run = MlflowClient(tracking_uri(project_copy)).get_run(result["mlflow_run_id"])
+    run = MlflowClient(tracking_uri(flows_project)).get_run(result["mlflow_run_id"])
     assert run.data.metrics["psnr_mean"] == pytest.approx(summary["psnr"]["mean"])
 
 
-def test_sweep_flow_writes_a_table_and_plot_per_batch_size(project_copy, prefect_api_url):
+def test_sweep_flow_writes_a_table_and_plot_per_batch_size(flows_project, shared_cluster):
     from flows.sweep import sweep
 
-    params = write_params(project_copy / "params.yaml", {"sweep": {"batch_sizes": [2, 4], "batches": 1},
-                                                         "batches": {"workers": 2}})
-    result = sweep(str(params), str(project_copy))
-    table = pq.read_table(project_copy / "data/sweep/sweep.parquet").to_pydict()
+    params = write_params(flows_project / "params.yaml", {"sweep": {"batch_sizes": [2, 4], "batches": 1},
+                                                          "batches": {"address": shared_cluster.scheduler_address}})
+    transitions = shared_cluster.scheduler.transition_counter
+    result = sweep(str(params), str(flows_project))
+    assert shared_cluster.scheduler.transition_counter > transitions  # the batches ran on the given cluster
+    table = pq.read_table(flows_project / "data/sweep/sweep.parquet").to_pydict()
     assert table["batch_size"] == [2, 4]
     for size, psnr in zip(table["batch_size"], table["psnr_mean"]):
-        metrics = json.loads((project_copy / f"data/sweep/bs-{size:03d}/batch-000/eval/metrics.json").read_text())
+        metrics = json.loads((flows_project / f"data/sweep/bs-{size:03d}/batch-000/eval/metrics.json").read_text())
         assert metrics["batch_size"] == size
         assert psnr == pytest.approx(metrics["psnr"])
-    png = (project_copy / "data/sweep/sweep.png").read_bytes()
+    png = (flows_project / "data/sweep/sweep.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert result["table"] == table
 
 
-def test_defense_audit_tabulates_leakage_and_utility_per_defense(project_copy, prefect_api_url):
+def test_defense_audit_tabulates_leakage_and_utility_per_defense(flows_project, shared_cluster):
     from mlflow.tracking import MlflowClient
 
     from flows.audit import audit
@@ -116,10 +146,11 @@ def test_defense_audit_tabulates_leakage_and_utility_per_defense(project_copy, p
 
     grid = {"noise_sigmas": [0.1], "topk_keep": [1.0, 0.01], "aggregation_clients": [2],
             "quantize": ["sign"], "fedavg_steps": [1], "iterations": 4, "seeds": 2}
-    params = write_params(project_copy / "params.yaml", {"audit": grid, "batches": {"workers": 2}})
-    result = audit(str(params), str(project_copy))
+    params = write_params(flows_project / "params.yaml",
+                          {"audit": grid, "batches": {"address": shared_cluster.scheduler_address}})
+    result = audit(str(params), str(flows_project))
 
-    table = pq.read_table(project_copy / "data/audit/audit.parquet").to_pydict()
+    table = pq.read_table(flows_project / "data/audit/audit.parquet").to_pydict()
     assert table["defense"] == ["none", "clip+gaussian", "topk", "topk", "secure_aggregation", "fedavg", "quantize"]
     rows = {(r["defense"], str(r["strength"])): r for r in result["rows"]}
     assert rows[("none", "None")]["utility_cosine"] == pytest.approx(1.0, abs=1e-6)
@@ -131,10 +162,10 @@ def test_defense_audit_tabulates_leakage_and_utility_per_defense(project_copy, p
     assert rows[("fedavg", "1")]["attack"] == "aware of fedavg" and rows[("topk", "0.01")]["attack"] == "aware of topk"
     assert rows[("clip+gaussian", "0.1")]["attack"] == "plain"
     for defense in ("clip+gaussian", "topk", "secure_aggregation", "fedavg", "quantize"):
-        assert (project_copy / f"data/audit/{defense}.png").read_bytes()[:4] == b"\x89PNG"
-    assert "leakage against defense strength" in (project_copy / "data/audit/audit.html").read_text()
+        assert (flows_project / f"data/audit/{defense}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "leakage against defense strength" in (flows_project / "data/audit/audit.html").read_text()
 
-    client = MlflowClient(tracking_uri(project_copy))
+    client = MlflowClient(tracking_uri(flows_project))
     parent = client.get_run(result["mlflow_run_id"])
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")

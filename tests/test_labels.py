@@ -84,7 +84,8 @@ def test_counts_use_the_exact_identity_when_the_posterior_is_known():
 def test_a_bn_matched_batch_estimates_the_batch_posterior_better_than_noise(tiny_project):
     """With the batch's BN statistics leaked, a surrogate batch matched to them stands in for the
     real one: its mean softmax is far closer to the real batch's than the softmax on noise
-    (measured on these 4 batches at 100 steps: L1 error 0.017 against 0.50 on average; 0.0023 at 300)."""
+    (measured on these 4 batches, L1 error on average: 0.50 on noise; matched 0.043 at 50 steps,
+    0.017 at 100, 0.0023 at 300)."""
     from gradinv.client import train_mode_copy
     from gradinv.data import load_set, normalize
     from gradinv.labels import batch_posterior
@@ -102,12 +103,12 @@ def test_a_bn_matched_batch_estimates_the_batch_posterior_better_than_noise(tiny
         artifact = client_update(model, images_all[index], pool.labels[index], "exact", fields)
         with torch.no_grad():
             truth = torch.softmax(train_mode_copy(model)(images_all[index]), 1).mean(0).double()
-        for steps in (100, 0):
+        for steps in (50, 0):
             estimate, how = batch_posterior(model, artifact, steps)
             errors[how].append((estimate - truth).abs().sum().item())
-    assert sum(errors["bn_matched"]) < 0.1 * sum(errors["noise"])
+    assert sum(errors["bn_matched"]) < 0.2 * sum(errors["noise"])
     without_leak = client_update(model, images_all[index], pool.labels[index], "none", fields)
-    assert batch_posterior(model, without_leak, 100)[1] == "noise"  # nothing to match: falls back
+    assert batch_posterior(model, without_leak, 50)[1] == "noise"  # nothing to match: falls back
 
 
 def _bn_targets(model: nn.Module, seeds: list[int]) -> tuple[dict, dict]:
