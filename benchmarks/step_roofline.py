@@ -193,6 +193,19 @@ def bound_seconds(ops: list[tuple[str, int, int]], gpu: dict, rate: str = "tf32"
     return sum(max(moved / gpu["bandwidth"], flops / gpu[rate]) for _, moved, flops in ops)
 
 
+def paper_preset_row(precision: str, **modes: str) -> dict:
+    """A variant (bn_double_backward, conv_double_backward) counted at bs 8 G 8, with its paper-preset
+    bounds at the precision's rate (TF32 for float32, the half types' own rate otherwise)."""
+    c = count_step(8, 8, precision=precision, **modes)
+    rate = "tf32" if precision == "float32" else "half"
+    row = {**modes, "precision": precision, "batch": 8, "seeds": 8, "ops": c["ops"], "bytes": c["bytes"],
+           "flops": c["flops"],
+           **{f"paper_minutes_{name}": bound_seconds(c["per_op"], gpu, rate) * PAPER_ITERATIONS / 60
+              for name, gpu in GPUS.items()}}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "step_roofline.json"))
@@ -220,35 +233,11 @@ def main() -> int:
                **{f"paper_minutes_{name}": bound_seconds(c["per_op"], gpu) * PAPER_ITERATIONS / 60 for name, gpu in GPUS.items()}}
         stacked_rows.append(row)
         print(json.dumps(row), flush=True)
-    half_rows = []
-    for precision in HALF_PRECISIONS:
-        c = count_step(8, 8, "explicit", precision=precision)
-        row = {"precision": precision, "bn_double_backward": "explicit", "batch": 8, "seeds": 8, "ops": c["ops"],
-               "bytes": c["bytes"], "flops": c["flops"],
-               **{f"paper_minutes_{name}": bound_seconds(c["per_op"], gpu, "half") * PAPER_ITERATIONS / 60
-                  for name, gpu in GPUS.items()}}
-        half_rows.append(row)
-        print(json.dumps(row), flush=True)
-    explicit_conv_rows = []
-    for mode, precision in ((m, p) for m in ("explicit-grouped", "explicit") for p in ("float32", "float16")):
-        c = count_step(8, 8, "explicit", precision=precision, conv_double_backward=mode)
-        rate = "tf32" if precision == "float32" else "half"
-        row = {"conv_double_backward": mode, "precision": precision, "bn_double_backward": "explicit", "batch": 8,
-               "seeds": 8, "ops": c["ops"], "bytes": c["bytes"], "flops": c["flops"],
-               **{f"paper_minutes_{name}": bound_seconds(c["per_op"], gpu, rate) * PAPER_ITERATIONS / 60
-                  for name, gpu in GPUS.items()}}
-        explicit_conv_rows.append(row)
-        print(json.dumps(row), flush=True)
-    fused_bn_rows = []
-    for conv, precision in ((c, p) for c in ("explicit-grouped", "pytorch") for p in ("float32", "float16")):
-        c = count_step(8, 8, "explicit-fused", precision=precision, conv_double_backward=conv)
-        rate = "tf32" if precision == "float32" else "half"
-        row = {"bn_double_backward": "explicit-fused", "conv_double_backward": conv, "precision": precision, "batch": 8,
-               "seeds": 8, "ops": c["ops"], "bytes": c["bytes"], "flops": c["flops"],
-               **{f"paper_minutes_{name}": bound_seconds(c["per_op"], gpu, rate) * PAPER_ITERATIONS / 60
-                  for name, gpu in GPUS.items()}}
-        fused_bn_rows.append(row)
-        print(json.dumps(row), flush=True)
+    half_rows = [paper_preset_row(precision, bn_double_backward="explicit") for precision in HALF_PRECISIONS]
+    explicit_conv_rows = [paper_preset_row(precision, conv_double_backward=conv, bn_double_backward="explicit")
+                          for conv in ("explicit-grouped", "explicit") for precision in ("float32", "float16")]
+    fused_bn_rows = [paper_preset_row(precision, bn_double_backward="explicit-fused", conv_double_backward=conv)
+                     for conv in ("explicit-grouped", "pytorch") for precision in ("float32", "float16")]
     h100 = GPUS["H100"]
     top = {mode: sorted(ops.items(), key=lambda kv: -max(kv[1][1] / h100["bandwidth"], kv[1][2] / h100["tf32"]))
            for mode, ops in heaviest.items()}
