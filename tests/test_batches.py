@@ -7,6 +7,7 @@ import os
 import shutil
 import statistics
 from pathlib import Path
+from unittest import mock
 
 import pyarrow.parquet as pq
 import pytest
@@ -79,12 +80,9 @@ def shared_cluster(prefect_api_url):
     cluster started by hand): its workers load torch and the code once for every flow."""
     from distributed import LocalCluster
 
-    os.environ["PREFECT_API_URL"] = prefect_api_url  # the workers report task runs to the tests' server
-    try:
+    with mock.patch.dict(os.environ, {"PREFECT_API_URL": prefect_api_url}):  # workers report to the tests' server
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                                dashboard_address=None)
-    finally:
-        del os.environ["PREFECT_API_URL"]
     with cluster:
         yield cluster
 
