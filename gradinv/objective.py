@@ -47,14 +47,38 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x[..., 1:, :] - x[..., :-1, :]) + torch.linalg.vector_norm(x[..., :, 1:] - x[..., :, :-1])
 
 
+def _same_shape_groups(tensors: dict[str, torch.Tensor], weight_of: Callable[[int, str], float]
+                       ) -> tuple[dict[tuple, list[str]], list[str]]:
+    """{(shape, weight): names} of the one-dimensional tensors, and the names of the others.
+
+    The distances of per-channel vectors (BatchNorm's statistics, weights and biases; biases) are
+    computed for all of one shape and weight at once: a stack and a few operations per group
+    instead of several operations per layer. Where each operation is a GPU kernel, its launch
+    costs more than its work on such vectors: ResNet-50 has 53 BatchNorm layers (6 widths) and 107
+    one-dimensional parameters (7 shapes). Weights stay per layer: stacked, their gradients would
+    reach the convolutions' double backward as strided slices, to be copied."""
+    groups: dict[tuple, list[str]] = {}
+    others = []
+    for index, (name, tensor) in enumerate(tensors.items()):
+        if tensor.dim() == 1:
+            groups.setdefault((tuple(tensor.shape), weight_of(index, name)), []).append(name)
+        else:
+            others.append(name)
+    return groups, others
+
+
 def bn_distance(stats: dict[str, tuple[torch.Tensor, torch.Tensor]], targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
                 first_bn_multiplier: float, zero: torch.Tensor) -> torch.Tensor:
-    """R_BN: Σ_l ‖μ_l − μ̂_l‖ + ‖σ²_l − σ̂²_l‖ over the BN layers in `targets`, the first ×multiplier."""
+    """R_BN: Σ_l ‖μ_l − μ̂_l‖ + ‖σ²_l − σ̂²_l‖ over the BN layers in `targets`, the first ×multiplier;
+    the layers of one width and weight at once."""
+    groups, _ = _same_shape_groups({n: mean for n, (mean, _) in targets.items()},
+                                   lambda index, _: first_bn_multiplier if index == 0 else 1.0)
     total = zero
-    for index, (name, (mean, var)) in enumerate(targets.items()):
-        weight = first_bn_multiplier if index == 0 else 1.0
-        batch_mean, batch_var = stats[name]
-        total = total + weight * (torch.linalg.vector_norm(batch_mean - mean) + torch.linalg.vector_norm(batch_var - var))
+    for (_, weight), names in groups.items():
+        distance = sum(torch.linalg.vector_norm(torch.stack([stats[n][k] for n in names])
+                                                - torch.stack([targets[n][k] for n in names]), dim=-1)
+                       for k in (0, 1))
+        total = total + weight * distance.sum()
     return total
 
 
@@ -71,18 +95,28 @@ def gradient_distance(grads: dict[str, torch.Tensor], target: dict[str, torch.Te
         norm_g = sum(layer_weight(n, weights) * grads[n].pow(2).sum() for n in target)
         norm_t = sum(layer_weight(n, weights) * t.pow(2).sum() for n, t in target.items())
         return 1 - dot / (norm_g.sqrt() * norm_t.sqrt()).clamp_min(1e-12)
-    return sum(layer_weight(n, weights) * layer_distance(grads[n], t, squared=kind == "squared_l2") for n, t in target.items())
+    squared = kind == "squared_l2"
+    groups, others = _same_shape_groups(target, lambda _, name: layer_weight(name, weights))
+    total = sum(layer_weight(n, weights) * layer_distance(grads[n], target[n], squared) for n in others)
+    for (_, weight), names in groups.items():
+        distances = layer_distance(torch.stack([grads[n] for n in names]), torch.stack([target[n] for n in names]),
+                                   squared, stacked=True)
+        total = total + weight * distances.sum()
+    return total
 
 
-def layer_distance(grad: torch.Tensor, target: torch.Tensor, squared: bool) -> torch.Tensor:
-    """‖grad − target‖₂, or its square. Spelled through mse_loss's sum, whose backward is one fused
-    pass over the two tensors, where vector_norm(grad − target)'s backward makes three over their
-    difference (on a CPU, passes over parameter-sized tensors are a visible part of the step:
-    `python benchmarks/step_profile.py --device cpu --arch resnet18 --px 32 --seeds 1
-    --bn-double-backward pytorch`).
+def layer_distance(grad: torch.Tensor, target: torch.Tensor, squared: bool, stacked: bool = False) -> torch.Tensor:
+    """‖grad − target‖₂, or its square; with `stacked`, that of each slice along the first dimension.
+    Spelled through mse_loss, whose backward is one fused pass over the two tensors, where
+    vector_norm(grad − target)'s backward makes three over their difference (on a CPU, passes over
+    parameter-sized tensors are a visible part of the step: `python benchmarks/step_profile.py
+    --device cpu --arch resnet18 --px 32 --seeds 1 --bn-double-backward pytorch`).
     The square root's argument is kept above float's smallest normal, where a layer matched
     exactly (or masked out entirely) gets the zero gradient the norm's would give, not NaN."""
-    sum_of_squares = F.mse_loss(grad, target, reduction="sum")
+    if stacked:
+        sum_of_squares = F.mse_loss(grad, target, reduction="none").flatten(1).sum(1)
+    else:
+        sum_of_squares = F.mse_loss(grad, target, reduction="sum")
     if squared:
         return sum_of_squares
     return sum_of_squares.clamp_min(torch.finfo(sum_of_squares.dtype).tiny).sqrt()

@@ -153,6 +153,61 @@ def test_layer_weights_scale_the_matching_layers():
         build_section("inversion", {"layer_weights": {"fc": -1}})
 
 
+def _operations(function) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        function()
+    return Count.calls
+
+
+@pytest.mark.parametrize("kind", ["l2", "squared_l2"])
+def test_per_channel_distances_are_the_per_layer_formulas_in_a_few_operations_per_shape(kind):
+    """bn_distance and gradient_distance stack one-dimensional layers of one shape and weight: the
+    same values and input gradients as each layer's own norm, and as many operations for 12
+    layers of a shape as for 3."""
+    from gradinv.objective import bn_distance, gradient_distance
+
+    generator = torch.Generator().manual_seed(0)
+    widths = [8, 16, 8, 16, 4, 8, 16, 8, 4, 16, 8, 8]
+    rand = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    stats = {f"bn{i}": (rand(c).requires_grad_(True), rand(c).requires_grad_(True)) for i, c in enumerate(widths)}
+    targets = {n: (rand(m.shape[0]), rand(m.shape[0])) for n, (m, _) in stats.items()}
+    grads = {**{f"layer{i}.bias": rand(c).requires_grad_(True) for i, c in enumerate(widths)},
+             "layer0.weight": rand(8, 4, 3, 3).requires_grad_(True)}
+    target = {n: rand(*g.shape) for n, g in grads.items()}
+    weights = {"layer1.": 3.0, "layer0": 0.5}
+
+    norm = (lambda v: v.pow(2).sum()) if kind == "squared_l2" else torch.linalg.vector_norm
+    by_layer_bn = sum((2.0 if i == 0 else 1.0) * (torch.linalg.vector_norm(stats[n][0] - m) + torch.linalg.vector_norm(stats[n][1] - v))
+                      for i, (n, (m, v)) in enumerate(targets.items()))
+    by_layer_grad = sum((3.0 if n.startswith("layer1.") else 0.5 if n.startswith("layer0") else 1.0) * norm(g - target[n])
+                        for n, g in grads.items())
+    grouped_bn = bn_distance(stats, targets, 2.0, torch.zeros((), dtype=torch.float64))
+    grouped_grad = gradient_distance(grads, target, kind, weights)
+    inputs = [t for pair in stats.values() for t in pair] + list(grads.values())
+    expected = torch.autograd.grad(by_layer_bn + by_layer_grad, inputs)
+    got = torch.autograd.grad(grouped_bn + grouped_grad, inputs)
+    assert grouped_bn.item() == pytest.approx(by_layer_bn.item(), rel=1e-12)
+    assert grouped_grad.item() == pytest.approx(by_layer_grad.item(), rel=1e-12)
+    assert max((a - b).abs().max().item() for a, b in zip(got, expected)) < 1e-12
+
+    def many(layers: int) -> int:
+        stats = {f"bn{i}": (rand(8), rand(8)) for i in range(layers)}
+        grads = {f"layer{i}.bias": rand(8) for i in range(layers)}
+        return _operations(lambda: (bn_distance(stats, stats, 1.0, torch.zeros(())),
+                                    gradient_distance(grads, grads, kind, {})))
+
+    assert many(12) == many(3)
+
+
 def test_batched_seeds_give_each_seed_the_terms_and_image_gradient_of_its_own_step(attack):
     """vmap over seeds = the seed-by-seed objective, term by term and in d/dx, with per-seed BN
     statistics (a stacked batch would pool them), a consensus and a different view per seed."""
