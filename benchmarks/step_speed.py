@@ -13,7 +13,7 @@ rewritten after each, so that a run cut short keeps what it measured. Variants:
 
 - `baseline`: the straightforward step: `loss.backward()` (parameter .grad filled too), strict
   float32, torch's own layers (not gradinv.relu's), the gradient distance spelled as it reads
-  (`vector_norm(g - t)`), seeds one by one on all torch threads, glibc's malloc as it comes;
+  (`vector_norm(g - t)`) and it and the BN prior layer by layer, seeds one by one on all torch threads, glibc's malloc as it comes;
   `baseline-keep-freed-memory` the same with gradinv.cpu_allocator's setting, which every
   engine row has (`inversion.keep_freed_memory`) but `-default-malloc`, to tell its share of the
   speed-up apart;
@@ -144,9 +144,32 @@ def straightforward_layer_distance(grad: torch.Tensor, target: torch.Tensor, squ
     return torch.linalg.vector_norm(grad - target).pow(2 if squared else 1)
 
 
+_LIBRARY_GRADIENT_DISTANCE = objective_module.gradient_distance
+
+
+def straightforward_gradient_distance(grads, target, kind: str, weights) -> torch.Tensor:
+    """The gradient distance layer by layer, each norm spelled as it reads (cosine: the library's)."""
+    if kind == "cosine":
+        return _LIBRARY_GRADIENT_DISTANCE(grads, target, kind, weights)
+    return sum(objective_module.layer_weight(n, weights) * straightforward_layer_distance(grads[n], t, kind == "squared_l2")
+               for n, t in target.items())
+
+
+def straightforward_bn_distance(stats, targets, first_bn_multiplier: float, zero: torch.Tensor) -> torch.Tensor:
+    """R_BN layer by layer."""
+    total = zero
+    for index, (name, (mean, var)) in enumerate(targets.items()):
+        batch_mean, batch_var = stats[name]
+        distance = torch.linalg.vector_norm(batch_mean - mean) + torch.linalg.vector_norm(batch_var - var)
+        total = total + (first_bn_multiplier if index == 0 else 1.0) * distance
+    return total
+
+
 def baseline_seconds(model, artifact, labels, config, device, iterations: int) -> float:
-    """The straightforward loop: backward() into every leaf, seeds one after the other."""
-    with mock.patch.object(objective_module, "layer_distance", straightforward_layer_distance):
+    """The straightforward loop: backward() into every leaf, seeds one after the other, every
+    layer's distance on its own."""
+    with (mock.patch.object(objective_module, "gradient_distance", straightforward_gradient_distance),
+          mock.patch.object(objective_module, "bn_distance", straightforward_bn_distance)):
         return _baseline_seconds(model, artifact, labels, config, device, iterations)
 
 

@@ -80,13 +80,13 @@ def test_the_baseline_spells_the_distance_as_it_reads_and_leaves_the_library_as_
     calls = []
     straightforward = step_speed.straightforward_layer_distance
     monkeypatch.setattr(step_speed, "straightforward_layer_distance", lambda *a, **k: calls.append(1) or straightforward(*a, **k))
-    library = objective_module.layer_distance
+    library = objective_module.gradient_distance, objective_module.bn_distance
     model, artifact, labels = step_speed.problem("resnet18", 4, 16, 2)
     config = build_section("inversion", {"seeds": 1, "device": "cpu"})
     seconds = step_speed.baseline_seconds(model, artifact, labels, config, torch.device("cpu"), iterations=1)
     layers = sum(p.requires_grad for p in model.parameters())
-    assert seconds > 0 and len(calls) == 2 * layers  # warm-up and one timed step, every layer
-    assert objective_module.layer_distance is library
+    assert seconds > 0 and len(calls) == 2 * layers  # warm-up and one timed step, every layer on its own
+    assert (objective_module.gradient_distance, objective_module.bn_distance) == library
 
 
 def test_the_gpu_suite_times_the_engine_as_shipped_at_every_batch_and_seed_count_and_can_run_it_alone():
