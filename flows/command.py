@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Callable
 
-from gradinv.config import load_params
+from gradinv.pipeline.config import load_params
 from gradinv.errors import UserError
 
 

@@ -12,7 +12,7 @@ from typing import Iterator
 import dask
 from prefect import flow
 
-from gradinv.config import BatchesConfig
+from gradinv.pipeline.config import BatchesConfig
 from tasks.batches import attack_batch
 from tasks.stages import run_cached_stage
 from tasks.tracking import Tracker

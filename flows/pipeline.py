@@ -12,9 +12,9 @@ from pathlib import Path
 from prefect import flow
 
 from flows.command import run_flow_command
-from gradinv.config import as_dict, load_params
+from gradinv.pipeline.config import as_dict, load_params
 from gradinv.errors import UserError
-from gradinv.stages import EVAL, STAGES
+from gradinv.pipeline.stages import EVAL, STAGES
 from tasks.stages import run_cached_stage
 from tasks.tracking import tracked_run, tracking_uri
 
@@ -34,9 +34,12 @@ def pipeline(params_path: str = "params.yaml", root: str = ".", stages: list[str
         for name in names:
             section = STAGES[name].section
             tracker.params({f"{section}.{k}": v for k, v in as_dict(params[section]).items()})
+        if any(STAGES[name].uses_engine for name in names):
+            tracker.params({f"engine.{k}": v for k, v in as_dict(params["engine"]).items()})
         for name in names:
             section_params = as_dict(params[STAGES[name].section])
-            paths, cached = run_cached_stage(name, root, section_params, tracker)
+            engine = as_dict(params["engine"]) if STAGES[name].uses_engine else None
+            paths, cached = run_cached_stage(name, root, section_params, tracker, engine)
             tracker.log_stage(name, root, live_curve_logged=not cached)
             results[name] = {"paths": paths, "cached": cached}
             print(f"{name}: {'cached' if cached else 'done'} -> {', '.join(STAGES[name].outputs)}")

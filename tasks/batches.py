@@ -12,20 +12,22 @@ from pathlib import Path
 import torch
 from prefect import task
 
-from gradinv import batches
-from gradinv.config import build_section
-from gradinv.stages import STAGES
+from gradinv.pipeline import batches
+from gradinv.pipeline.config import build_section, result_changing
+from gradinv.pipeline.sources import source_files
 from tasks.caching import PACKAGE_ROOT, hash_tree
 
-ATTACK_SECTIONS = ("capture", "labels", "inversion", "evaluation")
-_SOURCES = sorted({s for name in ("capture", "labels", "invert", "evaluate") for s in STAGES[name].sources}
-                  | {"gradinv/batches.py", "gradinv/audit.py", "tasks/batches.py", "tasks/caching.py"})
+ATTACK_SECTIONS = ("capture", "labels", "inversion", "engine", "evaluation")
+_SOURCES = sorted({*source_files("gradinv.pipeline.batches"), "tasks/batches.py", "tasks/caching.py"})
 
 
 def batch_key(root: str, out: str, index: int, params: dict) -> str:
-    """The batch's inputs: the data sets and victim, its params sections and the code."""
+    """The batch's inputs: the data sets and victim, its params sections (of the engine's, only
+    the settings that change results) and the code."""
     digest = hashlib.sha256(f"batch|{Path(root).resolve()}|{out}|{index}|".encode())
-    digest.update(json.dumps({s: params[s] for s in ATTACK_SECTIONS}, sort_keys=True).encode())
+    sections = {s: params[s] for s in ATTACK_SECTIONS if s != "engine"}
+    sections["engine"] = result_changing(build_section("engine", params.get("engine")))
+    digest.update(json.dumps(sections, sort_keys=True).encode())
     for folder in (batches.SETS, batches.VICTIM):
         hash_tree(Path(root) / folder, digest)
     for source in _SOURCES:
@@ -76,5 +78,5 @@ def attack_batch(root: str, out: str, index: int, params: dict, torch_threads: i
     if torch_threads:
         torch.set_num_threads(torch_threads)
     configs = {name: build_section(name, params[name]) for name in ATTACK_SECTIONS}
-    configs["inversion"] = _device_for_this_worker(configs["inversion"])
+    configs["engine"] = _device_for_this_worker(configs["engine"])
     return batches.run_batch(configs, root, out, index)

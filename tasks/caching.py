@@ -1,5 +1,7 @@
 """Input-based cache keys for stage tasks: the content of the stage's input folders, its params
-section and its own source (library modules and this package), exactly what dvc.yaml declares."""
+section (plus the engine settings that change results) and its sources as derived from the code
+(gradinv.pipeline.stages), exactly what dvc.yaml declares. Speed-only engine settings are not part
+of any key."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from gradinv.stages import STAGES
+from gradinv.pipeline.config import build_section, result_changing
+from gradinv.pipeline.stages import STAGES
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,19 +28,21 @@ def hash_tree(path: Path, digest) -> None:
                     digest.update(block)
 
 
-def stage_key(stage_name: str, root: str | Path, params: dict) -> str:
+def stage_key(stage_name: str, root: str | Path, params: dict, engine: dict | None = None) -> str:
     stage = STAGES[stage_name]
     root = Path(root).resolve()
     digest = hashlib.sha256()
     digest.update(f"{stage_name}|{root}|".encode())
     digest.update(json.dumps(params, sort_keys=True).encode())
+    if stage.uses_engine:
+        digest.update(json.dumps(result_changing(build_section("engine", engine)), sort_keys=True).encode())
     for folder in stage.inputs:
         hash_tree(root / folder, digest)
-    for source in (*stage.sources, "gradinv/stages.py", "tasks/stages.py", "tasks/caching.py"):
+    for source in stage.sources:
         hash_tree(PACKAGE_ROOT / source, digest)
     return digest.hexdigest()
 
 
 def stage_cache_key(_context, parameters: dict) -> str:
-    """Prefect `cache_key_fn` for tasks called as (stage_name, root, params, ...)."""
-    return stage_key(parameters["stage_name"], parameters["root"], parameters["params"])
+    """Prefect `cache_key_fn` for tasks called as (stage_name, root, params, ..., engine)."""
+    return stage_key(parameters["stage_name"], parameters["root"], parameters["params"], parameters.get("engine"))

@@ -12,8 +12,8 @@ from typing import Iterator
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
-from gradinv.objective import LOSS_TERMS
-from gradinv.stages import EVAL, INVERT, LABELS, VICTIM
+from gradinv.attack.objective import LOSS_TERMS
+from gradinv.pipeline.stages import EVAL, INVERT, LABELS, VICTIM
 
 EXPERIMENT = "gradinv"
 

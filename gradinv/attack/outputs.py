@@ -1,0 +1,3 @@
+"""File names of the attack's outputs that other stages read."""
+
+RECONSTRUCTION_FILE = "reconstruction.safetensors"

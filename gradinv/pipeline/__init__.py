@@ -1,0 +1,1 @@
+"""The pipeline: params.yaml's config objects, the stage registry, the CLI, many batches, the audit."""

@@ -1,0 +1,110 @@
+"""Many batches: the paper's figures are averages over random client batches (256 in Yin et al.).
+
+One batch's attack (capture → labels → invert with all its seeds → evaluate) runs in a folder of
+its own; batch i is drawn with `capture.seed + i`. `aggregate` turns the batches' metrics into
+mean ± std, and IIP and label accuracy over every image of every batch."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from gradinv.attack import inversion, labels
+from gradinv.client import capture, victim
+from gradinv.evaluation import evaluate
+from gradinv.client.artifacts import load_gradient
+from gradinv.pipeline.audit import utility
+from gradinv.client.data import normalize
+from gradinv.client.defenses import as_gradient
+from gradinv.io import read_json, read_tensors, write_json, write_table
+
+SETS, VICTIM = "data/sets", "data/victim"
+BATCHES, SWEEP = "data/batches", "data/sweep"
+# Per-batch figures that are averaged; the consensus ones are read from metrics.json["consensus"].
+METRICS = ("psnr", "ssim", "lpips", "fft2d", "registered_psnr", "iip", "label_accuracy",
+           "psnr_initial_noise", "psnr_gain_over_noise")
+CONSENSUS_METRICS = ("psnr", "ssim", "iip")
+# Fractions over images: their overall value weighs each batch by its size.
+PER_IMAGE_FRACTIONS = ("iip", "label_accuracy", "consensus_iip")
+
+
+def batch_folder(root: Path, out: str, index: int) -> Path:
+    return Path(root) / out / f"batch-{index:03d}"
+
+
+def run_batch(configs: dict, root: str | Path, out: str, index: int, on_log=None) -> dict:
+    """Attack batch `index` end to end under root/out/batch-NNN; returns its row of metrics.
+    `configs` maps the sections capture, labels, inversion, engine and evaluation to config objects."""
+    root = Path(root)
+    folder = batch_folder(root, out, index)
+    gradient, truth, recovered = folder / "gradient", folder / "truth", folder / "labels"
+    capture_config = dataclasses.replace(configs["capture"], seed=configs["capture"].seed + index)
+    capture.capture(capture_config, root / SETS, root / VICTIM, gradient, truth)
+    labels.run_labels(configs["labels"], root / VICTIM, gradient, recovered)
+    inversion.run_inversion(configs["inversion"], root / VICTIM, gradient, recovered, folder / "invert", on_log,
+                            checkpoint_dir=folder / ".checkpoints", engine=configs["engine"])
+    evaluate.evaluate(configs["evaluation"], folder / "invert", recovered, truth, root / SETS, root / VICTIM,
+                      folder / "eval")
+    return {**batch_row(folder, index, capture_config.seed), **shared_utility(root, folder)}
+
+
+def shared_utility(root: Path, folder: Path) -> dict[str, float]:
+    """How close the shared (possibly defended) gradient is to the victim batch's clean one."""
+    model, meta = victim.load_victim(root / VICTIM)
+    shared = load_gradient(folder / "gradient", model)
+    truth = read_tensors(folder / "truth" / capture.TRUTH_FILE, "ground truth")
+    clean = capture.client_update(model, normalize(truth["images"], meta.mean, meta.std), truth["labels"], "none",
+                                  dataclasses.asdict(meta))
+    defenses = shared.meta.get("defenses", [])
+    return utility({n: as_gradient(g, defenses, shared.batch_size) for n, g in shared.grads.items()}, clean.grads)
+
+
+def batch_row(folder: Path, index: int, capture_seed: int) -> dict:
+    metrics = read_json(folder / "eval" / "metrics.json", "batch metrics")
+    invert_info = read_json(folder / "invert" / "invert.json", "inversion summary")
+    return {"batch": index, "capture_seed": capture_seed, "batch_size": metrics["batch_size"],
+            **{key: metrics.get(key) for key in METRICS},
+            **{f"consensus_{key}": metrics["consensus"].get(key) for key in CONSENSUS_METRICS},
+            "invert_seconds": invert_info["seconds"], "folder": str(folder)}
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """{metric: {"mean", "std", "n"}} over batches (sample std; 0 for one batch), plus
+    `overall_<fraction>`: IIP and label accuracy over all images of all batches."""
+    summary: dict = {"batches": len(rows), "images": sum(r["batch_size"] for r in rows)}
+    for key in (*METRICS, *(f"consensus_{k}" for k in CONSENSUS_METRICS), "invert_seconds"):
+        values = [float(r[key]) for r in rows if r.get(key) is not None]
+        if not values:
+            summary[key] = None
+            continue
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        summary[key] = {"mean": mean, "std": std, "n": len(values)}
+    for key in PER_IMAGE_FRACTIONS:
+        hits = sum(r[key] * r["batch_size"] for r in rows if r.get(key) is not None)
+        summary[f"overall_{key}"] = hits / summary["images"] if summary["images"] else None
+    return summary
+
+
+def write_batches(rows: list[dict], out_dir: str | Path) -> list[Path]:
+    """per_batch.parquet and summary.json in out_dir."""
+    rows = sorted(rows, key=lambda r: (r["batch_size"], r["batch"]))
+    columns = {key: [r.get(key) for r in rows] for key in rows[0]}
+    return [write_table(Path(out_dir) / "per_batch.parquet", columns),
+            write_json(Path(out_dir) / "summary.json", aggregate(rows))]
+
+
+def sweep_table(rows: list[dict]) -> dict[str, list]:
+    """One row per batch size: the mean and std of each figure over that size's batches."""
+    table: dict[str, list] = {"batch_size": [], "batches": []}
+    for size in sorted({r["batch_size"] for r in rows}):
+        summary = aggregate([r for r in rows if r["batch_size"] == size])
+        table["batch_size"].append(size)
+        table["batches"].append(summary["batches"])
+        for key in ("psnr", "ssim", "iip", "label_accuracy", "consensus_psnr"):
+            stats = summary[key] or {}
+            table.setdefault(f"{key}_mean", []).append(stats.get("mean"))
+            table.setdefault(f"{key}_std", []).append(stats.get("std"))
+        table.setdefault("overall_iip", []).append(summary["overall_iip"])
+    return table

@@ -1,0 +1,173 @@
+"""Render the measured figures that README.md and docs/ show, from the result files in docs/results/.
+
+    python scripts/write_readme_results.py           # rewrite every block below in place
+    python scripts/write_readme_results.py --check   # exit 1 if a block differs from its render
+
+Each block sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` in its Markdown file:
+
+    README.md          results-table   docs/results/default.json  (one `make run`)
+    docs/batches.md    batches-table   docs/results/batches.json  (one `make batches`)
+    docs/batches.md    sweep-table     docs/results/sweep.json    (one `make sweep`)
+
+To show a new run: copy its figures into the JSON file (with the command, commit and machine),
+then run this script. tests/test_readme.py checks that every block equals its render.
+Standard library only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _db(x: float) -> str:
+    return f"{x:.2f} dB"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}".rstrip("0").rstrip(".") + " %"
+
+
+def _short(commit: str) -> str:
+    return commit[:7]
+
+
+def render_default(r: dict) -> str:
+    """The README's table of one `make run` on the embedded default."""
+    m, inv, vic, lab = r["metrics"], r["invert"], r["victim"], r["labels"]
+    b = m["batch_size"]
+    seeds, chosen = inv["seeds"], inv["chosen_seed"]
+    cons, plain = m["consensus"], m["consensus_unregistered"]
+    shift = m["registration_max_shift"]
+    lpips = f"{m['lpips']:.3f}" if m["lpips"] is not None else m["lpips_status"]
+    rows = [
+        (f"label accuracy (`labels.strategy` {lab['strategy']})", f"{round(m['label_accuracy'] * b)} / {b}"),
+        (f"mean matched PSNR, chosen seed (seed {chosen} of {seeds})", f"**{_db(m['psnr'])}**"),
+        ("mean matched PSNR of the initial noise",
+         f"{_db(m['psnr_initial_noise'])} (gain {m['psnr_gain_over_noise']:+.2f} dB)"),
+        ("mean matched PSNR per seed", ", ".join(f"{p:.2f}" for p in m["per_seed"]["psnr"]) + " dB"),
+        (f"SSIM / registered PSNR (±{shift} px) / FFT2D, chosen seed",
+         f"{m['ssim']:.3f} / {_db(m['registered_psnr'])} / {m['fft2d']:.3f}"),
+        (f"IIP, chosen seed (gallery: the {m['gallery_size']}-image pool)",
+         f"{_pct(m['iip'])} ({round(m['iip'] * b)} of {b})"),
+        (f"consensus, seeds registered ({inv['registration']}): PSNR / SSIM / IIP",
+         f"**{_db(cons['psnr'])}** / {cons['ssim']:.3f} / {_pct(cons['iip'])}"),
+        ("consensus without registration (plain pixel mean): PSNR / SSIM",
+         f"{_db(plain['psnr'])} / {plain['ssim']:.3f}"),
+        ("LPIPS", lpips),
+        (f"victim ({vic['arch']}, {vic['epochs']} epochs) accuracy, train / pool",
+         f"{_pct(vic['train_accuracy'])} / {_pct(vic['pool_accuracy'])}"),
+        ("inversion", f"{inv['iterations']} iterations × {seeds} seeds in {inv['seconds']:.0f} s "
+                      f"({inv['seconds_per_iteration']:.2f} s per iteration for all {seeds} seeds)"),
+        ("whole pipeline, after set-up", f"{r['run_log']['pipeline_seconds'] / 60:.1f} minutes"),
+    ]
+    lines = ["| measure | value |", "|---|---|", *(f"| {a} | {v} |" for a, v in rows), ""]
+    lines.append(
+        f"Against the chosen seed's PSNR: the registered consensus {cons['psnr'] - m['psnr']:+.2f} dB, "
+        f"the plain pixel mean of the seeds {plain['psnr'] - m['psnr']:+.2f} dB.")
+    lines.append("")
+    lines.append(f"Command: `{r['command']}` with {r['params']}, at commit {_short(r['commit'])}, {r['date']}; "
+                 f"machine: {r['machine']}. Figures: [docs/results/default.json](docs/results/default.json), "
+                 "copied from the run's `data/eval/metrics.json`, `data/invert/invert.json`, "
+                 "`data/victim/model.json` and `data/labels/labels.json`"
+                 + (f"; {r['run_log']['note']}." if r["run_log"].get("note") else "."))
+    return "\n".join(lines)
+
+
+def _mean_std(x: dict, unit: str = "") -> str:
+    return f"{x['mean']:.2f} ± {x['std']:.2f}{unit}"
+
+
+def render_batches(r: dict) -> str:
+    """docs/batches.md: the mean ± std over the batches of one `make batches`."""
+    n = r["batches"] * r["batch_size"]
+    iip = r["overall_iip"]
+    rows = [
+        ("PSNR, chosen seed", f"{_mean_std(r['psnr'], ' dB')} (per batch "
+                              + ", ".join(f"{p:.2f}" for p in r["psnr"]["per_batch"]) + ")"),
+        ("PSNR gain over the initial noise", f"{r['psnr_gain_over_noise']['mean']:+.2f} ± "
+                                             f"{r['psnr_gain_over_noise']['std']:.2f} dB"),
+        ("SSIM, chosen seed", f"{r['ssim']['mean']:.3f} ± {r['ssim']['std']:.3f}"),
+        ("PSNR, registered consensus", _mean_std(r["consensus_psnr"], " dB")),
+        (f"IIP over all {n} images, chosen seed / consensus", f"{_pct(iip['chosen_seed'])} / {_pct(iip['consensus'])}"),
+        ("label accuracy over all images", _pct(r["overall_label_accuracy"])),
+        ("inversion time per batch, one worker (one torch thread)",
+         f"{r['inversion_seconds_per_batch']['mean']} ± {r['inversion_seconds_per_batch']['std']} s"),
+    ]
+    lines = [f"| over {r['batches']} batches ({n} images) | mean ± std over batches |", "|---|---|",
+             *(f"| {a} | {v} |" for a, v in rows), "",
+             f"Command: `{r['command']}` ({r['params']}), {r['minutes_after_victim_trained']} minutes after the "
+             f"victim was trained, at commit {_short(r['commit'])}; machine: {r['machine']}. Figures: "
+             f"[results/batches.json](results/batches.json), {r['recorded_from']}."]
+    return "\n".join(lines)
+
+
+def render_sweep(r: dict) -> str:
+    """docs/batches.md: leakage against batch size from one `make sweep`."""
+    lines = ["| batch size | PSNR, chosen seed | PSNR, registered consensus | IIP | label accuracy |",
+             "|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['batch_size']} | {_mean_std(row['psnr'], ' dB')} | "
+                     f"{_mean_std(row['consensus_psnr'], ' dB')} | {_pct(row['iip'])} | {_pct(row['label_accuracy'])} |")
+    lines += ["", f"Command: `{r['command']}` ({r['params']}), {r['minutes_including_victim']} minutes including "
+                  f"training the victim, at commit {_short(r['commit'])}; machine: {r['machine']}. Figures: "
+                  f"[results/sweep.json](results/sweep.json), {r['recorded_from']}."]
+    return "\n".join(lines)
+
+
+# (Markdown file, block name, result file, renderer), paths relative to the project root.
+BLOCKS: list[tuple[str, str, str, Callable[[dict], str]]] = [
+    ("README.md", "results-table", "docs/results/default.json", render_default),
+    ("docs/batches.md", "batches-table", "docs/results/batches.json", render_batches),
+    ("docs/batches.md", "sweep-table", "docs/results/sweep.json", render_sweep),
+]
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def block_of(text: str, name: str) -> str:
+    """What lies between the block's markers (ValueError when they are missing)."""
+    start, end = markers(name)
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"expected one '{start}' followed by one '{end}'")
+    return text[text.index(start) + len(start):text.index(end)]
+
+
+def replace_block(text: str, name: str, content: str) -> str:
+    start, end = markers(name)
+    block_of(text, name)
+    return text[:text.index(start) + len(start)] + "\n" + content + "\n" + text[text.index(end):]
+
+
+def render(result_file: str, renderer: Callable[[dict], str], root: Path = ROOT) -> str:
+    return renderer(json.loads((root / result_file).read_text()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report blocks that differ from their render")
+    args = parser.parse_args(argv)
+    texts: dict[str, str] = {}
+    stale = []
+    for md, name, result_file, renderer in BLOCKS:  # every block rendered before any file is written
+        text = texts.get(md, (ROOT / md).read_text())
+        texts[md] = replace_block(text, name, render(result_file, renderer))
+        if texts[md] != text:
+            stale.append(f"{md}: {name}")
+    if not args.check:
+        for md, text in texts.items():
+            if text != (ROOT / md).read_text():
+                (ROOT / md).write_text(text)
+    for entry in stale:
+        print(("out of date: " if args.check else "rewrote: ") + entry)
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
