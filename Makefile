@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test env repro batches sweep audit server worker deploy mlflow-ui clean
+.PHONY: run test test-fast env repro batches sweep audit server worker deploy mlflow-ui clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -22,6 +22,9 @@ run: env
 
 test: env
 	$(BIN)/python -m pytest -q
+
+test-fast: env  # the unit tests only (no flows, DVC, Dask or benchmarks)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 repro: env
 	PATH="$(BIN):$$PATH" dvc repro

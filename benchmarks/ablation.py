@@ -1,7 +1,7 @@
 """The paper's Table 2 ablation on the embedded default: gradient matching only → + fidelity
 priors → + group consistency (lazy consensus) → + group consistency (registered consensus).
 
-    make run && .venv/bin/python benchmarks/ablation.py            # uses data/ of that run
+    make run && .venv/bin/python -m benchmarks.ablation            # uses data/ of that run
 
 Every row inverts the same batches with the same seeds, iterations and optimiser; only the terms
 named in the row change (Langevin noise, jitter and flips stay off so that they do not blur the
@@ -13,26 +13,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from gradinv.capture import client_update, draw_batch  # noqa: E402
-from gradinv.config import load_params  # noqa: E402
-from gradinv.consensus import consensus  # noqa: E402
-from gradinv.data import denormalize, load_set, normalize  # noqa: E402
-from gradinv.io import write_json  # noqa: E402
-from gradinv.labels import yin_labels  # noqa: E402
-from gradinv.metrics import match, psnr, ssim  # noqa: E402
-from gradinv.inversion import invert  # noqa: E402
-from gradinv.stages import SETS, VICTIM  # noqa: E402
-from gradinv.victim import load_victim  # noqa: E402
+from benchmarks.common import DOCS, REPO, RESULTS, machine_line
+from gradinv.attack.consensus import consensus
+from gradinv.attack.inversion import invert
+from gradinv.attack.labels import yin_labels
+from gradinv.client.capture import client_update, draw_batch
+from gradinv.client.data import denormalize, load_set, normalize
+from gradinv.client.victim import load_victim
+from gradinv.evaluation.metrics import match, psnr, ssim
+from gradinv.io import write_json
+from gradinv.pipeline.config import load_params
+from gradinv.pipeline.stages import SETS, VICTIM
 
 
 def rows(base, iterations: int):
@@ -64,7 +61,8 @@ def main() -> int:
     pool = load_set(root / SETS, "pool")
     fields = {"arch": meta.arch, "num_classes": meta.num_classes, "input_shape": meta.input_shape,
               "mean": meta.mean, "std": meta.std}
-    base = dataclasses.replace(params["inversion"], seeds=args.seeds, device="cpu")
+    base = dataclasses.replace(params["inversion"], seeds=args.seeds)
+    engine = dataclasses.replace(params["engine"], device="cpu")
     results = []
     for name, config in rows(base, args.iterations).items():
         row = {"row": name, "chosen_psnr": [], "chosen_ssim": [], "consensus_psnr": [], "consensus_ssim": []}
@@ -74,7 +72,7 @@ def main() -> int:
             images = pool.images[index]
             artifact = client_update(model, normalize(images, meta.mean, meta.std), pool.labels[index], "exact", fields)
             labels, _ = yin_labels(model, artifact)
-            result = invert(model, artifact, labels, config)
+            result = invert(model, artifact, labels, config, engine=engine)
             pixels = denormalize(result.images.flatten(0, 1), meta.mean, meta.std).clamp(0, 1).view_as(result.images)
             originals = images.float() / 255
             for key, picture in (("chosen", pixels[result.chosen_seed]), ("consensus", consensus(pixels, config.registration))):
@@ -84,9 +82,9 @@ def main() -> int:
         row["seconds"] = time.perf_counter() - start
         results.append(row)
         print(name, {k: round(sum(v) / len(v), 3) for k, v in row.items() if isinstance(v, list)}, flush=True)
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    command = f"python benchmarks/ablation.py --batches {args.batches} --iterations {args.iterations} --seeds {args.seeds}"
-    write_json(REPO / "benchmarks" / "results" / "ablation.json",
+    machine = machine_line()
+    command = f"python -m benchmarks.ablation --batches {args.batches} --iterations {args.iterations} --seeds {args.seeds}"
+    write_json(RESULTS / "ablation.json",
                {"machine": machine, "command": command, "batches": args.batches, "iterations": args.iterations,
                 "seeds": args.seeds, "rows": results})
     mean = lambda values: sum(values) / len(values)  # noqa: E731
@@ -100,7 +98,7 @@ def main() -> int:
     lines += [f"| {r['row']} | {mean(r['chosen_psnr']):.2f} | {mean(r['chosen_ssim']):.3f} | "
               f"{mean(r['consensus_psnr']):.2f} | {mean(r['consensus_ssim']):.3f} |" for r in results]
     lines += ["", "Paper (ResNet-50, ImageNet, bs 8, PSNR): 10.75 → 12.06 → 12.52 → 12.93.", ""]
-    (REPO / "docs" / "ablation.md").write_text("\n".join(lines))
+    (DOCS / "ablation.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
 

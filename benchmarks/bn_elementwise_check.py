@@ -1,7 +1,7 @@
-"""The fused elementwise parts of BatchNorm's derivatives (gradinv.bn_elementwise, Triton) against
+"""The fused elementwise parts of BatchNorm's derivatives (gradinv.engine.bn_elementwise, Triton) against
 the composed aten operations they replace, on CUDA: same results, and time per step.
 
-    python benchmarks/bn_elementwise_check.py        # a CUDA GPU with Triton; torch and torchvision only (~20 s)
+    python -m benchmarks.bn_elementwise_check        # a CUDA GPU with Triton; torch and torchvision only (~20 s)
 
 For each BatchNorm layer of ResNet-50 at 224 px, its tensors as the layer's double backward sees
 them at bs 8 with 8 vmapped seeds (the seeds folded into the channels: (8, 8·C, H, W)): the
@@ -18,18 +18,12 @@ import argparse
 import json
 import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
 import torchvision
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from step_speed import machine  # noqa: E402
-
-from gradinv.bn_elementwise import first_order_terms_composed, output_type, second_order_terms_composed  # noqa: E402
+from benchmarks.common import RESULTS, command, machine, write_result
+from gradinv.engine.bn_elementwise import first_order_terms_composed, output_type, second_order_terms_composed
 
 BATCH, SEEDS, REPEATS = 8, 8, 20
 TOLERANCE = 1e-5  # float32, another order of rounding: measured on the CPU through Triton's interpreter: up to 7e-7
@@ -58,17 +52,17 @@ def median_ms(fn) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bn_elementwise-cuda.json"))
-    args = parser.parse_args()
+    parser.add_argument("--out", default=str(RESULTS / "bn_elementwise-cuda.json"))
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bn_elementwise_check.py needs a CUDA GPU: the kernel it checks is Triton's, compiled for one.")
+        print("bn_elementwise_check needs a CUDA GPU: the kernel it checks is Triton's, compiled for one.")
         return 2
     try:
-        from gradinv.bn_elementwise_triton import first_order_terms_triton, second_order_terms_triton
+        from gradinv.engine.experimental.bn_elementwise_triton import first_order_terms_triton, second_order_terms_triton
     except ImportError as error:
-        print(f"bn_elementwise_check.py needs Triton ({error}).")
+        print(f"bn_elementwise_check needs Triton ({error}).")
         return 2
     generator = torch.Generator("cuda").manual_seed(0)
     rows, worst = [], 0.0
@@ -90,12 +84,11 @@ def main() -> int:
     passes = {"second_order_fused": 5, "second_order_composed": 13, "first_order_fused": 3, "first_order_composed": 5}
     per_step = {name: sum(r[f"{name}_ms"] * r["layers"] for r in rows) for name in passes}
     moved = {name: sum(r["bytes_per_pass"] * r["layers"] for r in rows) * passes[name] for name in passes}
-    result = {"machine": machine(torch.device("cuda")), "command": "python benchmarks/bn_elementwise_check.py",
+    result = {"machine": machine(torch.device("cuda")), "command": command("bn_elementwise_check", sys.argv[1:] if argv is None else argv),
               "batch": BATCH, "seeds": SEEDS, "rows": rows, "max_rel_difference": worst,
               "per_step_ms": per_step, "per_step_bytes": moved,
               "bandwidth_bytes_per_s": {name: moved[name] / (per_step[name] / 1e3) for name in passes}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
     print(json.dumps({k: result[k] for k in ("max_rel_difference", "per_step_ms", "bandwidth_bytes_per_s")}))
     return 0 if worst <= TOLERANCE else 1
 

@@ -1,34 +1,33 @@
-"""Checks `inversion.cuda_graph`, `bn_double_backward: explicit` and `batched_seeds: stacked` against the default step on a GPU, and times them.
+"""Checks `engine.cuda_graph` and `engine.bn_double_backward: explicit` against the default step on a GPU, and times them.
 
-    python benchmarks/cuda_graph_check.py            # on a CUDA machine; torch and torchvision only
+    python -m benchmarks.cuda_graph_check            # on a CUDA machine; torch and torchvision only
 
 1. Same path: resnet18 at 32 px, bs 4, G 4, with every per-iteration input a graph must refresh
    (jitter, flips, Langevin noise, the consensus from iteration 2 on, refreshed every other
    iteration), TF32 off, deterministic kernels. A graphed run against its eager twin (both BN
-   double backwards; seeds vmapped and stacked), and a graphed run interrupted after iteration 24
+   double backwards), and a graphed run interrupted after iteration 24
    and resumed from its checkpoint against an uninterrupted one: identical at every logged
    iteration where an eager run repeats itself exactly; where it does not (CUDA, measured), at
    each iteration within 10x the largest difference two eager runs have shown up to then. The
-   explicit BN double backward (and, against it, `explicit-fused`) and stacked seeds run other
+   explicit BN double backward (and, against it, `explicit-fused`) runs other
    kernels: equal at iteration 0 (same
    images, same draws), later no further apart than float noise alone takes two runs (seeds one
    by one against batched).
 2. Speed: ResNet-50 at 224 px (random weights), TF32 on, seeds batched, eager against graphed,
-   each with either BatchNorm double backward, and (G > 1) the seeds stacked with the explicit
-   one, in both memory formats: seconds per iteration from two run lengths (the difference
+   each with either BatchNorm double backward: seconds per iteration from two run lengths (the difference
    leaves out warm-up and capture), peak memory; the paper preset (bs 8, G 8, 20K iterations)
    projected in minutes; then the defaults as shipped at bs 48, G 8 (the paper's largest batch
    must fit an 80 GB card). The default step (G > 1) once more with cuDNN's autotuner
    (`torch.backends.cudnn.benchmark`: graphed, the tuning happens in the eager warm-up; its
    heuristics put a generic convolution kernel at 18 % of the step, step_profile.py), and at the
-   paper preset under `inversion.precision` bfloat16 and float16 (autocast; what they do to the
-   reconstruction: tf32_quality.py), with `inversion.bn_double_backward: explicit-fused` (Triton
-   kernels for BatchNorm's elementwise derivatives) and with `inversion.conv_double_backward` explicit-grouped
+   paper preset under `engine.precision` bfloat16 and float16 (autocast; what they do to the
+   reconstruction: tf32_quality.py), with `engine.bn_double_backward: explicit-fused` (Triton
+   kernels for BatchNorm's elementwise derivatives) and with `engine.conv_double_backward` explicit-grouped
    (no activations copied between layouts) and explicit (each seed's convolutions dense instead
    of grouped), autotuned and in half precision (PRESET_CANDIDATES, the likeliest first). A
    variant that fails is recorded with its error.
 
-    python benchmarks/cuda_graph_check.py --skip-check --focus   # ~5 min: the paper preset's default
+    python -m benchmarks.cuda_graph_check --skip-check --focus   # ~5 min: the paper preset's default
                                                                   # step and those candidates only
 
 Writes benchmarks/results/cuda_graph.json (with the machine and the command) after the check
@@ -54,13 +53,9 @@ import torch
 # workspace; set before CUDA starts. It limits the classifier's matmul workspace, nothing else.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from gradinv.config import build_section  # noqa: E402
-from gradinv.inversion import invert  # noqa: E402
-from step_speed import machine, problem  # noqa: E402
+from benchmarks.common import RESULTS, command, machine, problem, write_result  # noqa: E402 (after the cuBLAS setting)
+from gradinv.attack.inversion import invert  # noqa: E402
+from gradinv.pipeline.config import build_section  # noqa: E402
 
 IDENTICAL_TOTALS, IDENTICAL_IMAGES = 1e-5, 1e-4  # float precision, far below float noise's drift (~10 %, ~80 %)
 # Where an eager run does not repeat itself exactly (CUDA: on an H100, even with deterministic kernels,
@@ -70,17 +65,15 @@ IDENTICAL_TOTALS, IDENTICAL_IMAGES = 1e-5, 1e-4  # float precision, far below fl
 NOISE_FACTOR = 10
 CHECK_SETTINGS = {"iterations": 40, "seeds": 4, "warmup": 4, "jitter": 2, "flip": True, "langevin": 0.2,
                   "alpha_group": 0.01, "group_start": 2, "group_refresh": 2, "registration": "none",
-                  "log_every": 1, "tf32": False, "seed_batch": 4, "checkpoint_every": 5}
+                  "log_every": 1, "checkpoint_every": 5}
+CHECK_ENGINE = {"tf32": False, "seed_batch": 4}
 SPEED_CONFIGS = [(8, 8), (1, 8), (1, 1)]  # (bs, G): the paper preset first
-# (cuda_graph, BN double backward, batched_seeds, channels_last); stacked only where G > 1, channels_last
-# only stacked (the config refuses it under vmap: it failed there on CUDA). The default step first, then the fewest bytes (step_roofline).
-VARIANTS = [(False, "pytorch", "vmap", False), (True, "explicit", "stacked", False), (False, "explicit", "stacked", False),
-            (True, "explicit", "stacked", True), (False, "explicit", "stacked", True), (True, "pytorch", "vmap", False),
-            (False, "explicit", "vmap", False), (True, "explicit", "vmap", False)]
-AUTOTUNED = (True, "explicit", "vmap", False)  # the CUDA default with several seeds, timed again under cudnn.benchmark
+# (cuda_graph, BN double backward): the former default step first.
+VARIANTS = [(False, "pytorch"), (True, "pytorch"), (False, "explicit"), (True, "explicit")]
+AUTOTUNED = (True, "explicit")  # the CUDA default with several seeds, timed again under cudnn.benchmark
 # The paper preset's candidates beyond the autotuned default, the likeliest first (a short lease keeps
-# what it reached): `inversion.bn_double_backward: explicit-fused` (BatchNorm's elementwise derivatives
-# in Triton kernels) with and without `inversion.conv_double_backward` explicit-grouped
+# what it reached): `engine.bn_double_backward: explicit-fused` (BatchNorm's elementwise derivatives
+# in Triton kernels) with and without `engine.conv_double_backward` explicit-grouped
 # (torch's kernels, no activations copied between layouts: together the fewest bytes of any vmapped
 # step, step_roofline.py), explicit (each seed's convolutions dense), half precision under autocast,
 # cuDNN's autotuner.
@@ -174,69 +167,66 @@ def identical(measured: dict) -> bool:
 
 
 def same_path_check(device: str) -> dict:
-    """Under deterministic kernels: a graphed run against its eager twin (each BN double backward,
-    vmapped and stacked seeds) and a graphed run interrupted and resumed against an uninterrupted
-    one, judged by `graphs_agree` against two eager runs; the explicit BN double backward and
-    stacked seeds (other kernels) against the default within float noise."""
+    """Under deterministic kernels: a graphed run against its eager twin (each BN double backward)
+    and a graphed run interrupted and resumed against an uninterrupted one, judged by `graphs_agree`
+    against two eager runs; the explicit BN double backward (other kernels) against the default
+    within float noise."""
     model, artifact, labels = problem("resnet18", 12, 32, 4)
+    config = build_section("inversion", CHECK_SETTINGS)
 
-    def config(graph: bool = False, bn: str = "pytorch", layout: str = "vmap", **extra):
-        return build_section("inversion", {**CHECK_SETTINGS, "device": device, "cuda_graph": graph, "bn_double_backward": bn,
-                                           "batched_seeds": layout, **extra})
+    def engine(graph: bool = False, bn: str = "pytorch", **extra):
+        return build_section("engine", {**CHECK_ENGINE, "device": device, "cuda_graph": graph, "bn_double_backward": bn,
+                                        **extra})
 
     def run(*args, **extra):
-        return invert(model, artifact, labels, config(*args, **extra))
+        return invert(model, artifact, labels, config, engine=engine(*args, **extra))
 
     def interrupt_after_24(step, _values):
         if step == 25:
             raise Interrupted
 
     with deterministic_kernels():
-        eager, explicit, stacked = run(), run(False, "explicit"), run(False, "explicit", "stacked")
+        eager, explicit = run(), run(False, "explicit")
         same = {"eager_repeated": agreement(eager, run()), "graphed_vs_eager": agreement(eager, run(True)),
-                "graphed_vs_eager_explicit_bn": agreement(explicit, graphed_explicit := run(True, "explicit")),
-                "graphed_vs_eager_stacked_explicit_bn": agreement(stacked, run(True, "explicit", "stacked"))}
+                "graphed_vs_eager_explicit_bn": agreement(explicit, graphed_explicit := run(True, "explicit"))}
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = Path(folder) / "run.safetensors"
             try:
-                invert(model, artifact, labels, config(True, "explicit"), interrupt_after_24, checkpoint, "key")
+                invert(model, artifact, labels, config, interrupt_after_24, checkpoint, "key", engine=engine(True, "explicit"))
             except Interrupted:
                 pass
-            resumed = invert(model, artifact, labels, config(True, "explicit"), None, checkpoint, "key")
+            resumed = invert(model, artifact, labels, config, None, checkpoint, "key", engine=engine(True, "explicit"))
         same["resumed_vs_uninterrupted_graphed"] = agreement(graphed_explicit, resumed)
         float_noise = agreement(eager, run(seed_batch=1, seed_workers=1))
         other_kernels = {"explicit_bn_vs_pytorch": agreement(eager, explicit),
-                         "explicit_fused_bn_vs_explicit": agreement(explicit, run(False, "explicit-fused")),
-                         "stacked_vs_vmapped": agreement(eager, run(False, "pytorch", "stacked"))}
+                         "explicit_fused_bn_vs_explicit": agreement(explicit, run(False, "explicit-fused"))}
     return judged({"identical": same, "within_float_noise": other_kernels, "float_noise_one_by_one_vs_batched": float_noise})
 
 
-def seconds_per_iteration(model, artifact, labels, settings: dict, short: int, long: int) -> tuple[float, int]:
+def seconds_per_iteration(model, artifact, labels, settings: dict, engine: dict, short: int, long: int) -> tuple[float, int]:
     """(seconds per iteration from the difference of a short and a long run, peak allocated bytes)."""
     times = {}
     for iterations in (short, short, long):  # the first short run warms cuDNN and the allocator up
         torch.cuda.reset_peak_memory_stats()
         config = build_section("inversion", {**settings, "iterations": iterations})
-        times[iterations] = invert(model, artifact, labels, config).seconds
+        times[iterations] = invert(model, artifact, labels, config, engine=build_section("engine", engine)).seconds
     return (times[long] - times[short]) / (long - short), torch.cuda.max_memory_allocated()
 
 
 def speed_plan(focus: bool = False) -> list[tuple[int, int, dict]]:
     """(bs, G, variant) in the order they run: every variant at the paper preset first, then the
     defaults as shipped at the paper's largest batch (bs 48, G 8: must fit an 80 GB card), then
-    the bs 1 rows. A variant lists the settings it fixes; the defaults row fixes none. With
+    the bs 1 rows. A variant lists the `engine` settings it fixes (and cudnn_benchmark, torch's
+    own); the defaults row fixes none. With
     `focus`, the paper preset's default step and its candidates only (autotuned, PRESET_CANDIDATES):
     the rows a short GPU lease must not miss."""
     plan = []
     for batch, seeds in SPEED_CONFIGS:
-        variant = lambda graph, bn, layout, channels_last: {  # noqa: E731
-            "cuda_graph": graph, "bn_double_backward": bn, "batched_seeds": layout, "channels_last": channels_last,
-            "seed_batch": seeds}
+        variant = lambda graph, bn: {"cuda_graph": graph, "bn_double_backward": bn, "seed_batch": seeds}  # noqa: E731
         default, preset = variant(*AUTOTUNED), (batch, seeds) == (8, 8)
         if focus and not preset:
             continue
-        plan += [(batch, seeds, default)] if focus else [
-            (batch, seeds, variant(*v)) for v in VARIANTS if not (v[2] == "stacked" and seeds == 1)]
+        plan += [(batch, seeds, default)] if focus else [(batch, seeds, variant(*v)) for v in VARIANTS]
         if seeds > 1:
             plan.append((batch, seeds, {**default, "cudnn_benchmark": True}))
         if preset:
@@ -251,14 +241,13 @@ def speed(device: str, short: int, long: int, on_row=lambda rows: None, focus: b
     rows = []
     for batch, seeds, fixed in speed_plan(focus):
         model, artifact, labels = problem("resnet50", 1000, 224, batch)
-        inversion = {k: v for k, v in fixed.items() if k != "cudnn_benchmark"}
-        settings = {"seeds": seeds, "device": device, "tf32": True, **inversion,
-                    "registration": "none", "checkpoint_every": 0, "log_every": 100_000, "warmup": 1}
+        engine = {"device": device, "tf32": True, **{k: v for k, v in fixed.items() if k != "cudnn_benchmark"}}
+        settings = {"seeds": seeds, "registration": "none", "checkpoint_every": 0, "log_every": 100_000, "warmup": 1}
         named = {k: v for k, v in fixed.items() if k != "seed_batch"} if fixed else {"defaults": True}
         variant = {"batch": batch, "seeds": seeds, **named}
         try:
             with cudnn_autotuned(fixed.get("cudnn_benchmark", False)):
-                seconds, peak = seconds_per_iteration(model, artifact, labels, settings, short, long)
+                seconds, peak = seconds_per_iteration(model, artifact, labels, settings, engine, short, long)
             row = {**variant, "seconds_per_iteration": seconds, "peak_memory_bytes": peak}
             if (batch, seeds) == (8, 8):
                 row["paper_preset_minutes"] = seconds * 20000 / 60
@@ -282,9 +271,9 @@ def judged(check: dict) -> dict:
     return {**check, "deterministic": identical(check["identical"]["eager_repeated"]), "passed": passed}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cuda_graph.json"))
+    parser.add_argument("--out", default=str(RESULTS / "cuda_graph.json"))
     parser.add_argument("--short", type=int, default=4, help="iterations of the short timed run")
     parser.add_argument("--long", type=int, default=14, help="iterations of the long timed run")
     parser.add_argument("--skip-speed", action="store_true")
@@ -292,7 +281,7 @@ def main() -> int:
     parser.add_argument("--focus", action="store_true",
                         help="time the paper preset's default step and its candidates only (speed_plan)")
     parser.add_argument("--rejudge", metavar="FILE", help="rewrite the verdict of a recorded check under these criteria")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.rejudge:
         recorded = json.loads(Path(args.rejudge).read_text())
         recorded["check"] = judged(recorded["check"])
@@ -303,7 +292,7 @@ def main() -> int:
         print("cuda_graph_check: needs CUDA, and torch sees no GPU.", file=sys.stderr)
         return 2
     result = {"machine": machine(torch.device("cuda")),
-              "command": "python " + " ".join(["benchmarks/cuda_graph_check.py", *sys.argv[1:]])}
+              "command": command("cuda_graph_check", sys.argv[1:] if argv is None else argv)}
     if not args.skip_check:
         try:
             result["check"] = same_path_check("cuda")
@@ -311,11 +300,11 @@ def main() -> int:
             traceback.print_exc()
             result["check"] = {"passed": False, "error": f"{type(error).__name__}: {error}"[:400]}
         print(json.dumps(result["check"]), flush=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_result(args.out, result)
     if not args.skip_speed:
         def keep(rows):
             result["speed"] = rows
-            Path(args.out).write_text(json.dumps(result, indent=1))
+            write_result(args.out, result)
         speed("cuda", args.short, args.long, keep, args.focus)
     return 0 if args.skip_check or result["check"]["passed"] else 1
 

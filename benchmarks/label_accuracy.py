@@ -1,9 +1,9 @@
 """Label-recovery accuracy against batch size, for every strategy.
 
-    python benchmarks/label_accuracy.py                # full run: a GPU matches the surrogates (minutes)
-    python benchmarks/label_accuracy.py --bn-batches 4 # on 2 CPU cores: about 20 minutes per victim
-    python benchmarks/label_accuracy.py --quick        # smoke run, results in a temporary folder
-    python benchmarks/label_accuracy.py --doc          # doc and plot from the results file
+    python -m benchmarks.label_accuracy                # full run: a GPU matches the surrogates (minutes)
+    python -m benchmarks.label_accuracy --bn-batches 4 # on 2 CPU cores: about 20 minutes per victim
+    python -m benchmarks.label_accuracy --quick        # smoke run, results in a temporary folder
+    python -m benchmarks.label_accuracy --doc          # doc and plot from the results file
 
 Settings: (a) the embedded victim (resnet18, 12 photo classes, 32 px) trained as params.yaml
 says; (c) the same victim after 0, 1, 2 and 4 epochs; (b) an untrained torchvision ResNet-50
@@ -42,23 +42,20 @@ from pathlib import Path
 import torch
 import torchvision
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from gradinv.artifacts import GradientArtifact, gradient_meta  # noqa: E402
-from gradinv.client import parameter_gradients, recorded_bn_statistics, train_mode_copy  # noqa: E402
-from gradinv.config import load_params  # noqa: E402
-from gradinv.data import load_set, normalize, prepare  # noqa: E402
-from gradinv.errors import UserError  # noqa: E402
-from gradinv.io import write_table  # noqa: E402
-from gradinv.labels import count_labels, dummy_posterior, idlg_label, match_bn_statistics, yin_labels  # noqa: E402
-from gradinv.metrics import label_accuracy  # noqa: E402
-from gradinv.models import final_linear  # noqa: E402
-from gradinv.victim import load_victim, train  # noqa: E402
+from benchmarks.common import DOCS, REPO, RESULTS, command
+from gradinv.client.artifacts import GradientArtifact, gradient_meta
+from gradinv.client.step import parameter_gradients, recorded_bn_statistics, train_mode_copy
+from gradinv.pipeline.config import load_params
+from gradinv.client.data import load_set, normalize, prepare
+from gradinv.errors import UserError
+from gradinv.io import write_table
+from gradinv.attack.labels import count_labels, dummy_posterior, idlg_label, match_bn_statistics, yin_labels
+from gradinv.evaluation.metrics import label_accuracy
+from gradinv.client.models import final_linear
+from gradinv.client.victim import load_victim, train
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48)
 RESNET50 = "resnet50 224px, untrained"
-RESULTS = REPO / "benchmarks" / "results"
 
 
 def head_artifact(model, images, labels, arch: str, mean, std) -> GradientArtifact:
@@ -181,8 +178,8 @@ def write_doc_from(results: Path) -> int:
     """docs/label_accuracy.md and .png from a results file (the machine and command it records)."""
     import pyarrow.parquet as pq
 
-    write_doc(pq.read_table(results).to_pylist(), REPO / "docs" / "label_accuracy.png", REPO / "docs" / "label_accuracy.md")
-    print(f"wrote {REPO / 'docs' / 'label_accuracy.md'}")
+    write_doc(pq.read_table(results).to_pylist(), DOCS / "label_accuracy.png", DOCS / "label_accuracy.md")
+    print(f"wrote {DOCS / 'label_accuracy.md'}")
     return 0
 
 
@@ -300,7 +297,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default: benchmarks/results; --quick: a temporary folder)")
     args = parser.parse_args()
-    command = " ".join(["python benchmarks/label_accuracy.py", *sys.argv[1:]])
+    command_line = command("label_accuracy", sys.argv[1:])
     args.out = args.out or (Path(tempfile.gettempdir()) / "label_accuracy-quick" if args.quick else RESULTS)
     if args.doc:
         return write_doc_from(args.out / "label_accuracy.parquet")
@@ -320,7 +317,7 @@ def main() -> int:
     resnet50 = bool(args.resnet50_batches) and args.settings != "embedded"
     earlier = earlier_rows(args.out / "label_accuracy.parquet")
     args.out.mkdir(parents=True, exist_ok=True)
-    save = lambda: write_results(rows, earlier, args.out, device, command)  # noqa: E731  after every point
+    save = lambda: write_results(rows, earlier, args.out, device, command_line)  # noqa: E731  after every point
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.prepare_only:

@@ -1,7 +1,7 @@
 """How far the objective's image gradient moves when the step runs under half-precision autocast.
 
-    python benchmarks/low_precision_check.py                  # CPU; about two minutes
-    python benchmarks/low_precision_check.py --device cuda    # the same on a GPU (torch and torchvision only)
+    python -m benchmarks.low_precision_check                  # CPU; about two minutes
+    python -m benchmarks.low_precision_check --device cuda    # the same on a GPU (torch and torchvision only)
 
 Half precision would halve what the step moves (benchmarks/step_roofline.py), but the inversion
 follows the gradient of a distance between parameter gradients, differentiated twice. For a
@@ -10,7 +10,7 @@ images, this computes every loss term and the image gradient in float32 (seeds o
 PyTorch's BatchNorm, TF32 off: the reference), then along each path the engine offers (seeds one
 by one or vmapped, either BatchNorm double backward) in float32 (how far the paths alone move
 it), on CUDA with TF32 convolutions and matrix products (the engine's CUDA default,
-`inversion.tf32`; cuDNN's own default too), and under torch.autocast with bfloat16 and float16.
+`engine.tf32`; cuDNN's own default too), and under torch.autocast with bfloat16 and float16.
 Per path: the relative difference of the gradient-distance term, and the cosine and relative
 difference of the image gradient to the reference. A path that fails is recorded with its error.
 Writes benchmarks/results/low_precision-<device>.json.
@@ -27,16 +27,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from step_speed import machine, problem  # noqa: E402
-
-from gradinv.client import train_mode_copy  # noqa: E402
-from gradinv.config import build_section  # noqa: E402
-from gradinv.inversion import tf32_matmuls  # noqa: E402
-from gradinv.objective import LOSS_TERMS, Objective  # noqa: E402
+from benchmarks.common import RESULTS, command, machine, problem, write_result
+from gradinv.attack.objective import LOSS_TERMS, Objective
+from gradinv.client.step import train_mode_copy
+from gradinv.engine import attacker_model
+from gradinv.engine.policy import tf32_matmuls
+from gradinv.pipeline.config import build_section
 
 PROBLEMS = [("resnet18", 10, 32, 4), ("resnet50", 1000, 224, 1)]  # (arch, classes, px, bs)
 SEEDS = 2
@@ -45,8 +41,9 @@ PRECISIONS = ("float32", "tf32", "bfloat16", "float16")  # tf32 on CUDA only: a 
 
 
 def terms_and_image_gradient(model, artifact, labels, images, device, bn: str, vmapped: bool, precision: str):
-    objective = Objective(train_mode_copy(model).to(device), artifact, labels,
-                          build_section("inversion", {"bn_double_backward": bn, "seeds": SEEDS}))
+    engine = build_section("engine", {"device": str(device), "bn_double_backward": bn})
+    objective = Objective(attacker_model(train_mode_copy(model), engine, device, SEEDS), artifact, labels,
+                          build_section("inversion", {"seeds": SEEDS}))
     x = images.clone().requires_grad_(True)
     half = torch.autocast(device.type, dtype=getattr(torch, precision)) if precision in ("bfloat16", "float16") else nullcontext()
     with tf32_matmuls(precision == "tf32"), half:
@@ -83,12 +80,15 @@ def compare(model, artifact, labels, images, device) -> list[dict]:
     return rows
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/low_precision-<device>.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("low_precision_check: --device cuda, and torch sees no GPU.", file=sys.stderr)
+        return 2
     results = []
     for arch, classes, px, batch in PROBLEMS:
         model, artifact, labels = problem(arch, classes, px, batch)
@@ -97,9 +97,9 @@ def main() -> int:
         print(f"{arch}, {px} px, bs {batch}", flush=True)
         results.append({"arch": arch, "px": px, "batch": batch, "seeds": SEEDS,
                         "rows": compare(model, artifact, labels, images, device)})
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"low_precision-{device.type}.json")
-    out.write_text(json.dumps({"machine": machine(device), "command": "python " + " ".join(
-        ["benchmarks/low_precision_check.py", *sys.argv[1:]]), "problems": results}, indent=1))
+    write_result(Path(args.out or RESULTS / f"low_precision-{device.type}.json"),
+                 {"machine": machine(device), "command": command("low_precision_check", sys.argv[1:] if argv is None else argv),
+                  "problems": results})
     return 0
 
 

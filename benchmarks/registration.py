@@ -1,6 +1,6 @@
 """Which registration makes the best consensus? Measured on a finished pipeline run.
 
-    make run && .venv/bin/python benchmarks/registration.py
+    make run && .venv/bin/python -m benchmarks.registration
 
 For each method, every seed's image of a slot is registered onto the seeds' pixel mean and the
 registered images are averaged; the consensus is then matched to the originals (Hungarian, MSE)
@@ -10,22 +10,19 @@ and scored by mean PSNR. Writes benchmarks/results/registration.json and docs/re
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from gradinv.capture import TRUTH_FILE  # noqa: E402
-from gradinv.consensus import REGISTRATIONS, consensus  # noqa: E402
-from gradinv.inversion import RECONSTRUCTION_FILE  # noqa: E402
-from gradinv.io import read_tensors, write_json  # noqa: E402
-from gradinv.metrics import match, psnr  # noqa: E402
-from gradinv.stages import INVERT, TRUTH  # noqa: E402
+from benchmarks.common import DOCS, REPO, RESULTS, machine_line
+from gradinv.attack.consensus import REGISTRATIONS, consensus, register
+from gradinv.attack.outputs import RECONSTRUCTION_FILE
+from gradinv.client.capture import TRUTH_FILE
+from gradinv.evaluation.metrics import match, psnr
+from gradinv.io import read_tensors, write_json
+from gradinv.pipeline.stages import INVERT, TRUTH
 
 
 def mean_psnr(images: torch.Tensor, originals: torch.Tensor) -> float:
@@ -47,19 +44,17 @@ def main() -> int:
                      "seconds": time.perf_counter() - start})
     large = torch.rand(3, 224, 224, generator=torch.Generator().manual_seed(0))
     moved = torch.roll(large, shifts=(3, -2), dims=(1, 2))
-    from gradinv.consensus import register
-
     per_pair_224 = {}
     for method in REGISTRATIONS[1:]:
         start = time.perf_counter()
         register(large, moved, method)
         per_pair_224[method] = time.perf_counter() - start
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = machine_line()
     shape = list(seeds.shape)
-    write_json(REPO / "benchmarks" / "results" / "registration.json",
+    write_json(RESULTS / "registration.json",
                {"machine": machine, "seeds_shape": shape, "rows": rows, "seconds_per_224px_pair": per_pair_224})
     lines = ["# Registration for the consensus", "",
-             "Command: `make run && .venv/bin/python benchmarks/registration.py`  ",
+             "Command: `make run && .venv/bin/python -m benchmarks.registration`  ",
              f"Machine: {machine}; seeds {shape[0]} × batch {shape[1]} × {shape[3]}×{shape[4]} px "
              "(the embedded default run).", "",
              "| images | mean matched PSNR (dB) | seconds for the whole consensus |", "|---|---|---|"]
@@ -70,7 +65,7 @@ def main() -> int:
               "(compare each consensus row with the best seed row above; the unregistered mean is the "
               "`none` row). At 224 px a dense flow costs seconds per refresh, so the paper preset "
               "registers by translation during optimisation (set `inversion.registration` to trade)."]
-    (REPO / "docs" / "registration.md").write_text("\n".join(lines) + "\n")
+    (DOCS / "registration.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

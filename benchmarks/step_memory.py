@@ -1,16 +1,17 @@
 """How much memory the inversion step holds at its peak, estimated on fake tensors, on any machine.
 
-    .venv/bin/python benchmarks/step_memory.py           # counts on the CPU, in about a minute
+    python -m benchmarks.step_memory           # counts on the CPU, in about a minute
 
-Builds the engine's step for ResNet-50 at 224 px as CUDA runs it by default (`seed_batch: 0`:
-chunks of gradinv.inversion.BATCHED_IMAGES images, seeds under vmap; `bn_double_backward: auto`)
-on fake tensors (shapes only: benchmarks/step_roofline.py's `fake_step`), and follows every
+Builds the engine's step for ResNet-50 at 224 px as CUDA runs it by default (`engine.seed_batch: 0`:
+chunks of gradinv.engine.policy.BATCHED_IMAGES images, seeds under vmap; `bn_double_backward: auto`,
+both resolved by gradinv.engine.policy as for CUDA) on fake tensors (shapes only:
+benchmarks.common.fake_step), and follows every
 storage the step creates from the operation that makes it until it is freed: the peak of their
 sum during one step, plus what stays (the attacker's models, the target gradient, the images,
 Adam's state). Not counted: what a GPU adds beyond tensors (cuDNN's and cuBLAS's workspaces,
 the allocator's rounding) and the set-up's own peak. A few configurations whose peak a GPU has
 measured are estimated as well, set as they were measured, so that the two can be set side by
-side (README, Speed), and a few with `inversion.conv_double_backward: explicit-grouped`. Writes
+side (docs/performance.md), and a few with `engine.conv_double_backward: explicit-grouped`. Writes
 benchmarks/results/step_memory.json.
 """
 
@@ -20,28 +21,20 @@ import argparse
 import json
 import sys
 import weakref
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from step_roofline import fake_step  # noqa: E402
-from step_speed import machine  # noqa: E402
-
-from gradinv.config import build_section  # noqa: E402
-from gradinv.inversion import seed_batch  # noqa: E402
-from gradinv.objective import explicit_bn_double_backward  # noqa: E402
+from benchmarks.common import RESULTS, command, fake_step, machine, write_result
+from gradinv.engine.policy import explicit_bn_double_backward, plan_step
+from gradinv.pipeline.config import build_section
 
 CUDA = torch.device("cuda")  # the defaults are resolved as for CUDA; nothing runs there
 DEFAULTS = [(1, 1), (1, 8), (8, 8), (48, 1), (48, 8)]  # (bs, G); bs 8 G 8 is the paper preset, bs 48 G 8 its largest batch
 # (bs, G, bn_double_backward, seeds per vmapped chunk) as benchmarks/results/ recorded their measured peaks.
 AS_MEASURED = [(8, 8, "pytorch", 8), (48, 8, "pytorch", 2), (48, 8, "pytorch", 4), (48, 4, "pytorch", 4), (48, 8, "explicit", 4)]
-# (bs, G, seeds per vmapped chunk) with `inversion.conv_double_backward: explicit-grouped`, a candidate for CUDA's
+# (bs, G, seeds per vmapped chunk) with `engine.conv_double_backward: explicit-grouped`, a candidate for CUDA's
 # default: the paper preset, and its largest batch as the defaults chunk it and with twice the seeds per chunk.
 GROUPED_CONVOLUTIONS = [(8, 8, 8), (48, 8, 1), (48, 8, 2)]
 
@@ -97,16 +90,19 @@ def estimate(batch: int, seeds: int, bn_double_backward: str, chunk: int, conv_d
     return {"held_bytes": held + real, "peak_bytes": live.peak + real}
 
 
-def main() -> int:
+def defaults_on_cuda(batch: int, seeds: int) -> dict:
+    """The BatchNorm double backward and seeds per vmapped chunk that the engine's defaults take on CUDA."""
+    engine = build_section("engine", {"device": "cuda"})
+    bn = "explicit" if explicit_bn_double_backward(engine, CUDA, seeds) else "pytorch"
+    return {"bn_double_backward": bn, "seeds_per_chunk": plan_step(engine, seeds, batch, fedavg=False).seeds_per_call}
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "step_memory.json"))
-    args = parser.parse_args()
-    rows = []
-    for batch, seeds in DEFAULTS:
-        config = build_section("inversion", {"seeds": seeds})
-        bn = "explicit" if explicit_bn_double_backward(config, CUDA) else "pytorch"
-        rows.append({"settings": "defaults", "batch": batch, "seeds": seeds, "bn_double_backward": bn,
-                     "seeds_per_chunk": seed_batch(config, CUDA, batch)})
+    parser.add_argument("--out", default=str(RESULTS / "step_memory.json"))
+    args = parser.parse_args(argv)
+    rows = [{"settings": "defaults", "batch": batch, "seeds": seeds, **defaults_on_cuda(batch, seeds)}
+            for batch, seeds in DEFAULTS]
     rows += [{"settings": "as measured", "batch": b, "seeds": g, "bn_double_backward": bn, "seeds_per_chunk": chunk}
              for b, g, bn, chunk in AS_MEASURED]
     rows += [{"settings": "conv_double_backward: explicit-grouped", "batch": b, "seeds": g, "bn_double_backward": "explicit",
@@ -115,8 +111,9 @@ def main() -> int:
         row.update(estimate(row["batch"], row["seeds"], row["bn_double_backward"], row["seeds_per_chunk"],
                             row.get("conv_double_backward", "pytorch")))
         print(json.dumps(row), flush=True)
-    result = {"machine": machine(torch.device("cpu")), "command": "python benchmarks/step_memory.py", "rows": rows}
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    result = {"machine": machine(torch.device("cpu")), "command": command("step_memory", sys.argv[1:] if argv is None else argv),
+              "rows": rows}
+    write_result(args.out, result)
     return 0
 
 

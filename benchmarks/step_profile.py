@@ -1,11 +1,12 @@
 """Where one eager inversion step spends its GPU time: the kernels of a few steps, by total time.
 
-    python benchmarks/step_profile.py                 # CUDA machine; torch and torchvision only
-    python benchmarks/step_profile.py --device cpu --arch resnet18 --px 32   # the same table on a CPU
+    python -m benchmarks.step_profile                 # CUDA machine; torch and torchvision only
+    python -m benchmarks.step_profile --device cpu --arch resnet18 --px 32   # the same table on a CPU
 
 ResNet-50 at 224 px (random weights), bs 8, G 8 seeds batched, TF32 on; the step as configured by
---bn-double-backward, --batched-seeds and --conv-double-backward (default: as CUDA runs it by
-default, explicit BN, seeds under vmap, torch's convolutions), eager: the graphed step runs the same kernels without launch gaps, so the table says
+--bn-double-backward and --conv-double-backward (the `engine` settings; default: as CUDA runs it
+by default, explicit BN, seeds under vmap, torch's convolutions), eager: the graphed step runs
+the same kernels without launch gaps, so the table says
 which kernels a faster step must cut. Only the steps are profiled (the engine's SeedStep, after two
 warm-up steps), not the inversion's set-up or its final per-seed evaluation.
 Writes benchmarks/results/step_profile-<device>.json: the machine, the settings, the top
@@ -17,7 +18,6 @@ they launch): which convolution a costly kernel serves.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,16 +25,11 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from gradinv.client import train_mode_copy  # noqa: E402
-from gradinv.config import build_section  # noqa: E402
-from gradinv.inversion import pixel_box, tf32_matmuls  # noqa: E402
-from gradinv.objective import Objective, memory_format  # noqa: E402
-from gradinv.seed_step import SeedStep  # noqa: E402
-from step_speed import machine, problem  # noqa: E402
+from benchmarks.common import RESULTS, attacker_objective, command, machine, problem, write_result
+from gradinv.attack.inversion import pixel_box
+from gradinv.engine import SeedStep, plan_step
+from gradinv.engine.policy import tf32_matmuls
+from gradinv.pipeline.config import build_section
 
 
 def kernel_table(prof, device: str, steps: int, top: int) -> list[dict]:
@@ -60,16 +55,16 @@ def operator_table(prof, device: str, steps: int, top: int) -> list[dict]:
              "ms_per_step": own(e) / 1e3 / steps, "share": own(e) / total} for e in events[:top]]
 
 
-def profiled_steps(model, artifact, labels: list[int], config, device: torch.device, steps: int):
+def profiled_steps(model, artifact, labels: list[int], config, engine, steps: int):
     """(profile, seconds per step) of `steps` steps of all seeds as `invert` takes them eagerly (chunks
-    of config.seed_batch seeds), after two warm-up steps (cuDNN and the allocator), and nothing else."""
-    layout = memory_format(config)
-    objective = Objective(train_mode_copy(model).to(device, memory_format=layout), artifact,
-                          torch.tensor(labels, device=device), config)
+    of engine.seed_batch seeds), after two warm-up steps (cuDNN and the allocator), and nothing else."""
+    plan = plan_step(engine, config.seeds, artifact.batch_size, fedavg=False)
+    device = plan.device
+    objective = attacker_objective(model, artifact, torch.tensor(labels, device=device), config, engine, device)
     start = torch.randn((config.seeds, artifact.batch_size, *artifact.meta["input_shape"]),
                         generator=torch.Generator().manual_seed(config.seed))
-    step = SeedStep([objective] * config.seeds, start.to(device), config,
-                    pixel_box(artifact.meta["mean"], artifact.meta["std"], device), config.seed_batch, layout, graphed=False)
+    step = SeedStep([objective] * config.seeds, start.to(device), config, engine,
+                    pixel_box(artifact.meta["mean"], artifact.meta["std"], device), plan)
     one_by_one = lambda fn, seeds: [fn(g) for g in seeds]  # noqa: E731
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -78,7 +73,7 @@ def profiled_steps(model, artifact, labels: list[int], config, device: torch.dev
         step.step(False, one_by_one)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with tf32_matmuls(config.tf32):
+    with tf32_matmuls(engine.tf32):
         take(), take()
         sync()
         with profile(activities=activities, record_shapes=True) as prof:
@@ -98,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--bn-double-backward", default="explicit", choices=["pytorch", "explicit"])
-    parser.add_argument("--batched-seeds", default="vmap", choices=["vmap", "stacked"])
     parser.add_argument("--conv-double-backward", default="pytorch", choices=["pytorch", "explicit", "explicit-grouped"])
-    parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", default=None)
@@ -109,24 +102,22 @@ def main(argv: list[str] | None = None) -> int:
         print("step_profile: --device cuda, and torch sees no GPU.", file=sys.stderr)
         return 2
     model, artifact, labels = problem(args.arch, 1000 if args.arch == "resnet50" else 10, args.px, args.batch)
-    settings = {"seeds": args.seeds, "seed_batch": args.seeds, "device": args.device, "tf32": True,
-                "bn_double_backward": args.bn_double_backward, "batched_seeds": args.batched_seeds,
-                "conv_double_backward": args.conv_double_backward,
-                "channels_last": args.channels_last}
-    prof, seconds_per_step = profiled_steps(model, artifact, labels, build_section("inversion", settings),
-                                            torch.device(args.device), args.steps)
+    config = build_section("inversion", {"seeds": args.seeds})
+    engine = build_section("engine", {"device": args.device, "seed_batch": args.seeds, "tf32": True, "cuda_graph": False,
+                                      "bn_double_backward": args.bn_double_backward,
+                                      "conv_double_backward": args.conv_double_backward})
+    prof, seconds_per_step = profiled_steps(model, artifact, labels, config, engine, args.steps)
     rows = kernel_table(prof, args.device, args.steps, args.top)
     operators = operator_table(prof, args.device, args.steps, args.top)
     recorded = {"events": len(prof.events()),
                 "device_events": sum(e.device_type != torch.autograd.DeviceType.CPU for e in prof.events())}
     if not rows:
         print(f"step_profile: the profiler recorded no {args.device} time ({recorded}).", file=sys.stderr)
-    report = {"machine": machine(torch.device(args.device)), "command": "python " + " ".join(["benchmarks/step_profile.py", *(sys.argv[1:] if argv is None else argv)]),
+    report = {"machine": machine(torch.device(args.device)), "command": command("step_profile", sys.argv[1:] if argv is None else argv),
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "top")},
               "seconds_per_step_profiled": seconds_per_step, "recorded": recorded, "kernels": rows,
               "operators": operators}
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"step_profile-{args.device}.json"
-    out.write_text(json.dumps(report, indent=1))
+    write_result(Path(args.out) if args.out else RESULTS / f"step_profile-{args.device}.json", report)
     for r in rows:
         print(f"{r['ms_per_step']:9.2f} ms {r['share']:6.1%} {r['calls_per_step']:6.0f}x  {r['name']}")
     print("operators by input shapes:")

@@ -1,35 +1,34 @@
 """The physical limit of the inversion step: what one step must move and compute, and how fast a GPU could do it.
 
-    .venv/bin/python benchmarks/step_roofline.py           # on any machine (counts on the CPU)
+    python -m benchmarks.step_roofline           # on any machine (counts on the CPU, a few minutes)
 
-Runs the engine's step (gradinv.seed_step: the seeds batched as `inversion.cuda_graph` runs them;
+Runs the engine's step (gradinv.engine.seed_step: the seeds batched as `engine.cuda_graph` runs them;
 forward, parameter gradients with create_graph, objective, gradient to the images, Adam, pixel
 box) once for ResNet-50 at 224 px, with either BatchNorm double backward
-(`inversion.bn_double_backward`: pytorch, explicit), and counts every aten operation that moves data: bytes read and
+(`engine.bn_double_backward`: pytorch, explicit), and counts every aten operation that moves data: bytes read and
 written (views and bare allocations excluded, an out= argument counted as written only, a tensor
 taken for its shape only, such as a convolution backward's weight where it computes no input
 gradient, not counted, nor a gradient batch norm's backward is not asked for, which fake tensors
 hold all the same; a broadcast input counted at its stored size) and FLOPs
 (torch.utils.flop_counter's formulas). The operations and their sizes do not depend on the
-device, so the count runs on the CPU, on fake tensors (shapes only: FakeTensorMode), which lets
-it count bs 8 G 8 (64 images) in seconds and no memory.
+device, so the count runs on the CPU, on fake tensors (shapes only: benchmarks.common.fake_step),
+which lets it count bs 8 G 8 (64 images) in seconds and no memory.
 
 From the counts, for a GPU with memory bandwidth BW and TF32 rate P (nominal):
     bound = Σ over operations of max(bytes / BW, FLOPs / P)
 the step as written cannot run faster, even with every kernel at the device's limit and no
 launch cost (except where the L2 cache serves an operation: the results say how many bytes
-belong to operations small enough for that); the rest of a measured time is what the kernels leave unused (small kernels,
-launch gaps). It counts bs 8 G 8 once more with `inversion.batched_seeds: stacked` (the seeds
-stacked into the channels, gradinv/stacked_seeds.py) instead of vmap, and under
-`inversion.precision` bfloat16 and float16 (autocast as a CPU applies it: convolutions and
+belong to operations small enough for that); the rest of a measured time is what the kernels
+leave unused (small kernels, launch gaps). It counts bs 8 G 8 once more under
+`engine.precision` bfloat16 and float16 (autocast as a CPU applies it: convolutions and
 matrix products in the half type, their outputs and what follows them stored in it; the bound
-then takes the half type's tensor-core rate), with `inversion.conv_double_backward`
-explicit-grouped and explicit (the convolutions' double backward written out, gradinv/convolution.py;
-in float32 and float16), and with `inversion.bn_double_backward: explicit-fused` (BatchNorm's
-elementwise derivatives in one kernel each, gradinv.bn_elementwise: each counted as one operation
-that reads its inputs and writes its outputs once, as its Triton kernel does on CUDA; with either
-convolution double backward, in float32 and float16). Writes
-benchmarks/results/step_roofline.json.
+then takes the half type's tensor-core rate), with `engine.conv_double_backward`
+explicit-grouped and explicit (the convolutions' double backward written out,
+gradinv/engine/experimental/convolution.py; in float32 and float16), and with
+`engine.bn_double_backward: explicit-fused` (BatchNorm's elementwise derivatives in one kernel
+each, gradinv.engine.bn_elementwise: each counted as one operation that reads its inputs and
+writes its outputs once, as its Triton kernel does on CUDA; with either convolution double
+backward, in float32 and float16). Writes benchmarks/results/step_roofline.json.
 """
 
 from __future__ import annotations
@@ -37,34 +36,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from step_speed import machine, problem  # noqa: E402
-
-from gradinv.client import train_mode_copy  # noqa: E402
-from gradinv.config import build_section  # noqa: E402
-from gradinv.inversion import pixel_box  # noqa: E402
-from gradinv.objective import Objective  # noqa: E402
-from gradinv.seed_step import SeedStep  # noqa: E402
+from benchmarks.common import RESULTS, command, fake_step, machine, write_result
 
 # Nominal: HBM bandwidth (bytes/s) and dense TF32 tensor-core rate (FLOP/s), SXM parts.
 GPUS = {"H100": {"bandwidth": 3.35e12, "tf32": 495e12, "half": 989e12},
         "H200": {"bandwidth": 4.8e12, "tf32": 495e12, "half": 989e12}}
 L2_BYTES = 50 * 2**20  # the H100's L2: operations moving less in all could be served from it
 COUNTED = [(1, 1), (8, 1), (8, 8), (48, 1)]  # (bs, G): bs 8 G 8 is the paper preset
-BN_DOUBLE_BACKWARDS = ("pytorch", "explicit")  # inversion.bn_double_backward
-HALF_PRECISIONS = ("bfloat16", "float16")  # inversion.precision, counted at bs 8 G 8 with the explicit BN (auto's choice)
+BN_DOUBLE_BACKWARDS = ("pytorch", "explicit")  # engine.bn_double_backward
+HALF_PRECISIONS = ("bfloat16", "float16")  # engine.precision, counted at bs 8 G 8 with the explicit BN (auto's choice)
 PAPER_ITERATIONS = 20_000
 
 
@@ -152,36 +137,10 @@ class TrafficCount(TorchDispatchMode):
         return out
 
 
-@contextmanager
-def fake_step(batch: int, seeds: int, bn_double_backward: str, batched_seeds: str = "vmap", chunk: int | None = None,
-              watch: TorchDispatchMode | None = None, precision: str = "float32",
-              conv_double_backward: str = "pytorch") -> Iterator[tuple[SeedStep, Objective]]:
-    """The engine's step for ResNet-50 at 224 px, its seeds vmapped in chunks of `chunk` seeds (default:
-    all at once), as the graphed step runs them (even chunks of one seed), on fake tensors: yields
-    (step, objective) inside FakeTensorMode, the first step (which creates Adam's state) taken.
-    `watch`, a dispatch mode, sees every operation on fake tensors, the making of the step's own included."""
-    model, artifact, _ = problem("resnet50", 1000, 224, 1)  # weights and artifact do not depend on bs
-    config = build_section("inversion", {"seeds": seeds, "device": "cpu", "registration": "none",
-                                         "bn_double_backward": bn_double_backward, "batched_seeds": batched_seeds,
-                                         "precision": precision, "conv_double_backward": conv_double_backward})
-    objective = Objective(train_mode_copy(model), artifact, torch.zeros(batch, dtype=torch.int64), config)
-    objective._functional_model()  # the copies of the model are made here: fake tensors cannot be deep-copied
-    if batched_seeds == "stacked":
-        objective._stacked_model(torch.randn(max(seeds, 2), batch, 3, 224, 224))
-    box = pixel_box(artifact.meta["mean"], artifact.meta["std"], "cpu")
-    with FakeTensorMode(allow_non_fake_inputs=True), watch or nullcontext():
-        step = SeedStep([objective] * seeds, torch.zeros(seeds, batch, 3, 224, 224), config, box, chunk or seeds,
-                        torch.contiguous_format, graphed=False)
-        step.batched = True  # as under a CUDA graph, which needs Adam on CUDA (capturable) to be built
-        step.fill(config.lr, [(0, 0, False)] * seeds)
-        step.step(False, None)
-        yield step, objective
-
-
-def count_step(batch: int, seeds: int, bn_double_backward: str, batched_seeds: str = "vmap", precision: str = "float32",
+def count_step(batch: int, seeds: int, bn_double_backward: str, precision: str = "float32",
                conv_double_backward: str = "pytorch") -> dict:
     """The counts of the engine's second step (the first creates Adam's state)."""
-    with (fake_step(batch, seeds, bn_double_backward, batched_seeds, precision=precision,
+    with (fake_step(batch, seeds, bn_double_backward, precision=precision,
                     conv_double_backward=conv_double_backward) as (step, _), TrafficCount() as counter):
         step.step(False, None)
     return {"batch": batch, "seeds": seeds, "ops": len(counter.ops), "bytes": sum(b for _, b, _ in counter.ops),
@@ -206,10 +165,10 @@ def paper_preset_row(precision: str, **modes: str) -> dict:
     return row
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "step_roofline.json"))
-    args = parser.parse_args()
+    parser.add_argument("--out", default=str(RESULTS / "step_roofline.json"))
+    args = parser.parse_args(argv)
     rows, heaviest = [], {}
     for mode, (batch, seeds) in ((m, config) for m in BN_DOUBLE_BACKWARDS for config in COUNTED):
         c = count_step(batch, seeds, mode)
@@ -226,13 +185,6 @@ def main() -> int:
                 entry[0], entry[1], entry[2] = entry[0] + 1, entry[1] + moved, entry[2] + flops
         rows.append(row)
         print(json.dumps(row), flush=True)
-    stacked_rows = []
-    for mode in BN_DOUBLE_BACKWARDS:
-        c = count_step(8, 8, mode, "stacked")
-        row = {"bn_double_backward": mode, "batch": 8, "seeds": 8, "ops": c["ops"], "bytes": c["bytes"], "flops": c["flops"],
-               **{f"paper_minutes_{name}": bound_seconds(c["per_op"], gpu) * PAPER_ITERATIONS / 60 for name, gpu in GPUS.items()}}
-        stacked_rows.append(row)
-        print(json.dumps(row), flush=True)
     half_rows = [paper_preset_row(precision, bn_double_backward="explicit") for precision in HALF_PRECISIONS]
     explicit_conv_rows = [paper_preset_row(precision, conv_double_backward=conv, bn_double_backward="explicit")
                           for conv in ("explicit-grouped", "explicit") for precision in ("float32", "float16")]
@@ -241,11 +193,12 @@ def main() -> int:
     h100 = GPUS["H100"]
     top = {mode: sorted(ops.items(), key=lambda kv: -max(kv[1][1] / h100["bandwidth"], kv[1][2] / h100["tf32"]))
            for mode, ops in heaviest.items()}
-    result = {"machine": machine(torch.device("cpu")), "command": "python benchmarks/step_roofline.py", "gpus": GPUS,
-              "rows": rows, "stacked_seeds_rows": stacked_rows, "half_precision_rows": half_rows,
-              "explicit_conv_rows": explicit_conv_rows, "fused_bn_rows": fused_bn_rows, "top_ops_bs8_g8": {mode: [{"op": n, "calls": c, "bytes": b, "flops": f} for n, (c, b, f) in ops[:12]]
-                                               for mode, ops in top.items()}}
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    result = {"machine": machine(torch.device("cpu")), "command": command("step_roofline", sys.argv[1:] if argv is None else argv),
+              "gpus": GPUS, "rows": rows, "half_precision_rows": half_rows, "explicit_conv_rows": explicit_conv_rows,
+              "fused_bn_rows": fused_bn_rows,
+              "top_ops_bs8_g8": {mode: [{"op": n, "calls": c, "bytes": b, "flops": f} for n, (c, b, f) in ops[:12]]
+                                 for mode, ops in top.items()}}
+    write_result(args.out, result)
     return 0
 
 

@@ -1,13 +1,13 @@
 """Does TF32, half precision (or batching the seeds) change what the attack recovers? Measured on the pipeline.
 
-    python benchmarks/tf32_quality.py            # on a CUDA machine; needs torch, torchvision, pyyaml,
+    python -m benchmarks.tf32_quality            # on a CUDA machine; needs torch, torchvision, pyyaml,
                                                  # safetensors, pyarrow, scikit-image, matplotlib (no Prefect/DVC/MLflow)
-    python benchmarks/tf32_quality.py --iterations 400 --settings "fp32, seeds batched" "bfloat16, seeds batched" \
+    python -m benchmarks.tf32_quality --iterations 400 --settings "fp32, seeds batched" "bfloat16, seeds batched" \
         --out benchmarks/results/precision_quality-cpu.json     # half precision on a CPU (float16 is emulated there)
 
 Runs prepare → train → capture → labels once from params.yaml (default: the embedded photos),
-then invert → evaluate once per setting below on that same gradient, each in its own copy of
-data/. Writes benchmarks/results/tf32_quality.json: per setting the chosen seed's and the
+then invert → evaluate once per setting below (`engine` overrides) on that same gradient, each in
+its own copy of data/. Writes benchmarks/results/tf32_quality.json: per setting the chosen seed's and the
 consensus's PSNR / SSIM, the final gradient distances and seconds per iteration, with the machine;
 a setting whose run stops (a half-precision objective that turns non-finite) is recorded with its
 error, and the others still run.
@@ -19,22 +19,19 @@ import argparse
 import dataclasses
 import json
 import platform
-import shlex
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.common import REPO, RESULTS, command, write_result
+from gradinv.errors import UserError
+from gradinv.io import read_json
+from gradinv.pipeline.config import load_params
+from gradinv.pipeline.stages import EVAL, INVERT, STAGES
 
-from gradinv.config import load_params  # noqa: E402
-from gradinv.errors import UserError  # noqa: E402
-from gradinv.io import read_json  # noqa: E402
-from gradinv.stages import EVAL, INVERT, STAGES  # noqa: E402
-
-SETTINGS = {  # name -> inversion overrides
+SETTINGS = {  # name -> engine overrides
     "fp32, seeds one by one": {"tf32": False, "seed_batch": 1},
     "fp32, seeds batched": {"tf32": False, "seed_batch": 0},
     "tf32, seeds batched": {"tf32": True, "seed_batch": 0},
@@ -46,17 +43,17 @@ SHARED_STAGES = ("prepare", "train", "capture", "labels")
 
 def run_stage(name: str, params: dict, root: Path) -> None:
     stage = STAGES[name]
-    stage.run(params[stage.section], root, None)
+    stage.run(params[stage.section], root, None, params["engine"])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--work", default="/tmp/tf32_quality", help="scratch folder for the runs' data/")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tf32_quality.json"))
+    parser.add_argument("--out", default=str(RESULTS / "tf32_quality.json"))
     parser.add_argument("--iterations", type=int, help="inversion iterations (default: params.yaml's)")
     parser.add_argument("--settings", nargs="*", choices=list(SETTINGS), help="settings to run (default: all)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     params = load_params(args.params)
     if args.iterations:
         params["inversion"] = dataclasses.replace(params["inversion"], iterations=args.iterations)
@@ -71,7 +68,7 @@ def main() -> int:
         overrides = SETTINGS[setting]
         root = Path(args.work) / setting.replace(", ", "-").replace(" ", "_")
         shutil.copytree(base, root)  # the same gradient and labels for every setting
-        run = {**params, "inversion": dataclasses.replace(params["inversion"], **overrides)}
+        run = {**params, "engine": dataclasses.replace(params["engine"], **overrides)}
         try:
             for name in ("invert", "evaluate"):
                 run_stage(name, run, root)
@@ -86,9 +83,8 @@ def main() -> int:
         out = {"machine": {"device": device, "torch": torch.__version__, "platform": platform.platform()},
                "params": args.params, "iterations": params["inversion"].iterations,
                "seeds": params["inversion"].seeds, "results": results,
-               "command": " ".join(["python benchmarks/tf32_quality.py", *(shlex.quote(a) for a in sys.argv[1:])])}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1))  # after each setting: a run cut short keeps its results
+               "command": command("tf32_quality", sys.argv[1:] if argv is None else argv)}
+        write_result(args.out, out)  # after each setting: a run cut short keeps its results
     print(f"results: {args.out}")
     return 0
 

@@ -24,7 +24,8 @@ TINY_PARAMS = {
     "victim": {"epochs": 2, "batch_size": 32, "lr": 0.05, "seed": 0, "device": "cpu"},
     "capture": {"batch_size": 4, "seed": 1},
     "labels": {"strategy": "yin"},
-    "inversion": {"iterations": 6, "seeds": 2, "warmup": 2, "log_every": 2, "device": "cpu"},
+    "inversion": {"iterations": 6, "seeds": 2, "warmup": 2, "log_every": 2},
+    "engine": {"device": "cpu", "precision": "float32"},  # dvc.yaml declares engine.precision for invert
     "evaluation": {"match_distance": "mse"},
 }
 
@@ -47,25 +48,25 @@ def _seeded():
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory) -> Path:
     """A project folder whose data/ holds every stage's output, made by the library alone."""
-    from gradinv.config import load_params
-    from gradinv.stages import STAGES
+    from gradinv.pipeline.config import load_params
+    from gradinv.pipeline.stages import STAGES
 
     root = tmp_path_factory.mktemp("tiny")
     params = load_params(write_params(root / "params.yaml"))
     for stage in STAGES.values():
-        stage.run(params[stage.section], root, None)
+        stage.run(params[stage.section], root, None, params["engine"])
     return root
 
 
 @pytest.fixture
 def attack(tiny_project):
     """The tiny project's victim, its gradient artifact, the true batch (normalised) and labels."""
-    from gradinv.artifacts import load_gradient
-    from gradinv.capture import TRUTH_FILE
-    from gradinv.data import normalize
+    from gradinv.client.artifacts import load_gradient
+    from gradinv.client.capture import TRUTH_FILE
+    from gradinv.client.data import normalize
     from gradinv.io import read_tensors
-    from gradinv.stages import GRADIENT, TRUTH, VICTIM
-    from gradinv.victim import load_victim
+    from gradinv.pipeline.stages import GRADIENT, TRUTH, VICTIM
+    from gradinv.client.victim import load_victim
 
     model, meta = load_victim(tiny_project / VICTIM)
     artifact = load_gradient(tiny_project / GRADIENT, model)
@@ -80,7 +81,7 @@ def attack64(attack):
     1×1 px, so ill-conditioned that float32 rounding alone moves an image gradient by ~2e-4."""
     import copy
 
-    from gradinv.artifacts import GradientArtifact
+    from gradinv.client.artifacts import GradientArtifact
 
     model, meta, artifact, images, labels = attack
     double = lambda tensors: {n: t.double() for n, t in tensors.items()}  # noqa: E731

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from gradinv.batches import aggregate, sweep_table
+from gradinv.pipeline.batches import aggregate, sweep_table
 from gradinv.errors import UserError
 from gradinv.io import read_tensors
 from tests.conftest import write_params
@@ -87,6 +87,7 @@ def shared_cluster(prefect_api_url):
         yield cluster
 
 
+@pytest.mark.slow
 def test_three_batch_fan_out_on_a_two_worker_local_cluster(flows_project, prefect_api_url):
     from mlflow.tracking import MlflowClient
 
@@ -117,6 +118,7 @@ def test_three_batch_fan_out_on_a_two_worker_local_cluster(flows_project, prefec
     assert run.data.metrics["psnr_mean"] == pytest.approx(summary["psnr"]["mean"])
 
 
+@pytest.mark.slow
 def test_sweep_flow_writes_a_table_and_plot_per_batch_size(flows_project, shared_cluster):
     from flows.sweep import sweep
 
@@ -136,6 +138,7 @@ def test_sweep_flow_writes_a_table_and_plot_per_batch_size(flows_project, shared
     assert result["table"] == table
 
 
+@pytest.mark.slow
 def test_defense_audit_tabulates_leakage_and_utility_per_defense(flows_project, shared_cluster):
     from mlflow.tracking import MlflowClient
 

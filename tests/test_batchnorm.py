@@ -1,16 +1,21 @@
-"""gradinv.batchnorm: BatchNorm with its second derivative written out (inversion.bn_double_backward: explicit)."""
+"""gradinv.engine.batchnorm: BatchNorm with its second derivative written out (engine.bn_double_backward: explicit)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gradinv.batchnorm import TrainBatchNorm2d, _BatchNormTrain, batch_statistics, with_explicit_double_backward
-from gradinv.client import recorded_bn_statistics, train_mode_copy
-from gradinv.config import build_section
-from gradinv.inversion import invert
-from gradinv.objective import LOSS_TERMS, Objective
+from gradinv.client.step import batch_statistics
+from gradinv.engine.batchnorm import TrainBatchNorm2d, _BatchNormTrain, with_explicit_double_backward
+from gradinv.client.step import recorded_bn_statistics, train_mode_copy
+from gradinv.pipeline.config import build_section
+from gradinv.attack.inversion import invert
+from gradinv.attack.objective import LOSS_TERMS, Objective
+from gradinv.engine.policy import attacker_model
+
+CPU = torch.device("cpu")
 
 
+@pytest.mark.slow
 def test_first_and_second_derivatives_match_finite_differences():
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -29,8 +34,9 @@ def _terms_and_image_gradient(attack64, bn_double_backward: str, batched: bool):
     model, _, artifact, images, labels = attack64
     generator = torch.Generator().manual_seed(1)
     xs = torch.stack([images, torch.randn(images.shape, generator=generator, dtype=torch.float64)]).requires_grad_(True)
-    config = build_section("inversion", {"bn_double_backward": bn_double_backward})
-    objective = Objective(train_mode_copy(model), artifact, labels, config)
+    engine = build_section("engine", {"bn_double_backward": bn_double_backward})
+    objective = Objective(attacker_model(train_mode_copy(model), engine, CPU, len(xs)), artifact, labels,
+                          build_section("inversion", {}))
     if batched:
         terms = objective.batched_terms(xs, xs.flip(-1))
     else:
@@ -52,14 +58,16 @@ def test_the_objective_and_its_image_gradient_are_pytorchs_seed_by_seed_to_float
     assert (our_grad - grad).norm() <= 1e-10 * grad.norm()  # measured: ~5e-15
 
 
+@pytest.mark.slow
 def test_an_inversion_follows_the_same_path_with_either_double_backward(attack):
     """Same start; later no further from PyTorch's BatchNorm than float rounding alone takes two
     runs of it (seeds on threads against one by one: on this ill-conditioned victim, ~5 % of how
     far the images moved after 6 iterations)."""
     model, _, artifact, _, labels = attack
-    settings = {"iterations": 6, "seeds": 2, "warmup": 2, "log_every": 1, "device": "cpu", "jitter": 1, "langevin": 0.1}
+    config = build_section("inversion", {"iterations": 6, "seeds": 2, "warmup": 2, "log_every": 1, "jitter": 1, "langevin": 0.1})
     labels = sorted(labels.tolist())
-    run = lambda **extra: invert(model, artifact, labels, build_section("inversion", {**settings, **extra}))  # noqa: E731
+    run = lambda **extra: invert(model, artifact, labels, config,  # noqa: E731
+                                 engine=build_section("engine", {"device": "cpu", **extra}))
     pytorch, explicit = run(bn_double_backward="pytorch"), run(bn_double_backward="explicit")
     rounded_otherwise = run(bn_double_backward="pytorch", seed_workers=1)
     first = lambda result: [r["total"] for r in result.log if r["iteration"] == 0]  # noqa: E731
@@ -69,13 +77,14 @@ def test_an_inversion_follows_the_same_path_with_either_double_backward(attack):
     assert apart(explicit) <= 2 * apart(rounded_otherwise) + 0.01
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["bn_double_backward", "conv_double_backward"])
 def test_a_fedavg_replay_differentiates_the_same_with_either_double_backward(attack, option):
     """The FedAvg replay (SGD steps on mini-batches, create_graph) runs through the module
-    forward too, BatchNorm's and (gradinv.convolution) the convolutions'. In float64 and one epoch: BatchNorm over mini-batches of two images on 1×1 maps
+    forward too, BatchNorm's and (gradinv.engine.experimental.convolution) the convolutions'. In float64 and one epoch: BatchNorm over mini-batches of two images on 1×1 maps
     is so ill-conditioned that float32 runs of the *same* formula land 40 % from the float64
     loss, and a second epoch is chaotic (a 1e-13 change of the images moves the update by 100 %)."""
-    from gradinv.capture import client_update
+    from gradinv.client.capture import client_update
 
     model, meta, _, images, labels = attack
     model, images = model.double(), images.double()
@@ -87,8 +96,8 @@ def test_a_fedavg_replay_differentiates_the_same_with_either_double_backward(att
     x = (images + 0.1 * noise).requires_grad_(True)  # near the batch: from noise, SGD steps blow up (chaotic)
     results = []
     for mode in ("pytorch", "explicit"):
-        config = build_section("inversion", {"bn_prior": "none", option: mode})
-        total = Objective(train_mode_copy(model), shared, labels, config).terms(x)["total"]
+        attacker = attacker_model(train_mode_copy(model), build_section("engine", {option: mode}), CPU, 1)
+        total = Objective(attacker, shared, labels, build_section("inversion", {"bn_prior": "none"})).terms(x)["total"]
         results.append((total, *torch.autograd.grad(total, x)))
     (total, grad), (our_total, our_grad) = results
     assert our_total.item() == pytest.approx(total.item(), rel=1e-7)  # measured: 4e-10 (BatchNorm)
@@ -113,6 +122,7 @@ def test_recorded_statistics_come_from_the_layers_forward_and_the_layer_forgets_
     assert all(m.statistics_sink is None for m in layers)  # no graph is kept alive past the forward
 
 
+@pytest.mark.slow
 def test_with_the_seeds_vmapped_pytorchs_batchnorm_is_the_one_off(attack64):
     """What README, Speed, says of PyTorch's BatchNorm under vmap (seen with torch 2.14): its image
     gradient lies ~2e-4 from its seed-by-seed self in float64, where the written-out one lies

@@ -5,15 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradinv.artifacts import META_FILE, TENSOR_FILE, load_gradient, save_gradient
-from gradinv.capture import TRUTH_FILE, draw_batch
-from gradinv.cli import main
-from gradinv.data import ImageSet, normalize
+from gradinv.client.artifacts import META_FILE, TENSOR_FILE, load_gradient, save_gradient
+from gradinv.client.capture import TRUTH_FILE, draw_batch
+from gradinv.pipeline.cli import main
+from gradinv.client.data import ImageSet, normalize
 from gradinv.errors import UserError
 from gradinv.io import read_tensors, write_tensors
-from gradinv.models import batchnorm_layers
-from gradinv.stages import GRADIENT, LABELS, TRUTH, VICTIM
-from gradinv.victim import load_victim
+from gradinv.client.models import batchnorm_layers
+from gradinv.pipeline.stages import GRADIENT, LABELS, TRUTH, VICTIM
+from gradinv.client.victim import load_victim
 from tests.conftest import write_params
 
 
@@ -54,7 +54,7 @@ def test_leaked_bn_statistics_are_the_batch_statistics(tiny_project):
 def test_capture_does_not_move_the_victims_running_statistics(tiny_project):
     model, _ = load_victim(tiny_project / VICTIM)
     before = {n: bn.running_mean.clone() for n, bn in batchnorm_layers(model).items()}
-    from gradinv.client import parameter_gradients, train_mode_copy
+    from gradinv.client.step import parameter_gradients, train_mode_copy
 
     parameter_gradients(train_mode_copy(model), torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))
     for name, bn in batchnorm_layers(model).items():

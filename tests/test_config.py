@@ -1,7 +1,7 @@
 import pytest
 
-from gradinv.cli import main
-from gradinv.config import SECTIONS, build_section, load_params
+from gradinv.pipeline.cli import main
+from gradinv.pipeline.config import SECTIONS, build_section, load_params
 from gradinv.errors import UserError
 from tests.conftest import REPO, write_params
 
@@ -17,6 +17,8 @@ def test_repository_params_file_is_valid_and_complete():
     ("inversion", {"iterations": 2.5}, "'inversion.iterations' must be of type"),
     ("inversion", {"bn_prior": "maybe"}, "'inversion.bn_prior' must be one of"),
     ("inversion", {"iteratons": 10}, "unknown key 'inversion.iteratons'"),
+    ("inversion", {"device": "cpu"}, "unknown key 'inversion.device'"),  # a speed setting: engine's
+    ("engine", {"seed_batch": -1}, "'engine.seed_batch' must be non-negative"),
     ("capture", {"distinct_labels": "yes"}, "'capture.distinct_labels'"),
     ("data", {"std": [0.2, 0.0, 0.2]}, "'data.std' must be positive"),
     ("data", {"source": "imagefolder"}, "'data.train_dir' and 'data.pool_dir' are required"),
@@ -58,7 +60,7 @@ def test_paper_preset_overrides_the_sections():
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     assert raw["preset"] == "fast" and raw["presets"]["fast"] == {}
-    from gradinv.config import apply_preset
+    from gradinv.pipeline.config import apply_preset
 
     paper = {name: build_section(name, values) for name, values in apply_preset({**raw, "preset": "paper"}).items()}
     assert (paper["victim"].arch, paper["data"].resolution, paper["capture"].batch_size) == ("resnet50", 224, 8)
@@ -76,9 +78,13 @@ def test_bad_presets_are_named(tmp_path, preset, presets, fragment):
         load_params(_with_preset(tmp_path, preset, presets))
 
 
+UNLISTED_EXPERIMENTAL = {("engine", "conv_double_backward")}
+
+
 def test_params_yaml_writes_out_every_key():
     """Every knob is documented in params.yaml, and `dvc exp run -S section.key=...` can set it
-    (DVC refuses keys the file does not already have)."""
+    (DVC refuses keys the file does not already have); the experimental engine settings
+    (docs/engine.md) alone are left out on purpose."""
     import dataclasses
 
     import yaml
@@ -87,5 +93,6 @@ def test_params_yaml_writes_out_every_key():
 
     written = yaml.safe_load((REPO / "params.yaml").read_text())
     for name, cls in SECTIONS.items():
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in (written.get(name) or {})]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in (written.get(name) or {})
+                   and (name, f.name) not in UNLISTED_EXPERIMENTAL]
         assert not missing, f"params.yaml lacks {name}.{missing[0]}"

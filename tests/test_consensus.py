@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradinv.consensus import REGISTRATIONS, consensus, register
-from gradinv.metrics import psnr
+from gradinv.attack.consensus import REGISTRATIONS, consensus, register
+from gradinv.evaluation.metrics import psnr
 
 
 def _smooth_image(seed: int, size: int = 32) -> torch.Tensor:

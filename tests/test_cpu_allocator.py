@@ -1,5 +1,5 @@
-"""gradinv.cpu_allocator: freed tensor memory is reused instead of faulted in again, and invert
-asks for it on a CPU only when `inversion.keep_freed_memory` is on."""
+"""gradinv.engine.cpu_allocator: freed tensor memory is reused instead of faulted in again, and invert
+asks for it on a CPU only when `engine.keep_freed_memory` is on."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import sys
 
 import pytest
 
-from gradinv import inversion
-from gradinv.config import build_section
+from gradinv.attack import inversion
+from gradinv.engine import policy
+from gradinv.pipeline.config import build_section
 
 FAULTS_OF_A_SECOND_ALLOCATION = """
 import resource, sys, torch
-from gradinv.cpu_allocator import keep_freed_memory
+from gradinv.engine.cpu_allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 for megabytes in (24, 20):  # the second smaller: a block aligned anew needs some slack in the freed one
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -31,6 +32,7 @@ def _second_allocation(mode: str) -> tuple[bool, float]:
     return applied == "True", float(share)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_a_freed_block_is_reused_without_faulting_its_pages_in_again():
     applied, kept = _second_allocation("keep")
@@ -44,14 +46,15 @@ def test_a_freed_block_is_reused_without_faulting_its_pages_in_again():
 def test_invert_keeps_freed_memory_on_a_cpu_only_when_asked(attack, monkeypatch, keep):
     model, _, artifact, _, labels = attack
     calls = []
-    monkeypatch.setattr(inversion, "keep_freed_memory", lambda: calls.append(True))
-    config = build_section("inversion", {"iterations": 1, "seeds": 1, "device": "cpu", "keep_freed_memory": keep})
-    inversion.invert(model, artifact, sorted(labels.tolist()), config)
+    monkeypatch.setattr(policy, "keep_freed_memory", lambda: calls.append(True))
+    config = build_section("inversion", {"iterations": 1, "seeds": 1})
+    engine = build_section("engine", {"device": "cpu", "keep_freed_memory": keep})
+    inversion.invert(model, artifact, sorted(labels.tolist()), config, engine=engine)
     assert bool(calls) is keep
 
 
 def test_keep_freed_memory_must_be_a_boolean():
     from gradinv.errors import UserError
 
-    with pytest.raises(UserError, match="keep_freed_memory"):
-        build_section("inversion", {"keep_freed_memory": "yes"})
+    with pytest.raises(UserError, match="engine.keep_freed_memory"):
+        build_section("engine", {"keep_freed_memory": "yes"})

@@ -1,12 +1,10 @@
 """benchmarks/cuda_graph_check.py: how recorded differences become the same-path verdict."""
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from cuda_graph_check import graphs_agree, judged, speed_plan  # noqa: E402
+from benchmarks.common import RESULTS
+from benchmarks.cuda_graph_check import graphs_agree, judged, speed_plan
+from gradinv.pipeline.config import build_section
 
 # The shape of the differences two eager CUDA runs showed on an H100 (iteration 0, 1, 2, ...).
 EAGER_NOISE = [0.0, 5e-5, 2.6e-3, 2e-2, 1.9e-2, 3.9e-2]
@@ -37,7 +35,7 @@ def test_where_eager_repeats_itself_exactly_a_graph_must_too():
 
 
 def test_the_recorded_h100_check_passes_under_the_scripts_criteria():
-    recorded = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/cuda_graph.json").read_text())
+    recorded = json.loads((RESULTS / "cuda_graph.json").read_text())
     check = judged(recorded["check"])
     assert check["passed"] == recorded["check"]["passed"] and not check["deterministic"]
 
@@ -48,7 +46,8 @@ def test_the_speed_plan_times_the_paper_preset_first_then_the_shipped_defaults_a
     assert plan[:len(preset)] == [(8, 8, fixed) for fixed in preset] and len(preset) >= 2
     assert plan[len(preset)] == (48, 8, {})  # nothing fixed: auto seed_batch, cuda_graph, bn_double_backward
     assert all(fixed["seed_batch"] == seeds for _, seeds, fixed in plan if fixed)
-    assert not [fixed for _, seeds, fixed in plan if seeds == 1 and fixed.get("batched_seeds") == "stacked"]
+    for _, _, fixed in plan:  # every row's settings an engine section takes (cudnn_benchmark is torch's own)
+        build_section("engine", {k: v for k, v in fixed.items() if k != "cudnn_benchmark"})
     autotuned = [(batch, seeds) for batch, seeds, fixed in plan if fixed.get("cudnn_benchmark") and "conv_double_backward" not in fixed]
     assert autotuned == [(8, 8), (1, 8)]  # the default step with several seeds, once per configuration
     half = [(batch, seeds, fixed["precision"], fixed.get("conv_double_backward"), fixed["bn_double_backward"])
@@ -68,13 +67,12 @@ def test_the_speed_plan_times_the_paper_preset_first_then_the_shipped_defaults_a
     assert fused == [(8, 8, "explicit-grouped", "float32"), (8, 8, None, "float32"), (8, 8, "explicit-grouped", "float16")]
     candidates = [fixed for _, _, fixed in plan if fixed.get("cudnn_benchmark") or "precision" in fixed
                   or "conv_double_backward" in fixed or fixed.get("bn_double_backward") == "explicit-fused"]
-    assert all(fixed["cuda_graph"] and fixed["bn_double_backward"] in ("explicit", "explicit-fused")
-               and fixed["batched_seeds"] == "vmap" for fixed in candidates)
+    assert all(fixed["cuda_graph"] and fixed["bn_double_backward"] in ("explicit", "explicit-fused") for fixed in candidates)
 
 
 def test_the_focused_plan_is_the_paper_presets_default_step_and_its_candidates():
     default = next(fixed for batch, seeds, fixed in speed_plan() if (batch, seeds) == (8, 8) and fixed["cuda_graph"]
-                   and fixed["bn_double_backward"] == "explicit" and fixed["batched_seeds"] == "vmap")
+                   and fixed["bn_double_backward"] == "explicit")
     focused = speed_plan(focus=True)
     assert focused[0] == (8, 8, default) and all((batch, seeds) == (8, 8) for batch, seeds, _ in focused)
     as_default = lambda fixed: {**fixed, "bn_double_backward": "explicit"} if fixed["bn_double_backward"] == "explicit-fused" else fixed  # noqa: E731

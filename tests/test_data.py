@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from gradinv.config import build_section
-from gradinv.data import PHOTOS, denormalize, load_meta, load_set, make_imagefolder, make_photos, normalize, prepare
+from gradinv.pipeline.config import build_section
+from gradinv.client.data import PHOTOS, denormalize, load_meta, load_set, make_imagefolder, make_photos, normalize, prepare
 from gradinv.errors import UserError
 
 

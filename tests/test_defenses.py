@@ -7,18 +7,18 @@ import math
 import pytest
 import torch
 
-from gradinv import defenses
-from gradinv.artifacts import load_gradient, save_gradient
-from gradinv.capture import TRUTH_FILE, capture, client_update, draw_batch
-from gradinv.client import train_mode_copy
-from gradinv.config import build_section
-from gradinv.data import load_set, normalize
+from gradinv.client import defenses
+from gradinv.client.artifacts import load_gradient, save_gradient
+from gradinv.client.capture import TRUTH_FILE, capture, client_update, draw_batch
+from gradinv.client.step import train_mode_copy
+from gradinv.pipeline.config import build_section
+from gradinv.client.data import load_set, normalize
 from gradinv.errors import UserError
 from gradinv.io import read_tensors
-from gradinv.labels import defense_warnings
-from gradinv.objective import Objective
-from gradinv.stages import GRADIENT, SETS, TRUTH, VICTIM
-from gradinv.victim import load_victim
+from gradinv.attack.labels import defense_warnings
+from gradinv.attack.objective import Objective
+from gradinv.pipeline.stages import GRADIENT, SETS, TRUTH, VICTIM
+from gradinv.client.victim import load_victim
 
 
 def _grads(seed=0, scale=3.0):
@@ -87,6 +87,7 @@ def test_bad_defense_params_name_the_entry(bad, message):
     assert "capture.defenses[0]" in str(caught.value)
 
 
+@pytest.mark.slow
 def test_secure_aggregation_is_the_mean_of_the_clients_gradients(project_copy):
     config = build_section("capture", {"batch_size": 4, "seed": 1, "aggregation_clients": 3, "bn_leak": "none"})
     capture(config, project_copy / SETS, project_copy / VICTIM, project_copy / "agg/gradient", project_copy / "agg/truth")
@@ -127,6 +128,7 @@ def test_a_defended_artifact_round_trips_and_a_false_declaration_is_rejected(pro
     assert all(torch.equal(back.grads[n], g) for n, g in artifact.grads.items())
 
 
+@pytest.mark.slow
 def test_the_pruning_aware_attack_matches_only_the_transmitted_entries(project_copy):
     model, meta = load_victim(project_copy / VICTIM)
     truth = read_tensors(project_copy / TRUTH / TRUTH_FILE, "truth")
@@ -155,15 +157,16 @@ def test_label_recovery_says_when_a_defense_breaks_its_assumptions():
     assert any("strategy 'counts'" in w for w in defense_warnings("counts", [{"kind": "clip", "norm": 1.0, "known_to_attacker": True}], 1))
 
 
+@pytest.mark.slow
 def test_capture_stage_with_defenses_feeds_labels_and_inversion(project_copy):
-    from gradinv.config import load_params
-    from gradinv.stages import STAGES
+    from gradinv.pipeline.config import load_params
+    from gradinv.pipeline.stages import STAGES
     from tests.conftest import write_params
 
     params = load_params(write_params(project_copy / "params.yaml", {"capture": {
         "defenses": [{"kind": "clip", "norm": 1.0}, {"kind": "gaussian", "sigma": 1e-4}, {"kind": "topk", "keep": 0.5}]}}))
     for name in ("capture", "labels", "invert"):
-        STAGES[name].run(params[STAGES[name].section], project_copy, None)
+        STAGES[name].run(params[STAGES[name].section], project_copy, None, params["engine"])
     import json
 
     declared = json.loads((project_copy / GRADIENT / "gradient.json").read_text())["defenses"]
@@ -182,8 +185,8 @@ def _victim_batch(project):
 
 
 def test_per_example_clipping_bounds_every_samples_gradient(tiny_project):
-    from gradinv.capture import clip_per_example
-    from gradinv.client import parameter_gradients, per_example_gradients
+    from gradinv.client.capture import clip_per_example
+    from gradinv.client.step import parameter_gradients, per_example_gradients
 
     model, images, labels, fields = _victim_batch(tiny_project)
     client = train_mode_copy(model)
@@ -204,8 +207,9 @@ def test_per_example_clipping_bounds_every_samples_gradient(tiny_project):
     assert all(torch.allclose(loose.grads[n], g, rtol=1e-3, atol=1e-5) for n, g in batch.items())
 
 
+@pytest.mark.slow
 def test_the_attackers_fedavg_replay_reproduces_the_clients_update(tiny_project):
-    from gradinv.client import local_update
+    from gradinv.client.step import local_update
 
     model, images, labels, fields = _victim_batch(tiny_project)
     fedavg = {"kind": "fedavg", "steps": 2, "lr": 0.01, "batch_size": 2}
@@ -220,16 +224,16 @@ def test_the_attackers_fedavg_replay_reproduces_the_clients_update(tiny_project)
     assert aware < 1e-4 * plain  # the aware attack's objective vanishes at the true batch; the plain one does not
     with pytest.raises(UserError, match="FedAvg"):  # the replay cannot run under vmap: one clear sentence
         Objective(train_mode_copy(model), shared, labels, config).batched_terms(images.unsqueeze(0).repeat(2, 1, 1, 1, 1))
-    from gradinv.inversion import invert
+    from gradinv.attack.inversion import invert
 
-    settings = {"bn_prior": "none", "iterations": 2, "seeds": 2, "device": "cpu"}
-    eager = invert(model, shared, labels.tolist(), build_section("inversion", settings))
-    graphed = invert(model, shared, labels.tolist(), build_section("inversion", {**settings, "cuda_graph": True}))
+    config = build_section("inversion", {"bn_prior": "none", "iterations": 2, "seeds": 2})
+    eager = invert(model, shared, labels.tolist(), config, engine=build_section("engine", {"device": "cpu"}))
+    graphed = invert(model, shared, labels.tolist(), config, engine=build_section("engine", {"device": "cpu", "cuda_graph": True}))
     assert torch.equal(graphed.images, eager.images)  # a speed setting: the replay runs eagerly, as seed_batch's auto does
 
 
 def test_labels_are_read_from_a_fedavg_update(tiny_project):
-    from gradinv.labels import yin_labels
+    from gradinv.attack.labels import yin_labels
 
     model, images, labels, fields = _victim_batch(tiny_project)
     update = client_update(model, images, labels, "none", fields,

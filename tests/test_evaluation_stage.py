@@ -7,17 +7,17 @@ import pytest
 import torch
 import torchvision
 
-from gradinv.capture import TRUTH_FILE
-from gradinv.config import build_section
-from gradinv.data import load_set, normalize
+from gradinv.client.capture import TRUTH_FILE
+from gradinv.pipeline.config import build_section
+from gradinv.client.data import load_set, normalize
 from gradinv.errors import UserError
-from gradinv.evaluate import LPIPS_MISSING, Scorer
+from gradinv.evaluation.evaluate import LPIPS_MISSING, Scorer
 from gradinv.io import read_tensors, write_tensors
-from gradinv.metrics import fft2d_distance, iip_hits, match, psnr, registered_psnr
-from gradinv.models import penultimate_features
-from gradinv.perceptual import load_lpips, pairwise
-from gradinv.stages import EVAL, SETS, TRUTH, VICTIM
-from gradinv.victim import load_victim
+from gradinv.evaluation.metrics import fft2d_distance, iip_hits, match, psnr, registered_psnr
+from gradinv.client.models import penultimate_features
+from gradinv.evaluation.perceptual import load_lpips, pairwise
+from gradinv.pipeline.stages import EVAL, SETS, TRUTH, VICTIM
+from gradinv.client.victim import load_victim
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_stage_outputs_report_lpips_as_not_computed_and_a_self_contained_html(ti
 
 
 def test_gallery_subset_keeps_the_batchs_originals(tiny_project):
-    from gradinv.evaluate import _gallery
+    from gradinv.evaluation.evaluate import _gallery
 
     pool_index = read_tensors(tiny_project / TRUTH / TRUTH_FILE, "truth")["pool_index"]
     pool_size = len(load_set(tiny_project / SETS, "pool").labels)

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 import torchvision
 from safetensors.torch import save_file
 
-from gradinv.artifacts import load_gradient
-from gradinv.cli import main
+from gradinv.client.artifacts import load_gradient
+from gradinv.pipeline.cli import main
 from gradinv.io import read_tensors
-from gradinv.stages import GRADIENT, INVERT, LABELS, TRUTH, VICTIM
-from gradinv.victim import load_victim
+from gradinv.pipeline.stages import GRADIENT, INVERT, LABELS, TRUTH, VICTIM
+from gradinv.client.victim import load_victim
 from tests.conftest import write_params
 
 CLASSES, BATCH, SIZE, LR = 10, 4, 16, 0.1
@@ -63,6 +63,7 @@ def _import(root, tensor_file, weights, *extra) -> int:
                  "--root", str(root), *extra])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bn_leak", ["none", "exact"])
 def test_imported_gradient_runs_labels_and_inversion(client, tmp_path, capsys, bn_leak):
     tensors = dict(client["grads"]) | (client["bn"] if bn_leak == "exact" else {})

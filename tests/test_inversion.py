@@ -3,11 +3,12 @@ import dataclasses
 import pytest
 import torch
 
-from gradinv.client import train_mode_copy
-from gradinv.config import build_section
+from gradinv.client.step import train_mode_copy
+from gradinv.pipeline.config import build_section
 from gradinv.errors import UserError
-from gradinv.inversion import invert, learning_rate, pixel_box, seed_batch, tf32_matmuls
-from gradinv.objective import LOSS_TERMS, Objective
+from gradinv.attack.inversion import invert, learning_rate, pixel_box
+from gradinv.engine.policy import plan_step, tf32_matmuls
+from gradinv.attack.objective import LOSS_TERMS, Objective
 
 
 def test_attackers_gradient_of_the_true_batch_reproduces_the_capture(attack):
@@ -29,11 +30,12 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert rates[-1] < 1e-3
 
 
+@pytest.mark.slow
 def test_inversion_is_deterministic_lowers_the_loss_and_stays_in_the_pixel_box(attack):
     model, meta, artifact, _, labels = attack
-    config = build_section("inversion", {"iterations": 12, "seeds": 2, "warmup": 2, "log_every": 1, "device": "cpu"})
-    first = invert(model, artifact, sorted(labels.tolist()), config)
-    second = invert(model, artifact, sorted(labels.tolist()), config)
+    config = build_section("inversion", {"iterations": 12, "seeds": 2, "warmup": 2, "log_every": 1})
+    first = invert(model, artifact, sorted(labels.tolist()), config, engine=_engine())
+    second = invert(model, artifact, sorted(labels.tolist()), config, engine=_engine())
     assert torch.equal(first.images, second.images)
     assert first.images.shape == (2, 4, 3, 16, 16)
     assert not torch.equal(first.images[0], first.images[1])  # seeds start from different noise
@@ -59,20 +61,26 @@ def test_wrong_number_of_labels_is_refused(attack):
 
 
 def _config(**values):
-    return build_section("inversion", {"iterations": 10, "seeds": 2, "warmup": 2, "log_every": 1, "device": "cpu", **values})
+    return build_section("inversion", {"iterations": 10, "seeds": 2, "warmup": 2, "log_every": 1, **values})
+
+
+def _engine(**values):
+    return build_section("engine", {"device": "cpu", **values})
 
 
 class Interrupted(Exception):
     pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seeds_run", [{}, {"seed_batch": 2}], ids=["auto", "batched"])
 def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_images(attack, tmp_path, seeds_run):
     model, _, artifact, _, labels = attack
     labels = sorted(labels.tolist())
     config = _config(checkpoint_every=3, langevin=0.2, jitter=1, flip=True, alpha_group=0.01, group_start=2,
-                     group_refresh=2, **seeds_run)
-    uninterrupted = invert(model, artifact, labels, config)
+                     group_refresh=2)
+    engine = _engine(**seeds_run)
+    uninterrupted = invert(model, artifact, labels, config, engine=engine)
 
     def crash_at_step_7(step, _values):
         if step == 7:
@@ -80,32 +88,34 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_images(attac
 
     checkpoint = tmp_path / "run.safetensors"
     with pytest.raises(Interrupted):
-        invert(model, artifact, labels, config, crash_at_step_7, checkpoint, "key")
+        invert(model, artifact, labels, config, crash_at_step_7, checkpoint, "key", engine)
     assert checkpoint.is_file()  # saved after iteration 6
-    resumed = invert(model, artifact, labels, config, None, checkpoint, "key")
+    resumed = invert(model, artifact, labels, config, None, checkpoint, "key", engine)
     assert torch.equal(resumed.images, uninterrupted.images)
     assert resumed.log == uninterrupted.log
 
-    other = invert(model, artifact, labels, config, None, checkpoint, "another run")  # key mismatch: start over
+    other = invert(model, artifact, labels, config, None, checkpoint, "another run", engine)  # key mismatch: start over
     assert torch.equal(other.images, uninterrupted.images)
 
 
+@pytest.mark.slow
 def test_langevin_jitter_and_flips_are_seeded_and_change_the_path(attack):
     model, _, artifact, _, labels = attack
     labels = sorted(labels.tolist())
-    plain = invert(model, artifact, labels, _config(iterations=4))
-    noisy = invert(model, artifact, labels, _config(iterations=4, langevin=0.2, jitter=2, flip=True))
-    again = invert(model, artifact, labels, _config(iterations=4, langevin=0.2, jitter=2, flip=True))
+    plain = invert(model, artifact, labels, _config(iterations=4), engine=_engine())
+    noisy = invert(model, artifact, labels, _config(iterations=4, langevin=0.2, jitter=2, flip=True), engine=_engine())
+    again = invert(model, artifact, labels, _config(iterations=4, langevin=0.2, jitter=2, flip=True), engine=_engine())
     assert torch.equal(noisy.images, again.images)
     assert not torch.equal(noisy.images, plain.images)
 
 
+@pytest.mark.slow
 def test_group_term_pulls_the_seeds_together(attack):
     model, _, artifact, _, labels = attack
     labels = sorted(labels.tolist())
     spread = lambda result: (result.images[0] - result.images[1]).norm().item()  # noqa: E731
-    free = invert(model, artifact, labels, _config(iterations=8, lr=0.05))
-    pulled = invert(model, artifact, labels, _config(iterations=8, lr=0.05, alpha_group=50.0, group_refresh=1))
+    free = invert(model, artifact, labels, _config(iterations=8, lr=0.05), engine=_engine())
+    pulled = invert(model, artifact, labels, _config(iterations=8, lr=0.05, alpha_group=50.0, group_refresh=1), engine=_engine())
     assert spread(pulled) < spread(free)
     assert all(row["group"] == 0.0 for row in free.log) and any(row["group"] > 0 for row in pulled.log)
 
@@ -120,7 +130,7 @@ def test_every_gradient_distance_vanishes_at_the_true_batch(attack, kind):
 
 @pytest.mark.parametrize("squared", [False, True])
 def test_layer_distance_is_the_norm_of_the_difference_in_value_and_gradient(squared):
-    from gradinv.objective import layer_distance
+    from gradinv.attack.objective import layer_distance
 
     generator = torch.Generator().manual_seed(3)
     grad = torch.randn(64, 32, 3, 3, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -133,7 +143,7 @@ def test_layer_distance_is_the_norm_of_the_difference_in_value_and_gradient(squa
 
 
 def test_a_layer_matched_exactly_gets_a_zero_gradient_not_nan():
-    from gradinv.objective import layer_distance
+    from gradinv.attack.objective import layer_distance
 
     target = torch.randn(10)
     grad = target.clone().requires_grad_(True)
@@ -143,7 +153,7 @@ def test_a_layer_matched_exactly_gets_a_zero_gradient_not_nan():
 
 
 def test_layer_weights_scale_the_matching_layers():
-    from gradinv.objective import gradient_distance
+    from gradinv.attack.objective import gradient_distance
 
     grads = {"fc.weight": torch.ones(2), "conv1.weight": torch.ones(3)}
     target = {n: torch.zeros_like(g) for n, g in grads.items()}
@@ -173,7 +183,7 @@ def test_per_channel_distances_are_the_per_layer_formulas_in_a_few_operations_pe
     """bn_distance and gradient_distance stack one-dimensional layers of one shape and weight: the
     same values and input gradients as each layer's own norm, and as many operations for 12
     layers of a shape as for 3."""
-    from gradinv.objective import bn_distance, gradient_distance
+    from gradinv.attack.objective import bn_distance, gradient_distance
 
     generator = torch.Generator().manual_seed(0)
     widths = [8, 16, 8, 16, 4, 8, 16, 8, 4, 16, 8, 8]
@@ -208,6 +218,7 @@ def test_per_channel_distances_are_the_per_layer_formulas_in_a_few_operations_pe
     assert many(12) == many(3)
 
 
+@pytest.mark.slow
 def test_batched_seeds_give_each_seed_the_terms_and_image_gradient_of_its_own_step(attack):
     """vmap over seeds = the seed-by-seed objective, term by term and in d/dx, with per-seed BN
     statistics (a stacked batch would pool them), a consensus and a different view per seed."""
@@ -230,19 +241,31 @@ def test_batched_seeds_give_each_seed_the_terms_and_image_gradient_of_its_own_st
     assert batched["grad"][0].item() != pytest.approx(batched["grad"][1].item(), rel=1e-3)  # the seeds differ
 
 
-def test_auto_seed_batching_stacks_seeds_on_cuda_only_up_to_the_image_budget():
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    config = _config(seeds=8)
-    assert seed_batch(config, cuda, 8) == 8 and seed_batch(config, cuda, 16) == 4 and seed_batch(config, cuda, 48) == 1
-    assert seed_batch(config, cuda, 1) == 8  # never more than the seeds
-    assert seed_batch(config, cpu, 8) == 1 and seed_batch(config, cuda, 8, can_batch=False) == 1
-    assert seed_batch(_config(seeds=8, channels_last=True), cuda, 8) == 1
-    assert seed_batch(_config(seeds=8, seed_batch=3), cpu, 48) == 3  # an explicit choice wins
-    with pytest.raises(UserError, match="channels_last"):
-        _config(seed_batch=2, channels_last=True)
-    stacked = _config(seeds=8, channels_last=True, batched_seeds="stacked")  # stacked seeds keep the layout
-    assert seed_batch(stacked, cuda, 8) == 8
-    assert seed_batch(_config(seeds=8, seed_batch=2, channels_last=True, batched_seeds="stacked"), cpu, 8) == 2
+def test_auto_seed_batching_stacks_seeds_on_cuda_only_up_to_the_image_budget(monkeypatch):
+    from gradinv.engine import policy
+
+    monkeypatch.setattr(policy, "resolve_device", torch.device)  # "cuda" without a GPU
+    cuda, cpu = build_section("engine", {"device": "cuda"}), _engine()
+    per_call = lambda engine, batch_size, fedavg=False: plan_step(engine, 8, batch_size, fedavg).seeds_per_call  # noqa: E731
+    assert per_call(cuda, 8) == 8 and per_call(cuda, 16) == 4 and per_call(cuda, 48) == 1
+    assert per_call(cuda, 1) == 8  # never more than the seeds
+    assert per_call(cpu, 8) == 1 and per_call(cuda, 8, fedavg=True) == 1
+    assert per_call(_engine(seed_batch=3), 48) == 3  # an explicit choice wins
+    assert plan_step(_engine(seed_batch=3), 2, 48, False).seeds_per_call == 2  # never more than the seeds
+    assert plan_step(cuda, 8, 8, False).shrink_if_out_of_memory  # auto's choice may be halved
+    assert not plan_step(build_section("engine", {"device": "cuda", "seed_batch": 4}), 8, 8, False).shrink_if_out_of_memory
+
+
+def test_auto_seed_workers_put_seeds_on_threads_on_a_cpu_only_when_they_step_one_by_one(monkeypatch):
+    from gradinv.engine import policy
+
+    monkeypatch.setattr(policy, "resolve_device", torch.device)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    workers = lambda engine, seeds: plan_step(engine, seeds, 4, False).workers  # noqa: E731
+    assert workers(_engine(), 8) == 4 and workers(_engine(), 2) == 2  # one thread per seed up to torch's budget
+    assert workers(build_section("engine", {"device": "cuda", "cuda_graph": False, "seed_batch": 1}), 8) == 1
+    assert workers(_engine(seed_workers=3), 8) == 3 and workers(_engine(seed_workers=3), 2) == 2  # explicit, capped
+    assert workers(_engine(seed_workers=3, seed_batch=2), 8) == 1  # batched seeds run in one call
 
 
 def test_tf32_setting_is_restored_after_the_run():
@@ -252,20 +275,21 @@ def test_tf32_setting_is_restored_after_the_run():
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
 
 
-def test_seeds_on_threads_batched_seeds_and_channels_last_follow_the_same_path_as_the_plain_loop(attack):
+@pytest.mark.slow
+def test_seeds_on_threads_and_batched_seeds_follow_the_same_path_as_the_plain_loop(attack):
     """The speed settings change how the step runs, not what it computes: the loss path agrees to
     float precision. (Single pixels may drift further: where a pixel's gradient is ~0, Adam's
     normalised step turns float noise into steps of size lr; the images agree on average, and the
     unweighted gradient distance of one seed can differ by tens of percent after 6 steps.)"""
     model, _, artifact, _, labels = attack
     labels = sorted(labels.tolist())
-    loop = invert(model, artifact, labels, _config(iterations=6, seeds=3, seed_workers=1))
-    threaded = invert(model, artifact, labels, _config(iterations=6, seeds=3, seed_workers=3))
-    nhwc = invert(model, artifact, labels, _config(iterations=6, seeds=3, seed_workers=1, channels_last=True))
-    batched = invert(model, artifact, labels, _config(iterations=6, seeds=3, seed_batch=2))  # chunks of 2 and 1
-    # measured: 1 %, 4 % and 7 % of the movement here (batched: 0.2 % on the default trained victim)
-    # and the logged totals to 0.1 %, 1 % and 2 %
-    for other, bound, total_rel in ((threaded, 0.03, 0.01), (nhwc, 0.06, 0.01), (batched, 0.1, 0.03)):
+    config = _config(iterations=6, seeds=3)
+    loop = invert(model, artifact, labels, config, engine=_engine(seed_workers=1))
+    threaded = invert(model, artifact, labels, config, engine=_engine(seed_workers=3))
+    batched = invert(model, artifact, labels, config, engine=_engine(seed_batch=2))  # chunks of 2 and 1
+    # measured: 1 % and 7 % of the movement here (batched: 0.2 % on the default trained victim)
+    # and the logged totals to 0.1 % and 2 %
+    for other, bound, total_rel in ((threaded, 0.03, 0.01), (batched, 0.1, 0.03)):
         moved = (loop.images - loop.initial).abs().mean().item()
         assert (other.images - loop.images).abs().mean().item() < bound * moved
         assert [(r["iteration"], r["seed"]) for r in other.log] == [(r["iteration"], r["seed"]) for r in loop.log]

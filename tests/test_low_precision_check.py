@@ -1,14 +1,12 @@
 """benchmarks/low_precision_check.py: every path and precision compared with the float32 reference."""
 
-import sys
-from pathlib import Path
-
+import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from benchmarks import low_precision_check
+from benchmarks.low_precision_check import PATHS, PRECISIONS, SEEDS, compare, precisions_on, terms_and_image_gradient
 
-import low_precision_check  # noqa: E402
-from low_precision_check import PATHS, PRECISIONS, SEEDS, compare, precisions_on, terms_and_image_gradient  # noqa: E402
+pytestmark = pytest.mark.slow
 
 
 def test_every_path_and_precision_gets_a_row_and_float32_paths_agree_with_the_reference(attack):

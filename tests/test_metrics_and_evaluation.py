@@ -6,8 +6,8 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from gradinv.metrics import label_accuracy, match, psnr, ssim
-from gradinv.stages import EVAL
+from gradinv.evaluation.metrics import label_accuracy, match, psnr, ssim
+from gradinv.pipeline.stages import EVAL
 
 
 def test_psnr_and_ssim_agree_with_scikit_image():

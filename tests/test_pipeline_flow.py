@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.pipeline import main, pipeline
-from gradinv.stages import EVAL, STAGES
+from gradinv.pipeline.stages import EVAL, STAGES
 from tasks.tracking import EXPERIMENT, tracking_uri
 from tests.conftest import write_params
 
@@ -15,6 +15,7 @@ def _computed(results):
     return [name for name in STAGES if not results[name]["cached"]]
 
 
+@pytest.mark.slow
 def test_flow_runs_every_stage_then_caches_and_reruns_only_what_changed(tmp_path, prefect_api_url):
     params = write_params(tmp_path / "params.yaml")
     first = pipeline(str(params), str(tmp_path))

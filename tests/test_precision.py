@@ -1,14 +1,15 @@
-"""inversion.precision: the objective under autocast to a half type."""
+"""engine.precision: the objective under autocast to a half type."""
 
 import pytest
 import torch
 
-from gradinv.client import train_mode_copy
-from gradinv.config import build_section
+from gradinv.client.step import train_mode_copy
+from gradinv.pipeline.config import build_section
 from gradinv.errors import UserError
-from gradinv.inversion import invert, pixel_box, refuse_non_finite, seed_runner
-from gradinv.objective import LOSS_TERMS, Objective, explicit_bn_double_backward
-from gradinv.seed_step import SeedStep
+from gradinv.attack.inversion import invert, pixel_box, refuse_non_finite
+from gradinv.attack.objective import LOSS_TERMS, Objective
+from gradinv.engine.policy import StepPlan, attacker_model, explicit_bn_double_backward, seed_runner
+from gradinv.engine.seed_step import SeedStep
 
 SEEDS = 2
 
@@ -17,18 +18,22 @@ def _gradients(attack, precision: str, per_chunk: int, workers: int):
     """One step's image gradients and loss terms of SEEDS seeds from the same start, in `precision`,
     seeds batched `per_chunk` at a time (1: one by one, on `workers` threads)."""
     model, _, artifact, images, labels = attack
-    config = build_section("inversion", {"seeds": SEEDS, "device": "cpu", "precision": precision})
-    objectives = [Objective(train_mode_copy(model), artifact, labels, config) for _ in range(SEEDS)]
+    config = build_section("inversion", {"seeds": SEEDS})
+    engine = build_section("engine", {"device": "cpu", "precision": precision})
+    cpu = torch.device("cpu")
+    objectives = [Objective(attacker_model(train_mode_copy(model), engine, cpu, SEEDS), artifact, labels, config)
+                  for _ in range(SEEDS)]
     start = torch.randn((SEEDS, *images.shape), generator=torch.Generator().manual_seed(0))
-    step = SeedStep(objectives, start, config, pixel_box(artifact.meta["mean"], artifact.meta["std"], "cpu"),
-                    per_chunk, torch.contiguous_format, graphed=False)
+    step = SeedStep(objectives, start, config, engine, pixel_box(artifact.meta["mean"], artifact.meta["std"], "cpu"),
+                    StepPlan(cpu, per_chunk, workers, False, shrink_if_out_of_memory=False))
     step.fill(config.lr, [(0, 0, False)] * SEEDS)
     with seed_runner(workers) as run_seeds:
         terms = step._gradients(None, run_seeds)
     return step.images.grad.clone(), terms
 
 
-@pytest.mark.parametrize("per_chunk, workers", [(1, 2), (SEEDS, 1)], ids=["seeds on threads", "seeds vmapped"])
+@pytest.mark.parametrize("per_chunk, workers", [(1, 2), pytest.param(SEEDS, 1, marks=pytest.mark.slow)],
+                         ids=["seeds on threads", "seeds vmapped"])
 def test_half_precision_reaches_every_seed_on_every_path_and_the_terms_come_back_in_float32(attack, per_chunk, workers):
     exact, _ = _gradients(attack, "float32", per_chunk, workers)
     again, _ = _gradients(attack, "float32", per_chunk, workers)
@@ -41,27 +46,28 @@ def test_half_precision_reaches_every_seed_on_every_path_and_the_terms_come_back
 
 
 def test_half_precision_takes_the_explicit_batchnorm_and_refuses_pytorchs_under_vmap():
-    half = build_section("inversion", {"precision": "float16"})
-    assert explicit_bn_double_backward(half, torch.device("cpu"))
-    assert not explicit_bn_double_backward(build_section("inversion", {}), torch.device("cpu"))
-    with pytest.raises(UserError, match="precision' float16 cannot run PyTorch's BatchNorm with the seeds batched"):
-        build_section("inversion", {"precision": "float16", "bn_double_backward": "pytorch"})
-    build_section("inversion", {"precision": "float16", "bn_double_backward": "pytorch", "seed_batch": 1})
-    build_section("inversion", {"precision": "float16", "bn_double_backward": "pytorch", "batched_seeds": "stacked"})
-    with pytest.raises(UserError, match="'inversion.precision' must be"):
-        build_section("inversion", {"precision": "float64"})
+    half = build_section("engine", {"precision": "float16"})
+    assert explicit_bn_double_backward(half, torch.device("cpu"), 1)
+    assert not explicit_bn_double_backward(build_section("engine", {}), torch.device("cpu"), 1)
+    with pytest.raises(UserError, match="'engine.precision' float16 cannot run PyTorch's BatchNorm with the seeds batched"):
+        build_section("engine", {"precision": "float16", "bn_double_backward": "pytorch"})
+    build_section("engine", {"precision": "float16", "bn_double_backward": "pytorch", "seed_batch": 1})
+    with pytest.raises(UserError, match="'engine.precision' must be"):
+        build_section("engine", {"precision": "float64"})
+    with pytest.raises(UserError, match="unknown key 'inversion.precision'"):
+        build_section("inversion", {"precision": "float16"})
 
 
 def test_a_non_finite_loss_term_stops_the_inversion_in_one_sentence_naming_its_cause():
     values = {k: [1.0, 2.0] for k in LOSS_TERMS}
-    refuse_non_finite(values, 25, build_section("inversion", {}))  # finite: nothing to say
+    refuse_non_finite(values, 25, build_section("engine", {}))  # finite: nothing to say
     values["grad"][1] = float("nan")
-    with pytest.raises(UserError, match=r"non-finite at iteration 25 \(seed 1, term 'grad'\) under inversion.precision "
+    with pytest.raises(UserError, match=r"non-finite at iteration 25 \(seed 1, term 'grad'\) under engine.precision "
                                         r"bfloat16, whose range or rounding it exceeded; use float32\.$"):
-        refuse_non_finite(values, 25, build_section("inversion", {"precision": "bfloat16"}))
+        refuse_non_finite(values, 25, build_section("engine", {"precision": "bfloat16"}))
     values["grad"][1] = float("inf")
     with pytest.raises(UserError, match=r"\(seed 1, term 'grad'\); lower inversion.lr, or check the gradient file\.$"):
-        refuse_non_finite(values, 25, build_section("inversion", {}))
+        refuse_non_finite(values, 25, build_section("engine", {}))
 
 
 def _spoiled_run_then_resumed(attack, tmp_path, monkeypatch, log_every: int, spoiled_call: int, spoil, stops: str):
@@ -69,8 +75,9 @@ def _spoiled_run_then_resumed(attack, tmp_path, monkeypatch, log_every: int, spo
     later one) is spoiled by spoil(step, terms), which must stop it with the message `stops`; then
     the same run resumed with honest steps. Returns (steps taken by both runs, the resumed result)."""
     model, _, artifact, _, labels = attack
-    config = build_section("inversion", {"iterations": 8, "seeds": SEEDS, "device": "cpu", "log_every": log_every,
+    config = build_section("inversion", {"iterations": 8, "seeds": SEEDS, "log_every": log_every,
                                          "registration": "none", "checkpoint_every": 2})
+    engine = build_section("engine", {"device": "cpu"})
     honest, calls = SeedStep.step, []
 
     def spoiled(self, *args):
@@ -83,13 +90,14 @@ def _spoiled_run_then_resumed(attack, tmp_path, monkeypatch, log_every: int, spo
     monkeypatch.setattr(SeedStep, "step", spoiled)
     checkpoint = tmp_path / "run.safetensors"
     with pytest.raises(UserError, match=stops):
-        invert(model, artifact, labels.tolist(), config, None, checkpoint, "key")
+        invert(model, artifact, labels.tolist(), config, None, checkpoint, "key", engine)
     assert len(calls) == spoiled_call  # stopped at once
     monkeypatch.setattr(SeedStep, "step", lambda self, *args: (calls.append(1), honest(self, *args))[1])
-    resumed = invert(model, artifact, labels.tolist(), config, None, checkpoint, "key")
+    resumed = invert(model, artifact, labels.tolist(), config, None, checkpoint, "key", engine)
     return len(calls), resumed
 
 
+@pytest.mark.slow
 def test_an_inversion_whose_objective_turns_non_finite_stops_there_and_keeps_its_last_checkpoint(attack, tmp_path, monkeypatch):
     def overflowed(step, terms):  # as bfloat16 does on this 16 px model from some random starts (both BatchNorms)
         terms["grad"] = torch.full_like(terms["grad"], float("inf"))
@@ -101,6 +109,7 @@ def test_an_inversion_whose_objective_turns_non_finite_stops_there_and_keeps_its
     assert steps == 5 + 4 and sorted({row["iteration"] for row in resumed.log}) == list(range(8))
 
 
+@pytest.mark.slow
 def test_images_gone_non_finite_between_logged_iterations_never_overwrite_the_last_checkpoint(attack, tmp_path, monkeypatch):
     def nan_pixel(step, terms):
         with torch.no_grad():
@@ -114,22 +123,3 @@ def test_images_gone_non_finite_between_logged_iterations_never_overwrite_the_la
     # resumed from the checkpoint of iteration 2 (iterations 2-7 taken again), to finite images
     assert steps == 4 + 6 and torch.isfinite(resumed.images).all()
 
-
-def test_the_stacked_models_own_check_runs_in_float32_under_half_precision(attack, monkeypatch):
-    model, _, artifact, images, labels = attack
-    config = build_section("inversion", {"seeds": SEEDS, "device": "cpu", "precision": "bfloat16",
-                                         "batched_seeds": "stacked", "seed_batch": SEEDS})
-    objective = Objective(train_mode_copy(model), artifact, labels, config)
-    under_autocast = []
-    forward = type(objective.model).forward
-
-    def recorded(self, x):
-        if self is objective.model:  # the model's own logits, against which the stacked model is checked
-            under_autocast.append(torch.is_autocast_enabled("cpu"))
-        return forward(self, x)
-
-    monkeypatch.setattr(type(objective.model), "forward", recorded)
-    xs = torch.randn((SEEDS, *images.shape), generator=torch.Generator().manual_seed(0))
-    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
-        objective.batched_terms(xs)
-    assert under_autocast == [False] * SEEDS

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 import torchvision
 import yaml
 from PIL import Image
 
-from gradinv.config import load_params
-from gradinv.stages import STAGES
+from gradinv.pipeline.config import load_params
+from gradinv.pipeline.stages import STAGES
 from tests.conftest import REPO
 
 CLASSES = [f"n{i:08d}" for i in range(9)]  # synset-style folder names, as in ImageNet
@@ -26,6 +27,7 @@ def _tree(root, per_class, rng):
             Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / name / f"{name}_{i}.JPEG")
 
 
+@pytest.mark.slow
 def test_paper_preset_runs_on_an_imagefolder_and_a_pth_weights_file(tmp_path):
     rng = np.random.default_rng(0)
     _tree(tmp_path / "imagenet/train", 1, rng)
@@ -48,7 +50,7 @@ def test_paper_preset_runs_on_an_imagefolder_and_a_pth_weights_file(tmp_path):
 
     project = tmp_path / "project"
     for name in ("prepare", "train", "capture", "labels"):
-        STAGES[name].run(params[STAGES[name].section], project, None)
+        STAGES[name].run(params[STAGES[name].section], project, None, params["engine"])
 
     victim = json.loads((project / "data/victim/model.json").read_text())
     assert victim["arch"] == "resnet50" and victim["input_shape"] == [3, 224, 224]

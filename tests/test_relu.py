@@ -1,13 +1,14 @@
-"""gradinv.relu: the attacker's ReLU, its mask a constant to the second derivative."""
+"""gradinv.engine.relu: the attacker's ReLU, its mask a constant to the second derivative."""
 
 import pytest
 import torch
 from torch import nn
 
-from gradinv.client import train_mode_copy
-from gradinv.config import build_section
-from gradinv.objective import LOSS_TERMS, Objective
-from gradinv.relu import DetachedMaskReLU, _ReLU
+from gradinv.client.step import train_mode_copy
+from gradinv.pipeline.config import build_section
+from gradinv.attack.objective import LOSS_TERMS, Objective
+from gradinv.engine.policy import attacker_model
+from gradinv.engine.relu import DetachedMaskReLU, _ReLU
 
 
 def test_first_and_second_derivatives_match_finite_differences():
@@ -22,12 +23,12 @@ def test_the_objective_and_its_image_gradient_are_those_of_torchs_relu(attack, b
     model, _, artifact, images, labels = attack
     xs = torch.stack([images, torch.randn(images.shape, generator=torch.Generator().manual_seed(1))]).requires_grad_(True)
     config = build_section("inversion", {})
-    ours = Objective(train_mode_copy(model), artifact, labels, config)
-    reference = Objective(train_mode_copy(model), artifact, labels, config)
-    relus = [m for m in reference.model.modules() if type(m) is DetachedMaskReLU]
-    assert relus  # the victim has ReLU modules, and the objective's model uses ours
-    for module in relus:
-        module.__class__ = nn.ReLU
+    attacker = attacker_model(train_mode_copy(model), build_section("engine", {}), torch.device("cpu"), len(xs))
+    ours = Objective(attacker, artifact, labels, config)
+    reference = Objective(train_mode_copy(model), artifact, labels, config)  # as it is: torch's ReLU
+    assert any(type(m) is DetachedMaskReLU for m in ours.model.modules())  # the attacker's model uses ours
+    assert not any(type(m) is DetachedMaskReLU for m in reference.model.modules())
+    assert any(type(m) is nn.ReLU for m in reference.model.modules())
     results = []
     for objective in (ours, reference):
         if batched:

@@ -1,14 +1,15 @@
-"""gradinv.seed_step: one iteration of all seeds, and what it does when the GPU runs out of memory."""
+"""gradinv.engine.seed_step: one iteration of all seeds, and what it does when the GPU runs out of memory."""
 
 import pytest
 import torch
 
-from gradinv.client import train_mode_copy
-from gradinv.config import build_section
+from gradinv.client.step import train_mode_copy
+from gradinv.pipeline.config import build_section
 from gradinv.errors import UserError
-from gradinv.inversion import pixel_box
-from gradinv.objective import Objective
-from gradinv.seed_step import SeedStep
+from gradinv.attack.inversion import pixel_box
+from gradinv.attack.objective import Objective
+from gradinv.engine.policy import StepPlan
+from gradinv.engine.seed_step import SeedStep
 
 SEEDS = 4
 
@@ -17,12 +18,12 @@ def _seed_step(attack, per_chunk: int, fewer_seeds_if_out_of_memory: bool, most_
     """A step of SEEDS seeds on the tiny victim whose batched calls of more than `most_seeds_that_fit`
     seeds (and, with None, none at all) raise CUDA's out-of-memory error before they compute anything."""
     model, _, artifact, images, labels = attack
-    config = build_section("inversion", {"seeds": SEEDS, "device": "cpu", "jitter": 1, "flip": True})
+    config = build_section("inversion", {"seeds": SEEDS, "jitter": 1, "flip": True})
     objective = Objective(train_mode_copy(model), artifact, labels, config)
     start = torch.randn((SEEDS, *images.shape), generator=torch.Generator().manual_seed(0))
-    step = SeedStep([objective] * SEEDS, start, config, pixel_box(artifact.meta["mean"], artifact.meta["std"], "cpu"),
-                    per_chunk, torch.contiguous_format, graphed=False,
-                    fewer_seeds_if_out_of_memory=fewer_seeds_if_out_of_memory)
+    plan = StepPlan(torch.device("cpu"), per_chunk, 1, False, shrink_if_out_of_memory=fewer_seeds_if_out_of_memory)
+    step = SeedStep([objective] * SEEDS, start, config, build_section("engine", {"device": "cpu"}),
+                    pixel_box(artifact.meta["mean"], artifact.meta["std"], "cpu"), plan)
     step.fill(config.lr, [(1, 0, True), (0, 1, False), (0, 0, False), (1, 1, True)])
     chunk_gradient, seed_gradient = step._chunk_gradient, step._seed_gradient
 
@@ -50,8 +51,8 @@ def test_out_of_gpu_memory_under_auto_halves_the_seeds_per_call_and_takes_the_sa
     assert not torch.equal(shrunk.images, start)  # the step was taken
     assert shrunk.seeds_per_chunk == 1 and len(shrunk.chunks) == SEEDS
     warnings = capsys.readouterr().err.splitlines()
-    assert [line.split("; ")[1] for line in warnings] == ["2 from now on (inversion.seed_batch: auto).",
-                                                          "1 from now on (inversion.seed_batch: auto)."]
+    assert [line.split("; ")[1] for line in warnings] == ["2 from now on (engine.seed_batch: auto).",
+                                                          "1 from now on (engine.seed_batch: auto)."]
     assert all("out of GPU memory with" in line for line in warnings)
 
     reference = _seed_step(attack, SEEDS, fewer_seeds_if_out_of_memory=False, most_seeds_that_fit=SEEDS)
@@ -62,7 +63,7 @@ def test_out_of_gpu_memory_under_auto_halves_the_seeds_per_call_and_takes_the_sa
 
 
 @pytest.mark.parametrize("per_chunk, fewer, message", [
-    (2, False, "out of GPU memory with 2 seeds per batched call .*set inversion.seed_batch lower"),
+    (2, False, "out of GPU memory with 2 seeds per batched call .*set engine.seed_batch lower"),
     (1, True, "out of GPU memory with one seed at a time .*needs a GPU with more memory"),
 ], ids=["seed_batch set", "one seed at a time"])
 def test_out_of_gpu_memory_that_fewer_seeds_cannot_mend_stops_in_one_sentence(attack, per_chunk, fewer, message):
@@ -74,18 +75,19 @@ def test_out_of_gpu_memory_that_fewer_seeds_cannot_mend_stops_in_one_sentence(at
 
 
 def test_invert_lets_only_auto_seed_batch_shrink(attack, monkeypatch):
-    from gradinv import inversion
+    from gradinv.attack import inversion
 
     seen = []
 
     class Recording(SeedStep):
-        def __init__(self, *args, **kwargs):
-            seen.append(kwargs["fewer_seeds_if_out_of_memory"])
-            super().__init__(*args, **kwargs)
+        def __init__(self, objectives, images, config, engine, box, plan):
+            seen.append(plan.shrink_if_out_of_memory)
+            super().__init__(objectives, images, config, engine, box, plan)
 
     monkeypatch.setattr(inversion, "SeedStep", Recording)
     model, _, artifact, _, labels = attack
     for seed_batch in (0, 2):
-        config = build_section("inversion", {"iterations": 1, "seeds": 2, "device": "cpu", "seed_batch": seed_batch})
-        inversion.invert(model, artifact, labels.tolist(), config)
+        config = build_section("inversion", {"iterations": 1, "seeds": 2})
+        engine = build_section("engine", {"device": "cpu", "seed_batch": seed_batch})
+        inversion.invert(model, artifact, labels.tolist(), config, engine=engine)
     assert seen == [True, False]

@@ -1,13 +1,9 @@
 """benchmarks/step_roofline.py: what it counts as an operation's traffic and FLOPs."""
 
-import sys
-from pathlib import Path
-
+import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from step_roofline import TrafficCount  # noqa: E402
+from benchmarks.step_roofline import TrafficCount, count_step
 
 
 def test_roofline_counts_data_movement_and_grouped_convolutions_per_group():
@@ -76,11 +72,10 @@ def test_roofline_counts_batch_norms_backward_writing_only_the_gradients_its_mas
     assert [moved for _, moved, _ in counter.ops] == [3 * size + 5 * channels, 2 * size + 5 * channels]
 
 
+@pytest.mark.slow
 def test_the_step_under_half_precision_moves_less_for_the_same_arithmetic():
-    """The engine's step counted under inversion.precision: the convolutions' outputs and what follows
+    """The engine's step counted under engine.precision: the convolutions' outputs and what follows
     them stored in two bytes, the FLOPs unchanged, a few casts more (ResNet-50, 224 px, bs 1, G 2)."""
-    from step_roofline import count_step
-
     full, half = (count_step(1, 2, "explicit", precision=p) for p in ("float32", "bfloat16"))
     assert half["flops"] == full["flops"] and half["ops"] > full["ops"]
     assert 0.45 * full["bytes"] < half["bytes"] < 0.75 * full["bytes"]  # measured at bs 8 G 8: 160 of 267 GB

@@ -1,14 +1,12 @@
-"""benchmarks/step_speed.py: how a configuration's rounds become its row."""
-
-import sys
-from pathlib import Path
+"""benchmarks/step_speed.py: how a configuration's rounds become its row, what each variant sets,
+and that the straightforward baseline computes the library's objective without touching the library."""
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from step_speed import against_bound, cuda_graph_section, measure, measured_in_rounds, selected_configs  # noqa: E402
+from benchmarks import step_speed
+from benchmarks.step_speed import engine_settings, measure, measured_in_rounds, selected_configs, suite_configs
+from gradinv.pipeline.config import build_section
 
 
 def test_rounds_take_the_variants_in_turn_and_a_row_keeps_the_median_and_the_largest_peak():
@@ -35,58 +33,19 @@ def test_a_failed_round_makes_the_row_a_failure():
     assert row["error"] == "out of GPU memory"
 
 
-def test_a_timed_step_is_set_against_the_traffic_and_arithmetic_counted_for_its_variant():
-    roofline = {"gpus": {"H100": {"bandwidth": 2e12, "tf32": 400e12}},
-                "rows": [{"bn_double_backward": "explicit", "batch": 8, "seeds": 8, "bytes": 300e9, "flops": 4e12,
-                          "paper_minutes_H100": 0.1 * 20000 / 60}], "stacked_seeds_rows": []}
-    timed = {"batch": 8, "seeds": 8, "cuda_graph": True, "bn_double_backward": "explicit", "batched_seeds": "vmap",
-             "seconds_per_iteration": 0.3}
-    uncounted = [{**timed, "batched_seeds": "stacked"}, {**timed, "channels_last": True}, {**timed, "batch": 1},
-                 {**timed, "precision": "float16"},
-                 {**timed, "error": "out of GPU memory"}]
-    (line,) = against_bound([timed, *uncounted, {**timed, "conv_double_backward": "explicit"}], roofline, "H100")
-    assert "1.00 TB/s of the counted 300 GB (50% of the H100's 2.00 TB/s)" in line
-    assert "13.3 TFLOP/s (3.3% of TF32)" in line and line.endswith("3.0x its bound")
-    # a step with the convolutions written out is set against its own count, not the default's
-    roofline["explicit_conv_rows"] = [{**roofline["rows"][0], "bytes": 330e9, "conv_double_backward": "explicit"},
-                                      {**roofline["rows"][0], "bytes": 240e9, "conv_double_backward": "explicit-grouped"}]
-    written_out = [{**timed, "conv_double_backward": mode} for mode in ("explicit", "explicit-grouped")]
-    _, dense, grouped = against_bound([timed, *written_out], roofline, "H100")
-    assert "seeds vmap, convolutions explicit:" in dense and "of the counted 330 GB" in dense
-    assert "seeds vmap, convolutions explicit-grouped:" in grouped and "of the counted 240 GB" in grouped
-
-
-def test_a_graphed_variant_timed_without_an_eager_twin_gets_a_line_of_its_own():
-    step = {"batch": 8, "seeds": 8, "cuda_graph": True, "bn_double_backward": "explicit", "batched_seeds": "vmap",
-            "channels_last": False, "peak_memory_bytes": 2**30}
-    speed = [{**step, "cuda_graph": False, "seconds_per_iteration": 0.6}, {**step, "seconds_per_iteration": 0.3},
-             {**step, "cudnn_benchmark": True, "seconds_per_iteration": 0.2},
-             {**step, "conv_double_backward": "explicit", "seconds_per_iteration": 0.1}]
-    section = cuda_graph_section({"machine": {}, "command": "c", "check": {"error": "none"}, "speed": speed})
-    rows = [line for line in section.splitlines() if line.startswith("| 8 | 8 |")]
-    assert rows == ["| 8 | 8 | explicit | vmap | 0.600 | 0.300 | 2.00x | 1024 MiB / 1024 MiB |",
-                    "| 8 | 8 | explicit | vmap, cudnn.benchmark | not run | 0.200 | - | - / 1024 MiB |",
-                    "| 8 | 8 | explicit | vmap, convolutions explicit | not run | 0.100 | - | - / 1024 MiB |"]
-    unchecked = cuda_graph_section({"machine": {}, "command": "c --skip-check", "speed": speed})  # timed only
-    assert "not run by this command (--skip-check)" in unchecked and rows[2] in unchecked.splitlines()
-
-
-def test_the_baseline_spells_the_distance_as_it_reads_and_leaves_the_library_as_it_was(monkeypatch):
-    import step_speed
-
-    from gradinv import objective as objective_module
-    from gradinv.config import build_section
-
-    calls = []
-    straightforward = step_speed.straightforward_layer_distance
-    monkeypatch.setattr(step_speed, "straightforward_layer_distance", lambda *a, **k: calls.append(1) or straightforward(*a, **k))
-    library = objective_module.gradient_distance, objective_module.bn_distance
-    model, artifact, labels = step_speed.problem("resnet18", 4, 16, 2)
-    config = build_section("inversion", {"seeds": 1, "device": "cpu"})
-    seconds = step_speed.baseline_seconds(model, artifact, labels, config, torch.device("cpu"), iterations=1)
-    layers = sum(p.requires_grad for p in model.parameters())
-    assert seconds > 0 and len(calls) == 2 * layers  # warm-up and one timed step, every layer on its own
-    assert (objective_module.gradient_distance, objective_module.bn_distance) == library
+def test_every_engine_variant_is_a_valid_engine_section_and_says_what_it_sets():
+    for suite in ("cpu", "gpu"):
+        for _, seeds, variant in suite_configs(suite):
+            assert "channels" not in variant and "stacked" not in variant  # settings the engine no longer has
+            if variant.startswith("engine-") and variant != "engine-default":
+                engine = build_section("engine", engine_settings(variant, seeds))
+                assert engine.cuda_graph is False  # eager: cuda_graph_check.py times graphed steps
+    assert engine_settings("engine-loop", 8) == {"seed_workers": 1, "seed_batch": 1, "tf32": False, "bn_double_backward": "pytorch",
+                                                 "cuda_graph": False, "keep_freed_memory": True}
+    auto = engine_settings("engine-auto-bn-explicit", 4)
+    assert (auto["seed_workers"], auto["seed_batch"], auto["bn_double_backward"]) == (0, 0, "explicit")
+    assert engine_settings("engine-vmap4-tf32", 8)["seed_batch"] == 4 and engine_settings("engine-vmap", 8)["seed_batch"] == 8
+    assert engine_settings("engine-auto-default-malloc", 1)["keep_freed_memory"] is False
 
 
 def test_the_gpu_suite_times_the_engine_as_shipped_at_every_batch_and_seed_count_and_can_run_it_alone():
@@ -97,37 +56,48 @@ def test_the_gpu_suite_times_the_engine_as_shipped_at_every_batch_and_seed_count
         selected_configs("gpu", ["engine-default", "engine-fast"])
 
 
-def test_the_engine_as_shipped_is_timed_from_two_run_lengths(monkeypatch):
-    import step_speed
+@pytest.mark.slow
+def test_the_baseline_computes_the_librarys_objective_layer_by_layer_and_leaves_the_library_alone(monkeypatch):
+    """The straightforward step's total equals the library's objective on the same images (so the
+    speed-up compares the same computation), each layer's distance computed on its own; the
+    library's own distances are never called, and the model keeps torch's layers."""
+    from gradinv.attack import objective as objective_module
+    from gradinv.attack.objective import Objective
+    from gradinv.client.step import train_mode_copy
 
+    model, artifact, labels = step_speed.problem("resnet18", 4, 16, 2)
+    config = build_section("inversion", {"seeds": 1})
+    objective = Objective(train_mode_copy(model), artifact, torch.tensor(labels), config)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = objective.terms(x)["total"].item()
+
+    calls, models = [], []
+    straightforward, terms = step_speed.straightforward_layer_distance, step_speed.straightforward_terms
+    monkeypatch.setattr(step_speed, "straightforward_layer_distance", lambda *a, **k: calls.append(1) or straightforward(*a, **k))
+    monkeypatch.setattr(step_speed, "straightforward_terms", lambda o, *a: models.append(o.model) or terms(o, *a))
+    assert step_speed.straightforward_terms(objective, x, lambda t: t).item() == pytest.approx(expected, rel=1e-5)
+    layers = sum(p.requires_grad for p in model.parameters())
+    assert len(calls) == layers
+    for name in ("gradient_distance", "bn_distance", "layer_distance"):
+        monkeypatch.setattr(objective_module, name, lambda *a, **k: pytest.fail("the baseline used the library's distance"))
+    seconds = step_speed.baseline_seconds(model, artifact, labels, config, torch.device("cpu"), iterations=1)
+    assert seconds > 0 and len(calls) == 3 * layers  # warm-up and one timed step, every layer on its own
+    relus = [type(m) for m in models[-1].modules() if isinstance(m, torch.nn.ReLU)]
+    assert relus and set(relus) == {torch.nn.ReLU}  # torch's own layers, not the engine's
+
+
+@pytest.mark.slow
+def test_the_engine_as_shipped_is_timed_from_two_run_lengths(monkeypatch):
     lengths = []
     honest = step_speed.invert
 
-    def counted(model, artifact, labels, config):
+    def counted(model, artifact, labels, config, engine):
         lengths.append(config.iterations)
-        assert config.seed_batch == 0 and config.cuda_graph == "auto" and config.bn_double_backward == "auto"
-        return honest(model, artifact, labels, config)
+        assert engine.seed_batch == 0 and engine.cuda_graph == "auto" and engine.bn_double_backward == "auto"
+        return honest(model, artifact, labels, config, engine=engine)
 
-    monkeypatch.setattr(step_speed, "invert", counted)
+    monkeypatch.setattr(step_speed, "invert", lambda *a, engine: counted(*a, engine))
     row = measure({"suite": "gpu", "device": "cpu", "arch": "resnet18", "classes": 10, "px": 16, "batch": 2, "seeds": 2,
                    "variant": "engine-default", "iterations": 3})
     assert lengths == [4, 7, 4]  # warm-up, then the difference of 4 + 3 and 4 iterations
     assert row["flops_per_iteration"] > 0 and row["tf32"] is False  # no TF32 on a CPU
-
-
-def test_the_doc_shows_each_suites_own_file_first_then_other_machines_with_their_note(monkeypatch, tmp_path):
-    import json
-    import shutil
-
-    import step_speed
-
-    for name in ("step_speed-gpu.json", "step_speed-cpu.json", "step_speed-cpu-second.json"):
-        shutil.copy(step_speed.RESULTS / name, tmp_path / name)
-    monkeypatch.setattr(step_speed, "RESULTS", tmp_path)
-    monkeypatch.setattr(step_speed, "DOC", tmp_path / "step_speed.md")
-    doc = step_speed.write_doc().read_text()
-    first, second = (json.loads((tmp_path / name).read_text()) for name in ("step_speed-cpu.json", "step_speed-cpu-second.json"))
-    positions = [doc.index(f"Command: `{first['command']}`"), doc.index(second["note"]),
-                 doc.index(f"Command: `{second['command']}`"), doc.index("### GPU")]
-    assert positions == sorted(positions)
-    assert "note" not in first and doc.count(second["note"]) == 1

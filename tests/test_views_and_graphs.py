@@ -4,10 +4,10 @@ recapture, checkpoints of the stacked seeds."""
 import pytest
 import torch
 
-from gradinv.config import build_section
-from gradinv.cuda_graph import WARMUP_CALLS, GraphedStep
+from gradinv.pipeline.config import build_section
+from gradinv.engine.cuda_graph import WARMUP_CALLS, GraphedStep
 from gradinv.errors import UserError
-from gradinv.views import apply_views, draw_view, view_indices
+from gradinv.attack.views import apply_views, draw_view, view_indices
 
 
 def test_index_views_are_the_shift_then_flip_and_pass_gradients_back_to_their_pixels():
@@ -65,7 +65,7 @@ def test_a_step_that_cannot_be_captured_is_reported_in_one_sentence():
     for _ in range(WARMUP_CALLS):
         run(False)
     with pytest.raises(UserError, match=r"could not be captured as a CUDA graph \(operation not permitted when stream "
-                                        r"is capturing\); set inversion.cuda_graph: false\.$"):
+                                        r"is capturing\); set engine.cuda_graph: false\.$"):
         run(False)
 
 
@@ -88,64 +88,66 @@ def test_under_auto_a_step_that_cannot_be_captured_warns_once_and_runs_eagerly(c
     assert err.count("warning") == 1 and "could not be captured as a CUDA graph" in err and "runs eagerly" in err
 
 
+@pytest.mark.slow
 def test_cuda_graph_setting_is_checked_and_is_a_no_op_off_cuda(attack):
-    from gradinv.inversion import invert
+    from gradinv.attack.inversion import invert
 
-    with pytest.raises(UserError, match="channels_last.*cuda_graph"):
-        build_section("inversion", {"cuda_graph": True, "channels_last": True})
     for wrong in ("yes", 1):
-        with pytest.raises(UserError, match="cuda_graph"):
-            build_section("inversion", {"cuda_graph": wrong})
+        with pytest.raises(UserError, match="engine.cuda_graph"):
+            build_section("engine", {"cuda_graph": wrong})
+    with pytest.raises(UserError, match="unknown key 'inversion.cuda_graph'"):  # a speed setting: engine's
+        build_section("inversion", {"cuda_graph": True})
     model, _, artifact, _, labels = attack
     labels = sorted(labels.tolist())
-    settings = {"iterations": 4, "seeds": 2, "warmup": 1, "device": "cpu", "langevin": 0.2, "jitter": 1, "flip": True}
-    plain = invert(model, artifact, labels, build_section("inversion", settings))
-    graphed = invert(model, artifact, labels, build_section("inversion", {**settings, "cuda_graph": True}))
+    config = build_section("inversion", {"iterations": 4, "seeds": 2, "warmup": 1, "langevin": 0.2, "jitter": 1, "flip": True})
+    plain = invert(model, artifact, labels, config, engine=build_section("engine", {"device": "cpu"}))
+    graphed = invert(model, artifact, labels, config, engine=build_section("engine", {"device": "cpu", "cuda_graph": True}))
     assert torch.equal(plain.images, graphed.images)
 
 
-def test_cuda_graph_auto_graphs_wherever_the_graphed_step_can_run():
-    from gradinv.inversion import cuda_graph_on
+def test_cuda_graph_auto_graphs_wherever_the_graphed_step_can_run(monkeypatch):
+    from gradinv.engine import policy
 
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    auto = build_section("inversion", {})
-    assert auto.cuda_graph == "auto" and cuda_graph_on(auto, cuda, fedavg=False)
-    assert not cuda_graph_on(auto, cpu, fedavg=False) and not cuda_graph_on(auto, cuda, fedavg=True)
-    # channels_last under vmap cannot be graphed: auto runs it eagerly, where an explicit true is refused
-    vmapped_nhwc = build_section("inversion", {"channels_last": True})
-    assert not cuda_graph_on(vmapped_nhwc, cuda, fedavg=False)
-    assert cuda_graph_on(build_section("inversion", {"channels_last": True, "batched_seeds": "stacked"}), cuda, fedavg=False)
-    assert not cuda_graph_on(build_section("inversion", {"cuda_graph": False}), cuda, fedavg=False)
-    assert cuda_graph_on(build_section("inversion", {"cuda_graph": True}), cuda, fedavg=False)
+    monkeypatch.setattr(policy, "resolve_device", torch.device)  # "cuda" without a GPU
+    graphed = lambda values, fedavg=False: policy.plan_step(build_section("engine", values), 4, 8, fedavg).graphed  # noqa: E731
+    auto = build_section("engine", {})
+    assert auto.cuda_graph == "auto" and graphed({"device": "cuda"})
+    assert not graphed({"device": "cpu"}) and not graphed({"device": "cuda"}, fedavg=True)
+    assert not graphed({"device": "cuda", "cuda_graph": False})
+    assert graphed({"device": "cuda", "cuda_graph": True}) and not graphed({"device": "cpu", "cuda_graph": True})
+    assert policy.plan_step(build_section("engine", {"device": "cuda", "seed_batch": 1}), 4, 8, False).workers == 1
 
 
 def test_bn_double_backward_auto_is_explicit_on_cuda_with_several_seeds():
-    from gradinv.objective import explicit_bn_double_backward
+    from gradinv.engine.policy import explicit_bn_double_backward
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert explicit_bn_double_backward(build_section("inversion", {"seeds": 8}), cuda)
-    assert not explicit_bn_double_backward(build_section("inversion", {"seeds": 1}), cuda)
-    assert not explicit_bn_double_backward(build_section("inversion", {"seeds": 8}), cpu)
-    assert explicit_bn_double_backward(build_section("inversion", {"seeds": 1, "bn_double_backward": "explicit"}), cpu)
-    assert explicit_bn_double_backward(build_section("inversion", {"seeds": 1, "bn_double_backward": "explicit-fused"}), cpu)
-    assert not explicit_bn_double_backward(build_section("inversion", {"seeds": 8, "bn_double_backward": "pytorch"}), cuda)
+    auto = build_section("engine", {})
+    assert explicit_bn_double_backward(auto, cuda, 8)
+    assert not explicit_bn_double_backward(auto, cuda, 1)
+    assert not explicit_bn_double_backward(auto, cpu, 8)
+    assert explicit_bn_double_backward(build_section("engine", {"bn_double_backward": "explicit"}), cpu, 1)
+    assert explicit_bn_double_backward(build_section("engine", {"bn_double_backward": "explicit-fused"}), cpu, 1)
+    assert not explicit_bn_double_backward(build_section("engine", {"bn_double_backward": "pytorch"}), cuda, 8)
     with pytest.raises(UserError, match="bn_double_backward"):
-        build_section("inversion", {"bn_double_backward": "fast"})
+        build_section("engine", {"bn_double_backward": "fast"})
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_layout_is_ignored(attack, tmp_path):
     from safetensors.torch import save_file
 
-    from gradinv.inversion import invert
+    from gradinv.attack.inversion import invert
 
     model, _, artifact, _, labels = attack
     labels = sorted(labels.tolist())
-    config = build_section("inversion", {"iterations": 4, "seeds": 2, "warmup": 1, "device": "cpu", "checkpoint_every": 2})
-    fresh = invert(model, artifact, labels, config)
+    config = build_section("inversion", {"iterations": 4, "seeds": 2, "warmup": 1, "checkpoint_every": 2})
+    engine = build_section("engine", {"device": "cpu"})
+    fresh = invert(model, artifact, labels, config, engine=engine)
     checkpoint = tmp_path / "run.safetensors"
     # The per-seed layout of earlier versions, under the right key: never half-read, the run starts over.
     save_file({"x.0": torch.zeros(4, 3, 16, 16), "x.1": torch.zeros(4, 3, 16, 16)}, str(checkpoint),
               metadata={"key": "key", "step": "2", "seeds": "2", "log": "[]"})
-    again = invert(model, artifact, labels, config, None, checkpoint, "key")
+    again = invert(model, artifact, labels, config, None, checkpoint, "key", engine)
     assert torch.equal(again.images, fresh.images) and again.log == fresh.log
 

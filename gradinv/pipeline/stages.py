@@ -15,6 +15,7 @@ from typing import Callable
 from gradinv.attack import inversion, labels
 from gradinv.client import capture, data, victim
 from gradinv.evaluation import evaluate
+from gradinv.pipeline.config import EngineConfig
 from gradinv.pipeline.folders import EVAL, GRADIENT, INVERT, LABELS, SETS, TRUTH, VICTIM
 from gradinv.pipeline.sources import source_files
 
@@ -60,7 +61,7 @@ def _labels(config, root: Path, on_log=None, engine=None):
 
 def _invert(config, root: Path, on_log=None, engine=None):
     return inversion.run_inversion(config, root / VICTIM, root / GRADIENT, root / LABELS, root / INVERT, on_log,
-                                   engine=engine)
+                                   engine=engine or EngineConfig())
 
 
 def _evaluate(config, root: Path, on_log=None, engine=None):
