@@ -844,8 +844,7 @@ def readme_block(found: dict[str, dict]) -> str:
                      f"paper preset in {default['paper_minutes_H100']:.1f} minutes (default), "
                      f"{best['paper_minutes_H100']:.1f} ({counted_name(best)}), {best_half['paper_minutes_H100']:.1f} "
                      f"({counted_name(best_half)}) | – | `{run_now(roofline['command'])}` |")
-    lines += ["", "What each figure measures, and what is not yet measured: [docs/performance.md](docs/performance.md).",
-              "", README_END]
+    lines += ["", README_END]
     return "\n".join(lines)
 
 
