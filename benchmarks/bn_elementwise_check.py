@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bn_elementwise_check needs a CUDA GPU: the kernel it checks is Triton's, compiled for one.")
         return 2
     try:
-        from gradinv.engine.experimental.bn_elementwise_triton import first_order_terms_triton, second_order_terms_triton
+        from gradinv.engine.experimental.bn_elementwise_triton import (first_order_terms_triton,
+                                                                       second_order_terms_triton)
     except ImportError as error:
         print(f"bn_elementwise_check needs Triton ({error}).")
         return 2

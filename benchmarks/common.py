@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gradinv.attack.inversion import pixel_box
+from gradinv.attack.inversion import attacker_objective, pixel_box
 from gradinv.attack.objective import Objective
 from gradinv.client.capture import client_update
 from gradinv.client.models import build_model
-from gradinv.client.step import train_mode_copy
-from gradinv.engine import SeedStep, StepPlan, attacker_model
-from gradinv.pipeline.config import EngineConfig, InversionConfig, build_section
+from gradinv.engine import SeedStep, StepPlan
+from gradinv.pipeline.config import build_section
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -87,13 +86,6 @@ def problem(arch: str, classes: int, px: int, batch: int):
     meta = {"arch": arch, "num_classes": classes, "input_shape": [3, px, px], "mean": [0.5] * 3, "std": [0.25] * 3}
     artifact = client_update(model, images, labels, "exact", meta)
     return model, artifact, labels.tolist()
-
-
-def attacker_objective(model, artifact, labels: torch.Tensor, config: InversionConfig, engine: EngineConfig,
-                       device: torch.device) -> Objective:
-    """The objective as `invert` builds it: the attacker's train-mode copy on `device`, with the
-    engine's layers swapped in (gradinv.engine.attacker_model)."""
-    return Objective(attacker_model(train_mode_copy(model), engine, device, config.seeds), artifact, labels, config)
 
 
 @contextmanager

@@ -43,16 +43,16 @@ import torch
 import torchvision
 
 from benchmarks.common import DOCS, REPO, RESULTS, command
-from gradinv.client.artifacts import GradientArtifact, gradient_meta
-from gradinv.client.step import parameter_gradients, recorded_bn_statistics, train_mode_copy
-from gradinv.pipeline.config import load_params
-from gradinv.client.data import load_set, normalize, prepare
-from gradinv.errors import UserError
-from gradinv.io import write_table
 from gradinv.attack.labels import count_labels, dummy_posterior, idlg_label, match_bn_statistics, yin_labels
-from gradinv.evaluation.metrics import label_accuracy
+from gradinv.client.artifacts import GradientArtifact, gradient_meta
+from gradinv.client.data import load_set, normalize, prepare
 from gradinv.client.models import final_linear
+from gradinv.client.step import parameter_gradients, recorded_bn_statistics, train_mode_copy
 from gradinv.client.victim import load_victim, train
+from gradinv.errors import UserError
+from gradinv.evaluation.metrics import label_accuracy
+from gradinv.io import write_table
+from gradinv.pipeline.config import load_params
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48)
 RESNET50 = "resnet50 224px, untrained"

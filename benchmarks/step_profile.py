@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import RESULTS, attacker_objective, command, machine, problem, write_result
-from gradinv.attack.inversion import pixel_box
+from benchmarks.common import RESULTS, command, machine, problem, write_result
+from gradinv.attack.inversion import attacker_objective, pixel_box
 from gradinv.engine import SeedStep, plan_step
 from gradinv.engine.policy import tf32_matmuls
 from gradinv.pipeline.config import build_section

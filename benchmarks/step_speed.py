@@ -56,8 +56,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from benchmarks.common import REPO, RESULTS, attacker_objective, command, machine, problem, sync, write_result
-from gradinv.attack.inversion import invert
+from benchmarks.common import REPO, RESULTS, command, machine, problem, sync, write_result
+from gradinv.attack.inversion import attacker_objective, invert
 from gradinv.attack.objective import Objective, layer_weight, total_variation
 from gradinv.attack.views import draw_view
 from gradinv.client.step import parameter_gradients, recorded_bn_statistics, train_mode_copy

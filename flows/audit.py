@@ -15,11 +15,11 @@ from prefect import flow
 
 from flows.command import run_flow_command
 from flows.fan_out import run_fan_out, victim_ready
+from gradinv.client.defenses import modelled_by_attack
+from gradinv.evaluation.report import write_audit_html
+from gradinv.io import write_json, write_table
 from gradinv.pipeline.audit import AUDIT, LEAKAGE, audit_points, save_defense_plot
 from gradinv.pipeline.config import as_dict, load_params
-from gradinv.client.defenses import modelled_by_attack
-from gradinv.io import write_json, write_table
-from gradinv.evaluation.report import write_audit_html
 from tasks.batches import ATTACK_SECTIONS
 from tasks.tracking import tracked_run
 

@@ -14,9 +14,9 @@ from prefect import flow
 
 from flows.command import run_flow_command
 from flows.fan_out import run_fan_out, victim_ready
+from gradinv.errors import UserError
 from gradinv.pipeline.batches import BATCHES, write_batches
 from gradinv.pipeline.config import as_dict, load_params
-from gradinv.errors import UserError
 from tasks.batches import ATTACK_SECTIONS
 from tasks.tracking import tracked_run
 

@@ -7,8 +7,8 @@ import argparse
 import sys
 from typing import Callable
 
-from gradinv.pipeline.config import load_params
 from gradinv.errors import UserError
+from gradinv.pipeline.config import load_params
 
 
 def run_flow_command(prog: str, description: str, run: Callable[[argparse.Namespace], str],

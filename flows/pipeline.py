@@ -12,8 +12,8 @@ from pathlib import Path
 from prefect import flow
 
 from flows.command import run_flow_command
-from gradinv.pipeline.config import as_dict, load_params
 from gradinv.errors import UserError
+from gradinv.pipeline.config import as_dict, load_params
 from gradinv.pipeline.stages import EVAL, STAGES
 from tasks.stages import run_cached_stage
 from tasks.tracking import tracked_run, tracking_uri

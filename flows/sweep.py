@@ -14,12 +14,12 @@ from prefect import flow
 
 from flows.command import run_flow_command
 from flows.fan_out import run_fan_out, victim_ready
-from gradinv.pipeline.batches import SWEEP, sweep_table
-from gradinv.pipeline.config import as_dict, load_params
 from gradinv.client.data import load_meta
 from gradinv.errors import UserError
-from gradinv.io import write_json, write_table
 from gradinv.evaluation.report import save_sweep_plot
+from gradinv.io import write_json, write_table
+from gradinv.pipeline.batches import SWEEP, sweep_table
+from gradinv.pipeline.config import as_dict, load_params
 from tasks.batches import ATTACK_SECTIONS
 from tasks.tracking import tracked_run
 

@@ -64,9 +64,9 @@ def attack(tiny_project):
     from gradinv.client.artifacts import load_gradient
     from gradinv.client.capture import TRUTH_FILE
     from gradinv.client.data import normalize
+    from gradinv.client.victim import load_victim
     from gradinv.io import read_tensors
     from gradinv.pipeline.stages import GRADIENT, TRUTH, VICTIM
-    from gradinv.client.victim import load_victim
 
     model, meta = load_victim(tiny_project / VICTIM)
     artifact = load_gradient(tiny_project / GRADIENT, model)

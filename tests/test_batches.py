@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from gradinv.pipeline.batches import aggregate, sweep_table
 from gradinv.errors import UserError
 from gradinv.io import read_tensors
+from gradinv.pipeline.batches import aggregate, sweep_table
 from tests.conftest import write_params
 
 

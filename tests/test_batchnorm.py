@@ -4,13 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradinv.client.step import batch_statistics
-from gradinv.engine.batchnorm import TrainBatchNorm2d, _BatchNormTrain, with_explicit_double_backward
-from gradinv.client.step import recorded_bn_statistics, train_mode_copy
-from gradinv.pipeline.config import build_section
 from gradinv.attack.inversion import invert
 from gradinv.attack.objective import LOSS_TERMS, Objective
+from gradinv.client.step import batch_statistics, recorded_bn_statistics, train_mode_copy
+from gradinv.engine.batchnorm import TrainBatchNorm2d, _BatchNormTrain, with_explicit_double_backward
 from gradinv.engine.policy import attacker_model
+from gradinv.pipeline.config import build_section
 
 CPU = torch.device("cpu")
 

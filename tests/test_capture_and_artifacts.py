@@ -7,13 +7,13 @@ import torch.nn.functional as F
 
 from gradinv.client.artifacts import META_FILE, TENSOR_FILE, load_gradient, save_gradient
 from gradinv.client.capture import TRUTH_FILE, draw_batch
-from gradinv.pipeline.cli import main
 from gradinv.client.data import ImageSet, normalize
+from gradinv.client.models import batchnorm_layers
+from gradinv.client.victim import load_victim
 from gradinv.errors import UserError
 from gradinv.io import read_tensors, write_tensors
-from gradinv.client.models import batchnorm_layers
+from gradinv.pipeline.cli import main
 from gradinv.pipeline.stages import GRADIENT, LABELS, TRUTH, VICTIM
-from gradinv.client.victim import load_victim
 from tests.conftest import write_params
 
 

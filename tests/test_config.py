@@ -1,8 +1,8 @@
 import pytest
 
+from gradinv.errors import UserError
 from gradinv.pipeline.cli import main
 from gradinv.pipeline.config import SECTIONS, build_section, load_params
-from gradinv.errors import UserError
 from tests.conftest import REPO, write_params
 
 

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gradinv.client.step import train_mode_copy
-from gradinv.pipeline.config import build_section
-from gradinv.engine.experimental.convolution import LAYOUTS, SeedwiseConv2d, _Conv, _Geometry, with_explicit_conv_double_backward
 from gradinv.attack.inversion import invert
 from gradinv.attack.objective import LOSS_TERMS, Objective
+from gradinv.client.step import train_mode_copy
+from gradinv.engine.experimental.convolution import (LAYOUTS, SeedwiseConv2d, _Conv, _Geometry,
+                                                     with_explicit_conv_double_backward)
 from gradinv.engine.policy import attacker_model
+from gradinv.pipeline.config import build_section
 
 CPU = torch.device("cpu")
 

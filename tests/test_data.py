@@ -3,9 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from gradinv.pipeline.config import build_section
-from gradinv.client.data import PHOTOS, denormalize, load_meta, load_set, make_imagefolder, make_photos, normalize, prepare
+from gradinv.client.data import (PHOTOS, denormalize, load_meta, load_set, make_imagefolder, make_photos, normalize,
+                                 prepare)
 from gradinv.errors import UserError
+from gradinv.pipeline.config import build_section
 
 
 def test_photos_are_deterministic_and_labelled_one_class_per_photo():

@@ -7,18 +7,18 @@ import math
 import pytest
 import torch
 
+from gradinv.attack.labels import defense_warnings
+from gradinv.attack.objective import Objective
 from gradinv.client import defenses
 from gradinv.client.artifacts import load_gradient, save_gradient
 from gradinv.client.capture import TRUTH_FILE, capture, client_update, draw_batch
-from gradinv.client.step import train_mode_copy
-from gradinv.pipeline.config import build_section
 from gradinv.client.data import load_set, normalize
+from gradinv.client.step import train_mode_copy
+from gradinv.client.victim import load_victim
 from gradinv.errors import UserError
 from gradinv.io import read_tensors
-from gradinv.attack.labels import defense_warnings
-from gradinv.attack.objective import Objective
+from gradinv.pipeline.config import build_section
 from gradinv.pipeline.stages import GRADIENT, SETS, TRUTH, VICTIM
-from gradinv.client.victim import load_victim
 
 
 def _grads(seed=0, scale=3.0):

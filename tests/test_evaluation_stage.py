@@ -8,16 +8,16 @@ import torch
 import torchvision
 
 from gradinv.client.capture import TRUTH_FILE
-from gradinv.pipeline.config import build_section
 from gradinv.client.data import load_set, normalize
+from gradinv.client.models import penultimate_features
+from gradinv.client.victim import load_victim
 from gradinv.errors import UserError
 from gradinv.evaluation.evaluate import LPIPS_MISSING, Scorer
-from gradinv.io import read_tensors, write_tensors
 from gradinv.evaluation.metrics import fft2d_distance, iip_hits, match, psnr, registered_psnr
-from gradinv.client.models import penultimate_features
 from gradinv.evaluation.perceptual import load_lpips, pairwise
+from gradinv.io import read_tensors, write_tensors
+from gradinv.pipeline.config import build_section
 from gradinv.pipeline.stages import EVAL, SETS, TRUTH, VICTIM
-from gradinv.client.victim import load_victim
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import torchvision
 from safetensors.torch import save_file
 
 from gradinv.client.artifacts import load_gradient
-from gradinv.pipeline.cli import main
-from gradinv.io import read_tensors
-from gradinv.pipeline.stages import GRADIENT, INVERT, LABELS, TRUTH, VICTIM
 from gradinv.client.victim import load_victim
+from gradinv.io import read_tensors
+from gradinv.pipeline.cli import main
+from gradinv.pipeline.stages import GRADIENT, INVERT, LABELS, TRUTH, VICTIM
 from tests.conftest import write_params
 
 CLASSES, BATCH, SIZE, LR = 10, 4, 16, 0.1

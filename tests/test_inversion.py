@@ -3,12 +3,12 @@ import dataclasses
 import pytest
 import torch
 
-from gradinv.client.step import train_mode_copy
-from gradinv.pipeline.config import build_section
-from gradinv.errors import UserError
 from gradinv.attack.inversion import invert, learning_rate, pixel_box
-from gradinv.engine.policy import plan_step, tf32_matmuls
 from gradinv.attack.objective import LOSS_TERMS, Objective
+from gradinv.client.step import train_mode_copy
+from gradinv.engine.policy import plan_step, tf32_matmuls
+from gradinv.errors import UserError
+from gradinv.pipeline.config import build_section
 
 
 def test_attackers_gradient_of_the_true_batch_reproduces_the_capture(attack):

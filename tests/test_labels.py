@@ -3,15 +3,15 @@ import torch
 import torchvision
 from torch import nn
 
+from gradinv.attack.labels import count_labels, idlg_label, recover, round_to_total, yin_labels
 from gradinv.client.artifacts import GradientArtifact, gradient_meta, load_gradient
 from gradinv.client.capture import client_update
-from gradinv.pipeline.config import build_section
-from gradinv.errors import UserError
-from gradinv.io import read_json
-from gradinv.attack.labels import count_labels, idlg_label, recover, round_to_total, yin_labels
-from gradinv.evaluation.metrics import label_accuracy
-from gradinv.pipeline.stages import GRADIENT, LABELS, TRUTH, VICTIM
 from gradinv.client.victim import load_victim
+from gradinv.errors import UserError
+from gradinv.evaluation.metrics import label_accuracy
+from gradinv.io import read_json
+from gradinv.pipeline.config import build_section
+from gradinv.pipeline.stages import GRADIENT, LABELS, TRUTH, VICTIM
 
 META = dict(arch="resnet18", input_shape=[3, 32, 32], mean=[0.5] * 3, std=[0.5] * 3)
 
@@ -88,9 +88,9 @@ def test_a_bn_matched_batch_estimates_the_batch_posterior_better_than_noise(tiny
     real one: its mean softmax is far closer to the real batch's than the softmax on noise
     (measured on these 4 batches, L1 error on average: 0.50 on noise; matched 0.043 at 50 steps,
     0.017 at 100, 0.0023 at 300)."""
-    from gradinv.client.step import train_mode_copy
-    from gradinv.client.data import load_set, normalize
     from gradinv.attack.labels import batch_posterior
+    from gradinv.client.data import load_set, normalize
+    from gradinv.client.step import train_mode_copy
     from gradinv.pipeline.stages import SETS
 
     model, meta = load_victim(tiny_project / VICTIM)
@@ -139,9 +139,9 @@ def test_surrogate_batches_matched_together_do_not_see_each_other():
 
 
 def test_matching_brings_the_surrogate_statistics_to_the_targets(tiny_project):
-    from gradinv.client.step import recorded_bn_statistics, train_mode_copy
-    from gradinv.client.data import load_set, normalize
     from gradinv.attack.labels import match_bn_statistics, standardized_bn_distance
+    from gradinv.client.data import load_set, normalize
+    from gradinv.client.step import recorded_bn_statistics, train_mode_copy
     from gradinv.pipeline.stages import SETS
 
     model, meta = load_victim(tiny_project / VICTIM)

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from gradinv.client.step import train_mode_copy
-from gradinv.pipeline.config import build_section
-from gradinv.errors import UserError
 from gradinv.attack.inversion import invert, pixel_box, refuse_non_finite
 from gradinv.attack.objective import LOSS_TERMS, Objective
+from gradinv.client.step import train_mode_copy
 from gradinv.engine.policy import StepPlan, attacker_model, explicit_bn_double_backward, seed_runner
 from gradinv.engine.seed_step import SeedStep
+from gradinv.errors import UserError
+from gradinv.pipeline.config import build_section
 
 SEEDS = 2
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from gradinv.client.step import train_mode_copy
-from gradinv.pipeline.config import build_section
 from gradinv.attack.objective import LOSS_TERMS, Objective
+from gradinv.client.step import train_mode_copy
 from gradinv.engine.policy import attacker_model
 from gradinv.engine.relu import DetachedMaskReLU, _ReLU
+from gradinv.pipeline.config import build_section
 
 
 def test_first_and_second_derivatives_match_finite_differences():

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from gradinv.client.step import train_mode_copy
-from gradinv.pipeline.config import build_section
-from gradinv.errors import UserError
 from gradinv.attack.inversion import pixel_box
 from gradinv.attack.objective import Objective
+from gradinv.client.step import train_mode_copy
 from gradinv.engine.policy import StepPlan
 from gradinv.engine.seed_step import SeedStep
+from gradinv.errors import UserError
+from gradinv.pipeline.config import build_section
 
 SEEDS = 4
 

@@ -4,10 +4,10 @@ recapture, checkpoints of the stacked seeds."""
 import pytest
 import torch
 
-from gradinv.pipeline.config import build_section
+from gradinv.attack.views import apply_views, draw_view, view_indices
 from gradinv.engine.cuda_graph import WARMUP_CALLS, GraphedStep
 from gradinv.errors import UserError
-from gradinv.attack.views import apply_views, draw_view, view_indices
+from gradinv.pipeline.config import build_section
 
 
 def test_index_views_are_the_shift_then_flip_and_pass_gradients_back_to_their_pixels():

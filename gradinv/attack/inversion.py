@@ -16,20 +16,20 @@ from typing import Callable
 import torch
 from torch import nn
 
-from gradinv.client.artifacts import TENSOR_FILE, GradientArtifact, load_gradient
 from gradinv.attack.checkpoint import InversionState, load_checkpoint, save_checkpoint
-from gradinv.client.step import train_mode_copy
-from gradinv.engine import SeedStep, attacker_model, plan_step, running
-from gradinv.pipeline.config import EngineConfig, InversionConfig, as_dict, result_changing
 from gradinv.attack.consensus import consensus as fuse
+from gradinv.attack.objective import LOSS_TERMS, Objective
+from gradinv.attack.outputs import RECONSTRUCTION_FILE
+from gradinv.attack.views import draw_view
+from gradinv.client.artifacts import TENSOR_FILE, GradientArtifact, load_gradient
 from gradinv.client.data import denormalize
+from gradinv.client.step import train_mode_copy
+from gradinv.client.victim import load_victim
+from gradinv.engine import SeedStep, attacker_model, plan_step, running
 from gradinv.errors import UserError
 from gradinv.io import read_json, write_json, write_table, write_tensors
-from gradinv.attack.outputs import RECONSTRUCTION_FILE
-from gradinv.attack.objective import LOSS_TERMS, Objective
+from gradinv.pipeline.config import EngineConfig, InversionConfig, as_dict, result_changing
 from gradinv.progress import progress
-from gradinv.client.victim import load_victim
-from gradinv.attack.views import draw_view
 
 LogCallback = Callable[[int, dict[str, float]], None]
 
@@ -88,6 +88,13 @@ def refuse_non_finite_images(images: torch.Tensor, done: int, engine: EngineConf
                     f"{_non_finite_cause(engine)}; the last checkpoint was kept.")
 
 
+def attacker_objective(model: nn.Module, artifact: GradientArtifact, labels: torch.Tensor, config: InversionConfig,
+                       engine: EngineConfig, device: torch.device) -> Objective:
+    """The objective on the attacker's own train-mode copy of `model`, on `device`, with the
+    engine's layers swapped in (gradinv.engine.attacker_model)."""
+    return Objective(attacker_model(train_mode_copy(model), engine, device, config.seeds), artifact, labels, config)
+
+
 def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], config: InversionConfig,
            on_log: LogCallback | None = None, checkpoint: Path | None = None, checkpoint_key: str = "",
            engine: EngineConfig = EngineConfig()) -> InversionResult:
@@ -104,8 +111,7 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
     labels_tensor = torch.tensor(labels, dtype=torch.int64, device=device)
     # Threads must not share a model: the BN hooks of one seed's forward would see the other's.
     copies = 1 if plan.workers == 1 else config.seeds
-    built = [Objective(attacker_model(train_mode_copy(model), engine, device, config.seeds), artifact, labels_tensor, config)
-             for _ in range(copies)]
+    built = [attacker_objective(model, artifact, labels_tensor, config, engine, device) for _ in range(copies)]
     objective = built[0]
     objectives = built * config.seeds if copies == 1 else built
 

@@ -16,14 +16,14 @@ import torch
 from torch import nn
 
 from gradinv.client.artifacts import GradientArtifact, load_gradient
-from gradinv.client.step import recorded_bn_statistics, train_mode_copy
-from gradinv.pipeline.config import LabelsConfig
 from gradinv.client.defenses import as_gradient
+from gradinv.client.models import final_linear, penultimate_features
+from gradinv.client.step import recorded_bn_statistics, train_mode_copy
+from gradinv.client.victim import load_victim
 from gradinv.errors import UserError
 from gradinv.io import write_json
-from gradinv.client.models import final_linear, penultimate_features
+from gradinv.pipeline.config import LabelsConfig
 from gradinv.progress import progress
-from gradinv.client.victim import load_victim
 
 
 def _head_gradients(model: nn.Module, artifact: GradientArtifact, strategy: str, need_bias: bool):

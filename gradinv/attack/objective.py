@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradinv.client.artifacts import GradientArtifact
-from gradinv.client.step import local_update, parameter_gradients, recorded_bn_statistics
-from gradinv.pipeline.config import InversionConfig
 from gradinv.client.defenses import shared_update, transmitted_mask
-from gradinv.errors import UserError
 from gradinv.client.models import batchnorm_layers
+from gradinv.client.step import local_update, parameter_gradients, recorded_bn_statistics
+from gradinv.errors import UserError
+from gradinv.pipeline.config import InversionConfig
 
 LOSS_TERMS = ("total", "grad", "tv", "l2", "bn", "group")
 

@@ -16,9 +16,9 @@ from torch import nn
 from gradinv import __version__
 from gradinv.client.defenses import check_declared
 from gradinv.client.defenses import validate as validate_defenses
+from gradinv.client.models import batchnorm_layers
 from gradinv.errors import UserError
 from gradinv.io import read_json, read_tensors, write_json, write_tensors
-from gradinv.client.models import batchnorm_layers
 
 FORMAT = "gradinv-gradient/1"
 TENSOR_FILE, META_FILE = "gradient.safetensors", "gradient.json"

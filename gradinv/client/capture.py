@@ -11,15 +11,15 @@ from pathlib import Path
 import torch
 
 from gradinv.client.artifacts import GradientArtifact, gradient_meta, save_gradient
-from gradinv.client.step import (local_update, parameter_gradients, per_example_gradients, recorded_bn_statistics,
-                            train_mode_copy)
-from gradinv.pipeline.config import CaptureConfig
 from gradinv.client.data import ImageSet, load_set, normalize
 from gradinv.client.defenses import apply as apply_defenses
 from gradinv.client.defenses import validate as validate_defenses
+from gradinv.client.step import (local_update, parameter_gradients, per_example_gradients, recorded_bn_statistics,
+                                 train_mode_copy)
+from gradinv.client.victim import load_victim
 from gradinv.errors import UserError
 from gradinv.io import write_json, write_tensors
-from gradinv.client.victim import load_victim
+from gradinv.pipeline.config import CaptureConfig
 
 TRUTH_FILE = "truth.safetensors"
 

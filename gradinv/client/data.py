@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from gradinv import __version__
-from gradinv.pipeline.config import DataConfig, as_dict
 from gradinv.errors import UserError
 from gradinv.io import read_json, read_tensors, write_json, write_tensors
+from gradinv.pipeline.config import DataConfig, as_dict
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".JPEG"}
 POOL_FRACTION = 0.3  # right-hand share of each photo that only the pool draws from

@@ -22,10 +22,10 @@ from torch import nn
 
 from gradinv import __version__
 from gradinv.client.artifacts import gradient_meta, save_gradient, validated_artifact
+from gradinv.client.models import batchnorm_layers, build_model, load_weights, save_weights
 from gradinv.client.step import train_mode_copy
 from gradinv.errors import UserError
 from gradinv.io import read_tensors, write_json
-from gradinv.client.models import batchnorm_layers, build_model, load_weights, save_weights
 from gradinv.pipeline.folders import GRADIENT, TRUTH, VICTIM
 
 KINDS = ("gradient", "update")

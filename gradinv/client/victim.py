@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradinv import __version__
-from gradinv.pipeline.config import VictimConfig, as_dict
 from gradinv.client.data import load_meta, load_set, normalize
+from gradinv.client.models import build_model, load_weights, resolve_device, save_weights
 from gradinv.errors import UserError
 from gradinv.io import read_json, write_json
-from gradinv.client.models import build_model, load_weights, resolve_device, save_weights
+from gradinv.pipeline.config import VictimConfig, as_dict
 from gradinv.progress import progress
 
 

@@ -17,12 +17,12 @@ from typing import Callable
 
 import torch
 
-from gradinv.pipeline.config import EngineConfig, InversionConfig
+from gradinv.attack.objective import LOSS_TERMS, Objective
+from gradinv.attack.views import View, apply_views, view_indices, views_enabled
 from gradinv.engine.cuda_graph import GraphedStep
 from gradinv.engine.policy import SeedRunner, StepPlan
 from gradinv.errors import UserError
-from gradinv.attack.objective import LOSS_TERMS, Objective
-from gradinv.attack.views import View, apply_views, view_indices, views_enabled
+from gradinv.pipeline.config import EngineConfig, InversionConfig
 
 
 class SeedStep:

@@ -11,17 +11,17 @@ from pathlib import Path
 import torch
 import torchvision
 
-from gradinv.client.capture import TRUTH_FILE
-from gradinv.pipeline.config import EvaluationConfig, as_dict
-from gradinv.client.data import load_set, normalize, standardize
-from gradinv.errors import UserError
 from gradinv.attack.outputs import RECONSTRUCTION_FILE
-from gradinv.io import read_json, read_table, read_tensors, write_json, write_table
-from gradinv.evaluation.metrics import fft2d_distance, iip_hits, label_accuracy, match, psnr, registered_psnr, ssim
+from gradinv.client.capture import TRUTH_FILE
+from gradinv.client.data import load_set, normalize, standardize
 from gradinv.client.models import load_weights, penultimate_features
+from gradinv.client.victim import load_victim
+from gradinv.errors import UserError
+from gradinv.evaluation.metrics import fft2d_distance, iip_hits, label_accuracy, match, psnr, registered_psnr, ssim
 from gradinv.evaluation.perceptual import Distance, load_lpips, pairwise
 from gradinv.evaluation.report import save_comparison, write_html
-from gradinv.client.victim import load_victim
+from gradinv.io import read_json, read_table, read_tensors, write_json, write_table
+from gradinv.pipeline.config import EvaluationConfig, as_dict
 
 LPIPS_MISSING = "not computed: evaluation.lpips_weights is not set"
 

@@ -7,8 +7,9 @@ from typing import Callable
 
 import torch
 import torchvision
-from gradinv.errors import UserError
+
 from gradinv.client.models import load_weights
+from gradinv.errors import UserError
 
 LPIPS_BACKBONES = {"alex": "alexnet", "vgg": "vgg16"}
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from gradinv.attack import inversion, labels
 from gradinv.client import capture, victim
-from gradinv.evaluation import evaluate
 from gradinv.client.artifacts import load_gradient
-from gradinv.pipeline.audit import utility
 from gradinv.client.data import normalize
 from gradinv.client.defenses import as_gradient
+from gradinv.evaluation import evaluate
 from gradinv.io import read_json, read_tensors, write_json, write_table
+from gradinv.pipeline.audit import utility
 
 SETS, VICTIM = "data/sets", "data/victim"
 BATCHES, SWEEP = "data/batches", "data/sweep"

@@ -9,9 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from gradinv.pipeline.config import load_params
-from gradinv.errors import UserError
 from gradinv.client.importing import IMAGENET_MEAN, IMAGENET_STD, import_gradient
+from gradinv.errors import UserError
+from gradinv.pipeline.config import load_params
 from gradinv.pipeline.stages import STAGES
 
 IMPORT = "import-gradient"

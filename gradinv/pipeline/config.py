@@ -259,7 +259,7 @@ def _check_cross_field(name: str, config) -> None:
                         "batched under vmap (its batching rule fails under autocast); set 'engine.bn_double_backward' "
                         "to auto or explicit, or 'engine.seed_batch' to 1.")
     if name == "audit":
-        from gradinv.pipeline.audit import audit_points
+        from gradinv.pipeline.audit_grid import audit_points
 
         audit_points(config)
     if name == "sweep":

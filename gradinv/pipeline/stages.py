@@ -23,7 +23,6 @@ __all__ = ["EVAL", "GRADIENT", "INVERT", "LABELS", "SETS", "STAGES", "Stage", "T
 
 LogCallback = Callable[[int, dict], None]
 # What runs any stage: the registry, and the Prefect task with its cache key.
-RUNNER_MODULES = ("gradinv.pipeline.stages", "tasks.stages", "tasks.caching")
 RUNNER_FILES = ("gradinv/pipeline/stages.py", "tasks/stages.py", "tasks/caching.py")
 
 
