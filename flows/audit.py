@@ -20,7 +20,7 @@ from gradinv.evaluation.report import write_audit_html
 from gradinv.io import write_json, write_table
 from gradinv.pipeline.audit import AUDIT, LEAKAGE, audit_points, save_defense_plot
 from gradinv.pipeline.config import as_dict, load_params
-from tasks.batches import ATTACK_SECTIONS
+from tasks.batches import attack_params
 from tasks.tracking import tracked_run
 
 COLUMNS = ("defense", "strength", "attack", *LEAKAGE, "consensus_psnr", "utility_cosine", "utility_relative_error",
@@ -44,7 +44,7 @@ def audit(params_path: str = "params.yaml", root: str = ".") -> dict:
         victim_ready(root, {s: as_dict(params[s]) for s in ("data", "victim")}, tracker)
         jobs = []
         for i, point in enumerate(points):
-            attack = {s: as_dict(params[s]) for s in ATTACK_SECTIONS}
+            attack = attack_params(params)
             attack["inversion"] = as_dict(attack_budget)
             capture = dataclasses.replace(params["capture"], defenses=point["defenses"],
                                           aggregation_clients=point["aggregation_clients"])

@@ -17,7 +17,7 @@ from flows.fan_out import run_fan_out, victim_ready
 from gradinv.errors import UserError
 from gradinv.pipeline.batches import BATCHES, write_batches
 from gradinv.pipeline.config import as_dict, load_params
-from tasks.batches import ATTACK_SECTIONS
+from tasks.batches import ATTACK_SECTIONS, attack_params
 from tasks.tracking import tracked_run
 
 
@@ -28,9 +28,9 @@ def many_batches(params_path: str = "params.yaml", root: str = ".", count: int |
     config = params["batches"]
     count = count or config.count
     root = str(Path(root).resolve())
-    attack = {section: as_dict(params[section]) for section in ATTACK_SECTIONS}
+    attack = attack_params(params)
     with tracked_run(root, "batches", tags={"batches": str(count)}) as tracker:
-        tracker.params({f"{s}.{k}": v for s, values in attack.items() for k, v in values.items()}
+        tracker.params({f"{s}.{k}": v for s in ATTACK_SECTIONS for k, v in attack[s].items()}
                        | {f"batches.{k}": v for k, v in as_dict(config).items()} | {"batches.count": count})
         sections = {s: as_dict(params[s]) for s in ("data", "victim")}
         victim_ready(root, sections, tracker)

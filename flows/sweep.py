@@ -20,7 +20,7 @@ from gradinv.evaluation.report import save_sweep_plot
 from gradinv.io import write_json, write_table
 from gradinv.pipeline.batches import SWEEP, sweep_table
 from gradinv.pipeline.config import as_dict, load_params
-from tasks.batches import ATTACK_SECTIONS
+from tasks.batches import attack_params
 from tasks.tracking import tracked_run
 
 
@@ -43,7 +43,7 @@ def sweep(params_path: str = "params.yaml", root: str = ".") -> dict:
         check_sizes(config.batch_sizes, params["capture"].distinct_labels, load_meta(Path(root) / "data/sets").num_classes)
         jobs = []
         for size in config.batch_sizes:
-            attack = {s: as_dict(params[s]) for s in ATTACK_SECTIONS}
+            attack = attack_params(params)
             attack["capture"] = as_dict(dataclasses.replace(params["capture"], batch_size=size))
             jobs += [{"out": f"{SWEEP}/bs-{size:03d}", "index": i, "params": attack} for i in range(config.batches)]
         rows = run_fan_out(root, jobs, batches)

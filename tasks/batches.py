@@ -13,12 +13,20 @@ import torch
 from prefect import task
 
 from gradinv.pipeline import batches
-from gradinv.pipeline.config import build_section, result_changing
+from gradinv.pipeline.config import as_dict, build_section, result_changing
 from gradinv.pipeline.sources import source_files
+from gradinv.trust import trust_model_code
 from tasks.caching import PACKAGE_ROOT, hash_tree
 
 ATTACK_SECTIONS = ("capture", "labels", "inversion", "engine", "evaluation")
+USER_MODEL = "victim_arch"  # the model spec params.yaml names: workers may import it (gradinv.trust)
 _SOURCES = sorted({*source_files("gradinv.pipeline.batches"), "tasks/batches.py", "tasks/caching.py"})
+
+
+def attack_params(params: dict) -> dict:
+    """What a worker needs of the loaded params.yaml: the attack's sections as plain dicts, and the
+    model spec the user named."""
+    return {**{s: as_dict(params[s]) for s in ATTACK_SECTIONS}, USER_MODEL: params["victim"].arch}
 
 
 def batch_key(root: str, out: str, index: int, params: dict) -> str:
@@ -77,6 +85,7 @@ def attack_batch(root: str, out: str, index: int, params: dict, torch_threads: i
     _restore_glibc_heap_for_tensors()
     if torch_threads:
         torch.set_num_threads(torch_threads)
+    trust_model_code(params.get(USER_MODEL))
     configs = {name: build_section(name, params[name]) for name in ATTACK_SECTIONS}
     configs["engine"] = _device_for_this_worker(configs["engine"])
     return batches.run_batch(configs, root, out, index)

@@ -22,6 +22,11 @@ def tracking_uri(root: str | Path) -> str:
     return f"sqlite:///{(Path(root).resolve() / 'mlflow.db')}"
 
 
+def artifact_location(root: str | Path) -> str:
+    """Where the experiment keeps its artifacts: under the project root, whatever the working folder."""
+    return str(Path(root).resolve() / "mlartifacts")
+
+
 class Tracker:
     """Logs to one MLflow run by id (explicit ids keep task threads from sharing global state)."""
 
@@ -101,7 +106,9 @@ class Tracker:
 def tracked_run(root: str | Path, run_name: str, tags: dict[str, str] | None = None) -> Iterator[Tracker]:
     client = MlflowClient(tracking_uri=tracking_uri(root))
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+    # An experiment made before artifact_location existed keeps the artifact location it was made with.
+    experiment_id = (experiment.experiment_id if experiment
+                     else client.create_experiment(EXPERIMENT, artifact_location=artifact_location(root)))
     run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
     status = "FAILED"
     try:

@@ -10,6 +10,7 @@ from gradinv.client.capture import TRUTH_FILE, draw_batch
 from gradinv.client.data import ImageSet, normalize
 from gradinv.client.models import batchnorm_layers
 from gradinv.client.victim import load_victim
+from gradinv.commit import MANIFEST, write_manifest
 from gradinv.errors import UserError
 from gradinv.io import read_tensors, write_tensors
 from gradinv.pipeline.cli import main
@@ -63,11 +64,18 @@ def test_capture_does_not_move_the_victims_running_statistics(tiny_project):
 
 def test_ground_truth_is_kept_apart_from_the_shared_artifact(tiny_project):
     shared = sorted(p.name for p in (tiny_project / GRADIENT).iterdir())
-    assert shared == [META_FILE, TENSOR_FILE]
+    assert shared == [META_FILE, TENSOR_FILE, MANIFEST]
     assert all(not k.startswith(("images", "labels")) for k in read_tensors(tiny_project / GRADIENT / TENSOR_FILE, "g"))
 
 
 def _broken(root, how):
+    """Break the artifact as its maker could: the manifest is rewritten to match, so only the
+    loader's own checks stand between the broken file and the attack."""
+    _break(root, how)
+    write_manifest(root / GRADIENT)
+
+
+def _break(root, how):
     tensors = read_tensors(root / GRADIENT / TENSOR_FILE, "g")
     meta = json.loads((root / GRADIENT / META_FILE).read_text())
     key = next(k for k in tensors if k.startswith("grad."))

@@ -98,6 +98,31 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_images(attac
     assert torch.equal(other.images, uninterrupted.images)
 
 
+def test_a_checkpoint_resumes_only_under_the_seed_workers_it_was_made_with(attack, tmp_path, monkeypatch):
+    from gradinv.attack import inversion
+
+    model, _, artifact, _, labels = attack
+    labels = sorted(labels.tolist())
+    config = _config(iterations=6, checkpoint_every=2)
+    resumed = []
+    load = inversion.load_checkpoint
+    monkeypatch.setattr(inversion, "load_checkpoint", lambda *a: resumed.append(load(*a) is not None) or load(*a))
+
+    def crash_at_step_3(step, _values):
+        if step == 3:
+            raise Interrupted
+
+    checkpoint = tmp_path / "run.safetensors"
+    with pytest.raises(Interrupted):
+        invert(model, artifact, labels, config, crash_at_step_3, checkpoint, "key", _engine(seed_workers=1))
+    invert(model, artifact, labels, config, None, checkpoint, "key", _engine(seed_workers=2))
+    assert resumed == [False, False]  # made with one worker, not resumed with two
+    with pytest.raises(Interrupted):
+        invert(model, artifact, labels, config, crash_at_step_3, checkpoint, "key", _engine(seed_workers=1))
+    invert(model, artifact, labels, config, None, checkpoint, "key", _engine(seed_workers=1))
+    assert resumed[-1] is True
+
+
 @pytest.mark.slow
 def test_langevin_jitter_and_flips_are_seeded_and_change_the_path(attack):
     model, _, artifact, _, labels = attack

@@ -8,7 +8,6 @@ import dataclasses
 import importlib
 import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import yaml

@@ -25,6 +25,7 @@ from gradinv.client.artifacts import TENSOR_FILE, GradientArtifact, load_gradien
 from gradinv.client.data import denormalize
 from gradinv.client.step import train_mode_copy
 from gradinv.client.victim import load_victim
+from gradinv.commit import commits
 from gradinv.engine import SeedStep, attacker_model, plan_step, running
 from gradinv.errors import UserError
 from gradinv.io import read_json, write_json, write_table, write_tensors
@@ -107,6 +108,10 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
         raise UserError(f"{len(labels)} labels were given for a gradient of batch size {artifact.batch_size}.")
     fedavg = Objective.replayed_update(artifact) is not None
     plan = plan_step(engine, config.seeds, artifact.batch_size, fedavg)
+    # How the step is computed changes the result beyond float noise over many iterations (seeds on
+    # threads or one by one, batched, graphed): a checkpoint resumes only under the same plan.
+    checkpoint_key = hashlib.sha256(f"{checkpoint_key}|{plan.device.type}|{plan.seeds_per_call}|"
+                                    f"{plan.workers}|{plan.graphed}".encode()).hexdigest()
     device = plan.device
     labels_tensor = torch.tensor(labels, dtype=torch.int64, device=device)
     # Threads must not share a model: the BN hooks of one seed's forward would see the other's.
@@ -183,6 +188,7 @@ def run_key(gradient_file: Path, labels: list[int], config: InversionConfig, eng
     return digest.hexdigest()
 
 
+@commits("out_dir")
 def run_inversion(config: InversionConfig, victim_dir: str | Path, gradient_dir: str | Path,
                   labels_dir: str | Path, out_dir: str | Path, on_log: LogCallback | None = None,
                   checkpoint_dir: str | Path | None = None, engine: EngineConfig = EngineConfig()) -> list[Path]:

@@ -20,6 +20,7 @@ from gradinv.client.defenses import as_gradient
 from gradinv.client.models import final_linear, penultimate_features
 from gradinv.client.step import recorded_bn_statistics, train_mode_copy
 from gradinv.client.victim import load_victim
+from gradinv.commit import commits
 from gradinv.errors import UserError
 from gradinv.io import write_json
 from gradinv.pipeline.config import LabelsConfig
@@ -238,6 +239,7 @@ def defense_warnings(strategy: str, defenses: list[dict], clients: int, batch_si
     return found
 
 
+@commits("out_dir")
 def recover_labels(config: LabelsConfig, model: nn.Module, artifact: GradientArtifact, out_dir: str | Path) -> list[Path]:
     labels, scores = recover(config.strategy, model, artifact, config)
     warnings = defense_warnings(config.strategy, artifact.meta.get("defenses", []),

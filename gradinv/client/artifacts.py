@@ -16,7 +16,9 @@ from torch import nn
 from gradinv import __version__
 from gradinv.client.defenses import check_declared
 from gradinv.client.defenses import validate as validate_defenses
+from gradinv.client.metadata import check_batch_memory, check_input_shape, check_normalisation, check_positive_int
 from gradinv.client.models import batchnorm_layers
+from gradinv.commit import commits
 from gradinv.errors import UserError
 from gradinv.io import read_json, read_tensors, write_json, write_tensors
 
@@ -48,12 +50,16 @@ def gradient_meta(arch: str, num_classes: int, input_shape: list[int], mean: lis
             "bn_mode": "train", "bn_leak": bn_leak, "gradinv_version": __version__}
 
 
-def save_gradient(artifact: GradientArtifact, out_dir: str | Path) -> list[Path]:
+def write_gradient(artifact: GradientArtifact, out_dir: str | Path) -> list[Path]:
+    """The artifact's two files in out_dir (a folder that the caller commits)."""
     out_dir = Path(out_dir)
     tensors = {f"grad.{n}": t for n, t in artifact.grads.items()}
     tensors.update({f"bn_mean.{n}": t for n, t in artifact.bn_mean.items()})
     tensors.update({f"bn_var.{n}": t for n, t in artifact.bn_var.items()})
     return [write_tensors(out_dir / TENSOR_FILE, tensors), write_json(out_dir / META_FILE, artifact.meta)]
+
+
+save_gradient = commits("out_dir")(write_gradient)
 
 
 def load_gradient(gradient_dir: str | Path, model: nn.Module, expected: dict | None = None) -> GradientArtifact:
@@ -71,8 +77,12 @@ def load_gradient(gradient_dir: str | Path, model: nn.Module, expected: dict | N
         raise UserError(f"gradient metadata {where} has format {meta['format']!r}; this gradinv reads {FORMAT!r}.")
     if meta["bn_mode"] != "train" or meta["bn_leak"] not in ("exact", "none"):
         raise UserError(f"gradient metadata {where} declares bn_mode {meta['bn_mode']!r} / bn_leak {meta['bn_leak']!r}; supported: train / exact or none.")
-    if not isinstance(meta["batch_size"], int) or meta["batch_size"] < 1:
-        raise UserError(f"gradient metadata {where} has an invalid batch_size {meta['batch_size']!r}.")
+    label = f"gradient metadata {where}"
+    check_positive_int(meta["batch_size"], "batch_size", label)
+    check_positive_int(meta["num_classes"], "num_classes", label)
+    check_input_shape(meta["input_shape"], label)
+    check_normalisation(meta["mean"], meta["std"], label)
+    check_batch_memory(meta["batch_size"], meta["input_shape"], label)
     for key, value in (expected or {}).items():
         if meta[key] != value:
             raise UserError(f"gradient artifact does not match the model: its {key} is {meta[key]!r}, the model's is {value!r}.")

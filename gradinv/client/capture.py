@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 
-from gradinv.client.artifacts import GradientArtifact, gradient_meta, save_gradient
+from gradinv.client.artifacts import GradientArtifact, gradient_meta, write_gradient
 from gradinv.client.data import ImageSet, load_set, normalize
 from gradinv.client.defenses import apply as apply_defenses
 from gradinv.client.defenses import validate as validate_defenses
 from gradinv.client.step import (local_update, parameter_gradients, per_example_gradients, recorded_bn_statistics,
                                  train_mode_copy)
 from gradinv.client.victim import load_victim
+from gradinv.commit import commits
 from gradinv.errors import UserError
 from gradinv.io import write_json, write_tensors
 from gradinv.pipeline.config import CaptureConfig
@@ -96,6 +97,7 @@ def securely_aggregated(updates: list[GradientArtifact]) -> GradientArtifact:
                             bn_var=mean([u.bn_var for u in updates]) if victim.bn_var else {})
 
 
+@commits("gradient_dir", "truth_dir")
 def capture(config: CaptureConfig, sets_dir: str | Path, victim_dir: str | Path,
             gradient_dir: str | Path, truth_dir: str | Path) -> list[Path]:
     model, victim = load_victim(victim_dir)
@@ -113,7 +115,7 @@ def capture(config: CaptureConfig, sets_dir: str | Path, victim_dir: str | Path,
         updates.append(client_update(model, normalize(pool.images[batch], victim.mean, victim.std), pool.labels[batch],
                                      config.bn_leak, meta_fields, defenses, noise))
     artifact = updates[0] if len(updates) == 1 else securely_aggregated(updates)
-    written = save_gradient(artifact, gradient_dir)
+    written = write_gradient(artifact, gradient_dir)
     written.append(write_tensors(Path(truth_dir) / TRUTH_FILE, {"images": images, "labels": labels, "pool_index": index}))
     written.append(write_json(Path(truth_dir) / "truth.json", {"labels": labels.tolist(), "pool_index": index.tolist()}))
     return written

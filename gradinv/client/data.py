@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from gradinv import __version__
+from gradinv.commit import commits
 from gradinv.errors import UserError
 from gradinv.io import read_json, read_tensors, write_json, write_tensors
 from gradinv.pipeline.config import DataConfig, as_dict
@@ -164,6 +165,7 @@ def make_imagefolder(config: DataConfig) -> tuple[ImageSet, ImageSet, list[str]]
     return train, pool, classes
 
 
+@commits("out_dir")
 def prepare(config: DataConfig, out_dir: str | Path) -> list[Path]:
     """Stage `prepare`: write train.safetensors, pool.safetensors and sets.json to out_dir."""
     out_dir = Path(out_dir)

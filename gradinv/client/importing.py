@@ -14,16 +14,16 @@ momentum, no weight decay) of learning rate lr, so gradient = −update / lr.
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from gradinv import __version__
-from gradinv.client.artifacts import gradient_meta, save_gradient, validated_artifact
+from gradinv.client.artifacts import META_FILE, TENSOR_FILE, gradient_meta, validated_artifact, write_gradient
 from gradinv.client.models import batchnorm_layers, build_model, load_weights, save_weights
 from gradinv.client.step import train_mode_copy
+from gradinv.commit import committed
 from gradinv.errors import UserError
 from gradinv.io import read_tensors, write_json
 from gradinv.pipeline.folders import GRADIENT, TRUTH, VICTIM
@@ -40,7 +40,7 @@ def read_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"gradient file {path} does not exist.")
     if path.suffix == ".safetensors":
-        return read_tensors(path, "gradient file")
+        return read_tensors(path, "gradient file", verify=False)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - weights_only refuses arbitrary objects; any failure means unusable
@@ -51,6 +51,9 @@ def read_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise UserError(f"gradient file {path} entry {key!r} is a {type(value).__name__}, not a tensor named by a string.")
+        if value.layout != torch.strided:
+            raise UserError(f"gradient file {path} entry {key!r} is a {value.layout} tensor; store it dense "
+                            "(tensor.to_dense()).")
     return dict(obj)
 
 
@@ -113,8 +116,8 @@ def import_gradient(arch: str, weights: str | Path, num_classes: int, tensor_fil
                     batch_size: int, input_size: int, mean: list[float] = IMAGENET_MEAN,
                     std: list[float] = IMAGENET_STD, bn_leak: str = "none", lr: float | None = None,
                     root: str | Path = ".") -> list[Path]:
-    """Validate everything, then write data/victim and data/capture/gradient under root.
-    A ground truth left by an earlier capture is removed: it belongs to another gradient."""
+    """Validate everything, then commit data/victim and data/capture/gradient under root, and remove
+    in the same commit a ground truth left by an earlier capture: it belongs to another gradient."""
     check_settings(num_classes, kind, batch_size, input_size, mean, std, bn_leak, lr)
     model = load_weights(build_model(arch, num_classes), weights).eval()
     if bn_leak == "exact" and not batchnorm_layers(model):
@@ -148,7 +151,9 @@ def import_gradient(arch: str, weights: str | Path, num_classes: int, tensor_fil
                    "batch_size": batch_size, "bn_leak": bn_leak},
         "source": "imported", "gradinv_version": __version__,
     }
-    written = [save_weights(model, root / VICTIM / "model.safetensors"), write_json(root / VICTIM / "model.json", info)]
-    written += save_gradient(artifact, root / GRADIENT)
-    shutil.rmtree(root / TRUTH, ignore_errors=True)
-    return written
+    with committed(root / VICTIM, root / GRADIENT, removing=(root / TRUTH,)) as (victim_dir, gradient_dir):
+        save_weights(model, victim_dir / "model.safetensors")
+        write_json(victim_dir / "model.json", info)
+        write_gradient(artifact, gradient_dir)
+    return [root / VICTIM / "model.safetensors", root / VICTIM / "model.json", *(root / GRADIENT / name for name in
+            (TENSOR_FILE, META_FILE))]

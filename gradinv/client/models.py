@@ -11,35 +11,61 @@ from torch import nn
 
 from gradinv.errors import UserError
 from gradinv.io import read_tensors, write_tensors
+from gradinv.trust import check_named_code
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
-    """A torchvision classifier by name (random weights), or `package.module:callable(num_classes=...)`."""
+def build_model(arch: str, num_classes: int, named_by: str | None = None) -> nn.Module:
+    """A torchvision classifier by name (random weights), or `package.module:callable(num_classes=...)`.
+    `named_by` is the artifact file whose metadata gave `arch`: its code spec is imported only
+    if the user named the same spec, since an artifact folder may come from anyone."""
+    if not isinstance(arch, str):
+        raise UserError(f"model {arch!r} is not a model name.")
+    if named_by is not None:
+        check_named_code(arch, named_by)
     if ":" in arch:
         module_name, _, attr = arch.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
+        except (ImportError, AttributeError, ValueError) as err:
             raise UserError(f"model '{arch}' cannot be imported ({err}).") from None
-        return factory(num_classes=num_classes)
+        if not callable(factory):
+            raise UserError(f"model '{arch}' names a {type(factory).__name__}, not a callable that builds a model.")
+        try:
+            model = factory(num_classes=num_classes)
+        except Exception as err:  # noqa: BLE001 - user code: any failure means no model
+            first = str(err).strip().splitlines()[0] if str(err).strip() else "no message"
+            raise UserError(f"model '{arch}' fails when called with num_classes={num_classes} "
+                            f"({type(err).__name__}: {first}).") from None
+        if not isinstance(model, nn.Module):
+            raise UserError(f"model '{arch}' returns a {type(model).__name__}, not a torch nn.Module.")
+        return model
     try:
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     except ValueError:
         raise UserError(f"model '{arch}' is neither a torchvision model name nor 'package.module:callable'.") from None
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+def load_weights(model: nn.Module, path: str | Path, verify: bool = False) -> nn.Module:
     """Load a safetensors file or a plain state dict (never unpickling arbitrary objects)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist.")
     if path.suffix == ".safetensors":
-        state = read_tensors(path, "weights file")
+        state = read_tensors(path, "weights file", verify)
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any failure here means the file is unusable
             raise UserError(f"weights file {path} cannot be read as a state dict ({err}).") from None
+    if not isinstance(state, dict):
+        raise UserError(f"weights file {path} holds a {type(state).__name__}, not a state dict of names to tensors.")
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        if tensor.layout != torch.strided:
+            raise UserError(f"weights file {path} entry {name!r} is a {tensor.layout} tensor; only dense tensors load.")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"weights file {path} holds NaN or infinite values in {name!r}.")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

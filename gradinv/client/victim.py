@@ -13,7 +13,9 @@ from torch import nn
 
 from gradinv import __version__
 from gradinv.client.data import load_meta, load_set, normalize
+from gradinv.client.metadata import check_input_shape, check_normalisation, check_positive_int
 from gradinv.client.models import build_model, load_weights, resolve_device, save_weights
+from gradinv.commit import commits
 from gradinv.errors import UserError
 from gradinv.io import read_json, write_json
 from gradinv.pipeline.config import VictimConfig, as_dict
@@ -69,6 +71,7 @@ def train_model(model: nn.Module, train: torch.Tensor, labels: torch.Tensor, con
     return model.cpu().eval()
 
 
+@commits("out_dir")
 def train(config: VictimConfig, sets_dir: str | Path, out_dir: str | Path,
           on_epoch: Callable[[int, dict], None] | None = None) -> list[Path]:
     """Stage `train`: write model.safetensors and model.json (with accuracies) to out_dir."""
@@ -96,9 +99,14 @@ def train(config: VictimConfig, sets_dir: str | Path, out_dir: str | Path,
 def load_victim(victim_dir: str | Path) -> tuple[nn.Module, VictimMeta]:
     victim_dir = Path(victim_dir)
     info = read_json(victim_dir / "model.json", "victim metadata")
-    try:
-        meta = VictimMeta(info["arch"], int(info["num_classes"]), list(info["input_shape"]), list(info["mean"]), list(info["std"]))
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"victim metadata {victim_dir / 'model.json'} lacks or garbles the key {err}.") from None
-    model = load_weights(build_model(meta.arch, meta.num_classes), victim_dir / "model.safetensors")
+    where = f"victim metadata {victim_dir / 'model.json'}"
+    missing = [key for key in ("arch", "num_classes", "input_shape", "mean", "std") if key not in info]
+    if missing:
+        raise UserError(f"{where} lacks the key '{missing[0]}'.")
+    check_positive_int(info["num_classes"], "num_classes", where)
+    check_input_shape(info["input_shape"], where)
+    check_normalisation(info["mean"], info["std"], where)
+    meta = VictimMeta(info["arch"], info["num_classes"], info["input_shape"], info["mean"], info["std"])
+    model = build_model(meta.arch, meta.num_classes, named_by=f"victim metadata {victim_dir / 'model.json'}")
+    model = load_weights(model, victim_dir / "model.safetensors", verify=True)
     return model.eval(), meta

@@ -16,6 +16,7 @@ from gradinv.client.capture import TRUTH_FILE
 from gradinv.client.data import load_set, normalize, standardize
 from gradinv.client.models import load_weights, penultimate_features
 from gradinv.client.victim import load_victim
+from gradinv.commit import commits
 from gradinv.errors import UserError
 from gradinv.evaluation.metrics import fft2d_distance, iip_hits, label_accuracy, match, psnr, registered_psnr, ssim
 from gradinv.evaluation.perceptual import Distance, load_lpips, pairwise
@@ -80,6 +81,7 @@ def _gallery(config: EvaluationConfig, size: int, pool_index: torch.Tensor) -> t
     return rows, torch.tensor([position[int(i)] for i in pool_index])
 
 
+@commits("out_dir")
 def evaluate(config: EvaluationConfig, invert_dir: str | Path, labels_dir: str | Path, truth_dir: str | Path,
              sets_dir: str | Path, victim_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """metrics.json, per_image.parquet, grid.png and report.html in out_dir."""

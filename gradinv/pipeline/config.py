@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from gradinv.errors import UserError
+from gradinv.trust import trust_model_code
 
 
 def _positive(x) -> bool:
@@ -211,6 +213,17 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return True
 
 
+def _finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in the value, lists and mappings included."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
+
+
 def build_section(name: str, values: dict | None):
     """Validate one params.yaml section and return its frozen config object."""
     cls = SECTIONS[name]
@@ -225,6 +238,8 @@ def build_section(name: str, values: dict | None):
     for key, value in values.items():
         if not _type_ok(value, hints[key]):
             raise UserError(f"params: '{name}.{key}' must be of type {hints[key]}, got {value!r}.")
+        if not _finite(value):
+            raise UserError(f"params: '{name}.{key}' must hold finite numbers (no NaN or infinity), got {value!r}.")
         if isinstance(hints[key], type) and hints[key] is float and isinstance(value, int):
             values = {**values, key: float(value)}
         check = fields[key].metadata.get("check")
@@ -269,23 +284,27 @@ def _check_cross_field(name: str, config) -> None:
     if name == "data":
         for key in ("mean", "std"):
             values = getattr(config, key)
-            if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+            if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
                 raise UserError(f"params: 'data.{key}' must be a list of 3 numbers, got {values!r}.")
-        if any(s <= 0 for s in config.std):
+        if not all(s > 0 for s in config.std):
             raise UserError(f"params: 'data.std' must be positive, got {config.std!r}.")
         if config.source == "imagefolder" and not (config.train_dir and config.pool_dir):
             raise UserError("params: 'data.train_dir' and 'data.pool_dir' are required when data.source is 'imagefolder'.")
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read params.yaml and validate every section; returns {section: config object}."""
+    """Read params.yaml and validate every section; returns {section: config object}. The model
+    spec it names (victim.arch) is the user's, so artifacts naming that spec may import it."""
     import yaml  # imported here so that the library runs where only torch is installed
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"params file {path} does not exist.")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise UserError(f"params file {path} is not UTF-8 text (byte {err.start} cannot be decoded); "
+                        "save it as UTF-8.") from None
     except yaml.YAMLError as err:
         raise UserError(f"params file {path} is not valid YAML ({str(err).splitlines()[0]}).") from None
     if not isinstance(raw, dict):
@@ -294,7 +313,9 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise UserError(f"params: unknown section '{unknown[0]}' (known: {', '.join(SECTIONS)}).")
-    return {name: build_section(name, raw.get(name)) for name in SECTIONS}
+    params = {name: build_section(name, raw.get(name)) for name in SECTIONS}
+    trust_model_code(params["victim"].arch)
+    return params
 
 
 def apply_preset(raw: dict) -> dict:
