@@ -186,3 +186,43 @@ def test_a_changed_batch_size_is_refused(shared_copy):
     path.write_text(json.dumps(meta))
     with pytest.raises(UserError, match="gradient metadata .* does not match the checksum"):
         load_gradient(shared_copy / GRADIENT, load_victim(shared_copy / VICTIM)[0])
+
+
+def test_an_unwritable_output_folder_stops_invert_before_the_inversion(shared_copy, monkeypatch, capsys):
+    from gradinv.attack import inversion
+    from gradinv.pipeline.cli import main
+    from tests.conftest import write_params
+
+    mkdir = commit.Path.mkdir
+
+    def refuse_staging(self, *args, **kwargs):
+        if self.name.endswith(".staging"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(commit.Path, "mkdir", refuse_staging)
+    monkeypatch.setattr(inversion, "invert", lambda *a, **k: pytest.fail("the inversion ran"))
+    before = commit.file_digest(shared_copy / "data/invert/invert.json")
+    code = main(["--params", str(write_params(shared_copy / "params.yaml")), "--root", str(shared_copy), "invert"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "may not write to" in err[0]
+    assert commit.file_digest(shared_copy / "data/invert/invert.json") == before
+
+
+def test_a_full_disk_during_train_exits_2_and_keeps_the_old_victim(shared_copy, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    from gradinv.pipeline.cli import main
+    from tests.conftest import write_params
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    params = write_params(shared_copy / "params.yaml", {"victim": {"epochs": 0}})
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    before = commit.file_digest(shared_copy / VICTIM / "model.safetensors")
+    assert main(["--params", str(params), "--root", str(shared_copy), "train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is full; free some space" in err[0]
+    assert commit.file_digest(shared_copy / VICTIM / "model.safetensors") == before
+    assert load_victim(shared_copy / VICTIM)  # still the complete old victim

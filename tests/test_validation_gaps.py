@@ -91,6 +91,7 @@ def test_valid_gradient_metadata_loads(tmp_path):
     ("input_shape", [3, SIZE]),
     ("input_shape", [3, SIZE, "16"]),
     ("input_shape", [3, 0, SIZE]),
+    ("input_shape", [1, SIZE, SIZE]),
     ("num_classes", "4"),
     ("num_classes", 0),
     ("batch_size", True),

@@ -34,10 +34,11 @@ def check_positive_int(value, key: str, where: str) -> None:
 
 
 def check_input_shape(shape, where: str) -> None:
-    """3 positive whole numbers: channels, height, width."""
-    if not isinstance(shape, list) or len(shape) != 3 or not all(_whole(n) and n > 0 for n in shape):
-        raise UserError(f"{where} has 'input_shape' {shape!r}; it must be a list of 3 positive whole numbers "
-                        "(channels, height, width).")
+    """[3, height, width]: RGB images, as the per-channel normalisation (3 values) describes."""
+    if (not isinstance(shape, list) or len(shape) != 3 or not all(_whole(n) and n > 0 for n in shape)
+            or shape[0] != 3):
+        raise UserError(f"{where} has 'input_shape' {shape!r}; it must be [3, height, width] with positive whole "
+                        "numbers (RGB images, one normalisation value per channel).")
 
 
 def physical_memory() -> int:
