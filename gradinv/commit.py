@@ -94,6 +94,7 @@ def committed(*folders: str | os.PathLike, removing: tuple[str | os.PathLike, ..
     token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
     recover(parent)
     stagings = [_staging(parent, name, token) for name in names]
+    journal = parent / f".{token}{_JOURNAL}"
     try:
         with disk_errors(parent):
             for staging in stagings:
@@ -102,13 +103,14 @@ def committed(*folders: str | os.PathLike, removing: tuple[str | os.PathLike, ..
         with disk_errors(parent):
             for staging in stagings:
                 write_manifest(staging)
-            journal = parent / f".{token}{_JOURNAL}"
-            _write_json(journal, {"folders": names, "manifests": [file_digest(s / MANIFEST) for s in stagings],
+            # A folder keeps its inode through renames: how recovery tells a done exchange from one to do.
+            _write_json(journal, {"folders": names, "inodes": [s.stat().st_ino for s in stagings],
                                   "removing": [f.relative_to(parent).as_posix() for f in removing], "token": token})
             _complete(journal)
     finally:
-        for staging in stagings:
-            shutil.rmtree(staging, ignore_errors=True)
+        if not journal.exists():  # a decided commit that failed halfway is completed by the next run
+            for staging in stagings:
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 def commits(*folder_args: str) -> Callable:
@@ -145,10 +147,9 @@ def _complete(journal: Path) -> None:
     """Exchange each staging folder named by `journal` with its output, unless already done."""
     parent = journal.parent
     record = json.loads(journal.read_text())
-    for name, digest in zip(record["folders"], record["manifests"]):
+    for name, inode in zip(record["folders"], record["inodes"]):
         folder, staging = parent / name, _staging(parent, name, record["token"])
-        current = folder / MANIFEST
-        if staging.is_dir() and not (current.is_file() and file_digest(current) == digest):
+        if staging.is_dir() and not (folder.is_dir() and folder.stat().st_ino == inode):
             folder.parent.mkdir(parents=True, exist_ok=True)
             _exchange(staging, folder)
         shutil.rmtree(staging, ignore_errors=True)

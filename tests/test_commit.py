@@ -64,6 +64,17 @@ def test_several_folders_commit_together_and_a_folder_can_be_removed_with_them(t
     assert not list(tmp_path.glob(".*")) and not list((tmp_path / "c").glob(".*"))
 
 
+def test_a_commit_of_the_same_content_repairs_a_damaged_folder(tmp_path):
+    out = tmp_path / "out"
+    for _ in range(2):
+        with committed(out) as (staging,):
+            _write_outputs(staging, 1)
+        (out / "b.safetensors").unlink()
+    with committed(out) as (staging,):
+        _write_outputs(staging, 1)
+    assert _values(out) == (1, 1.0)
+
+
 def test_without_rename_exchange_the_commit_still_replaces_the_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(commit, "_rename_exchange", lambda a, b: False)
     out = tmp_path / "out"
@@ -90,8 +101,7 @@ def test_recovery_completes_a_decided_commit_and_drops_an_undecided_one(tmp_path
     _write_outputs(decided, 2)
     write_manifest(decided)
     (tmp_path / f".{dead}-aaaa.commit.json").write_text(json.dumps(
-        {"folders": ["out"], "manifests": [commit.file_digest(decided / MANIFEST)], "removing": [],
-         "token": f"{dead}-aaaa"}))
+        {"folders": ["out"], "inodes": [decided.stat().st_ino], "removing": [], "token": f"{dead}-aaaa"}))
     # A writer killed while still writing: no journal, so its staging folder is dropped.
     undecided = tmp_path / f".out.{dead}-bbbb.staging"
     undecided.mkdir()
@@ -114,7 +124,7 @@ def test_a_reader_completes_a_pending_commit_before_it_reads(tmp_path):
     _write_outputs(decided, 2)
     write_manifest(decided)
     (tmp_path / f".{dead}-dddd.commit.json").write_text(json.dumps(
-        {"folders": ["out"], "manifests": [commit.file_digest(decided / MANIFEST)], "token": f"{dead}-dddd"}))
+        {"folders": ["out"], "inodes": [decided.stat().st_ino], "token": f"{dead}-dddd"}))
     assert _values(out) == (2, 2.0)
 
 

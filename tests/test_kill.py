@@ -16,7 +16,6 @@ import pytest
 
 from gradinv.atomic import KILL_AFTER_RENAMES
 from gradinv.commit import MANIFEST, recover
-from gradinv.pipeline.cli import main
 from gradinv.pipeline.stages import STAGES
 from tests.conftest import REPO, write_params
 
@@ -53,8 +52,13 @@ def outputs(root, stage) -> tuple:
     return tuple(digest(root / folder) for folder in STAGES[stage].outputs)
 
 
-def run_killed(root, params, stage, renames: int) -> int:
-    env = {**os.environ, KILL_AFTER_RENAMES: str(renames), "PYTHONPATH": str(REPO)}
+def run(root, params, stage, kill_after: int | None = None) -> int:
+    """The stage in a process of its own (the reference and the rerun too, so that all three
+    compute under the same thread settings)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(KILL_AFTER_RENAMES, None)
+    if kill_after:
+        env[KILL_AFTER_RENAMES] = str(kill_after)
     command = [sys.executable, "-m", "gradinv.pipeline.cli", "--params", str(params), "--root", str(root), stage]
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True).returncode
 
@@ -64,7 +68,7 @@ def test_a_stage_killed_after_any_rename_leaves_old_or_new_outputs(tiny_project,
     params = write_params(tmp_path / "params.yaml", NEW_SETTINGS[stage])
     reference = tmp_path / "reference"
     shutil.copytree(tiny_project / "data", reference / "data")
-    assert main(["--params", str(params), "--root", str(reference), stage]) == 0
+    assert run(reference, params, stage) == 0
     old, new = outputs(tiny_project, stage), outputs(reference, stage)
     assert all(o != n for o, n in zip(old, new))
 
@@ -73,13 +77,13 @@ def test_a_stage_killed_after_any_rename_leaves_old_or_new_outputs(tiny_project,
         renames += 1
         root = tmp_path / f"killed-{renames}"
         shutil.copytree(tiny_project / "data", root / "data")
-        code = run_killed(root, params, stage, renames)
+        code = run(root, params, stage, kill_after=renames)
         seen = outputs(root, stage)
         assert all(s in (o, n) for s, o, n in zip(seen, old, new)), f"mixed folder after rename {renames}"
         for parent in {(root / folder).parent for folder in STAGES[stage].outputs}:
             recover(parent)  # what the next run does first
         assert outputs(root, stage) in (old, new), f"outputs of two runs after rename {renames}"
-        assert main(["--params", str(params), "--root", str(root), stage]) == 0
+        assert run(root, params, stage) == 0
         assert outputs(root, stage) == new
         leftovers = [p.name for p in (root / "data").rglob(".*") if ".staging" in p.name or ".commit" in p.name]
         assert not leftovers
