@@ -4,20 +4,20 @@ gradinv.atomic, after the N-th rename, not from timing)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 
 from gradinv.atomic import KILL_AFTER_RENAMES
 from gradinv.commit import MANIFEST, recover
 from gradinv.pipeline.stages import STAGES
-from tests.conftest import REPO, write_params
+from tests.conftest import write_params
 
 pytestmark = pytest.mark.slow
 
@@ -52,15 +52,29 @@ def outputs(root, stage) -> tuple:
     return tuple(digest(root / folder) for folder in STAGES[stage].outputs)
 
 
-def run(root, params, stage, kill_after: int | None = None) -> int:
-    """The stage in a process of its own (the reference and the rerun too, so that all three
-    compute under the same thread settings)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop(KILL_AFTER_RENAMES, None)
+# Every run (the reference, the killed one, the rerun) forks from one server that has imported
+# gradinv but computed nothing: they share thread settings, and none pays torch's import again.
+FORKS = multiprocessing.get_context("forkserver")
+FORKS.set_forkserver_preload(["gradinv.pipeline.cli"])
+
+
+def _stage(params, root, stage, kill_after) -> None:
+    from gradinv.pipeline.cli import main
+
+    os.environ.pop(KILL_AFTER_RENAMES, None)
     if kill_after:
-        env[KILL_AFTER_RENAMES] = str(kill_after)
-    command = [sys.executable, "-m", "gradinv.pipeline.cli", "--params", str(params), "--root", str(root), stage]
-    return subprocess.run(command, env=env, cwd=REPO, capture_output=True).returncode
+        os.environ[KILL_AFTER_RENAMES] = str(kill_after)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        code = main(["--params", str(params), "--root", str(root), stage])
+    os._exit(code)
+
+
+def run(root, params, stage, kill_after: int | None = None) -> int:
+    """The stage in a process of its own, as a user's run; its exit code (-SIGKILL when killed)."""
+    process = FORKS.Process(target=_stage, args=(params, root, stage, kill_after))
+    process.start()
+    process.join()
+    return process.exitcode
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
