@@ -18,13 +18,14 @@ from flows.fan_out import run_fan_out, victim_ready
 from gradinv.client.defenses import modelled_by_attack
 from gradinv.evaluation.report import write_audit_html
 from gradinv.io import write_json, write_table
-from gradinv.pipeline.audit import AUDIT, LEAKAGE, audit_points, save_defense_plot
+from gradinv.pipeline.audit import AUDIT, LEAKAGE, audit_points, defense_findings, save_defense_plot
 from gradinv.pipeline.config import as_dict, load_params
 from tasks.batches import attack_params
-from tasks.tracking import tracked_run
+from tasks.publishing import publish, where_to_look
+from tasks.tracking import run_name, tracked_run
 
-COLUMNS = ("defense", "strength", "attack", *LEAKAGE, "consensus_psnr", "utility_cosine", "utility_relative_error",
-           "labels_warned", "folder")
+FIGURES = (*LEAKAGE, "psnr_initial_noise", "consensus_psnr", "utility_cosine", "utility_relative_error")
+COLUMNS = ("defense", "strength", "attack", *FIGURES, "labels_warned", "folder")
 
 
 def _slug(point: dict) -> str:
@@ -39,7 +40,10 @@ def audit(params_path: str = "params.yaml", root: str = ".") -> dict:
     points = audit_points(config)
     root = str(Path(root).resolve())
     attack_budget = dataclasses.replace(params["inversion"], iterations=config.iterations, seeds=config.seeds)
-    with tracked_run(root, "audit", tags={"defenses": ",".join(sorted({p["defense"] for p in points}))}) as tracker:
+    command = f"python -m flows.audit --params {params_path} --root {root}"
+    defenses = [d for d in dict.fromkeys(p["defense"] for p in points) if d != "none"]
+    name = run_name(f"audit {'+'.join(defenses)}", {**params, "inversion": attack_budget})
+    with tracked_run(root, name, command, tags={"defenses": ",".join(defenses)}) as tracker:
         tracker.params({f"audit.{k}": v for k, v in as_dict(config).items()})
         victim_ready(root, {s: as_dict(params[s]) for s in ("data", "victim")}, tracker)
         jobs = []
@@ -63,13 +67,19 @@ def audit(params_path: str = "params.yaml", root: str = ".") -> dict:
         paths = [write_table(out / "audit.parquet", table), *plots,
                  write_json(out / "audit.json", {"rows": rows, "params": as_dict(config),
                                                  "attack_budget": {"iterations": config.iterations, "seeds": config.seeds}}),
-                 write_audit_html(out / "audit.html", table, plots)]
+                 write_audit_html(out / "audit.html", table, plots, defense_findings(rows))]
         for row in rows:
-            tracker.log_child(f"audit-{_slug(row)}", {"defense": row["defense"], "strength": row["strength"]},
+            tracker.log_child(f"audit {row['defense']} {row['strength']}",
+                              {"defense": row["defense"], "strength": row["strength"]},
                               {k: row[k] for k in (*LEAKAGE, "utility_cosine", "utility_relative_error")})
         for path in paths:
             tracker.artifact(path, "audit")
-    return {"rows": rows, "paths": [str(p) for p in paths], "mlflow_run_id": tracker.run_id}
+        files = {"report": out / "audit.html", "table": out / "audit.parquet"}
+        tracking = tracker.tracking(command)
+        publish("gradinv-audit", f"gradinv defense audit: {', '.join(defenses)}",
+                {f"finding {i + 1}": line for i, line in enumerate(defense_findings(rows))}, files, tracking)
+    return {"rows": rows, "paths": [str(p) for p in paths], "mlflow_run_id": tracker.run_id,
+            "files": files, "tracking": tracking}
 
 
 def _row(point: dict, result: dict) -> dict:
@@ -79,7 +89,7 @@ def _row(point: dict, result: dict) -> dict:
     aware = [d["kind"] for d in point["defenses"] if modelled_by_attack(d)]
     return {"defense": point["defense"], "strength": point["strength"],
             "attack": "aware of " + ", ".join(aware) if aware else "plain",
-            **{k: result.get(k) for k in (*LEAKAGE, "consensus_psnr", "utility_cosine", "utility_relative_error", "folder")},
+            **{k: result.get(k) for k in (*FIGURES, "folder")},
             "labels_warned": bool(labels.get("assumption_warnings"))}
 
 
@@ -93,8 +103,8 @@ def describe(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     def run(args) -> str:
-        out = Path(args.root).resolve() / AUDIT
-        return f"{describe(audit(args.params, args.root)['rows'])}\ntable:  {out / 'audit.parquet'}\nreport: {out / 'audit.html'}"
+        result = audit(args.params, args.root)
+        return f"{describe(result['rows'])}\n{where_to_look(result['files'], result['tracking'])}"
 
     return run_flow_command("python -m flows.audit", __doc__.splitlines()[0], run, argv)
 

@@ -18,7 +18,8 @@ from gradinv.errors import UserError
 from gradinv.pipeline.batches import BATCHES, write_batches
 from gradinv.pipeline.config import as_dict, load_params
 from tasks.batches import ATTACK_SECTIONS, attack_params
-from tasks.tracking import tracked_run
+from tasks.publishing import publish, where_to_look
+from tasks.tracking import run_name, tracked_run
 
 
 @flow(name="gradinv-batches", log_prints=True)
@@ -29,7 +30,8 @@ def many_batches(params_path: str = "params.yaml", root: str = ".", count: int |
     count = count or config.count
     root = str(Path(root).resolve())
     attack = attack_params(params)
-    with tracked_run(root, "batches", tags={"batches": str(count)}) as tracker:
+    command = f"python -m flows.batches --params {params_path} --root {root} --count {count}"
+    with tracked_run(root, run_name(f"batches {count}×", params), command, tags={"batches": str(count)}) as tracker:
         tracker.params({f"{s}.{k}": v for s in ATTACK_SECTIONS for k, v in attack[s].items()}
                        | {f"batches.{k}": v for k, v in as_dict(config).items()} | {"batches.count": count})
         sections = {s: as_dict(params[s]) for s in ("data", "victim")}
@@ -38,8 +40,12 @@ def many_batches(params_path: str = "params.yaml", root: str = ".", count: int |
         rows = run_fan_out(root, jobs, config)
         paths = write_batches(rows, Path(root) / BATCHES)
         tracker.log_batches(rows, paths)
-    summary = _read_summary(paths)
-    return {"summary": summary, "paths": [str(p) for p in paths], "mlflow_run_id": tracker.run_id}
+        summary = _read_summary(paths)
+        files = {"table": Path(root) / BATCHES / "per_batch.parquet", "summary": Path(root) / BATCHES / "summary.json"}
+        tracking = tracker.tracking(command)
+        publish("gradinv-batches", f"gradinv batches: {count} batches", {"result": describe(summary)}, files, tracking)
+    return {"summary": summary, "paths": [str(p) for p in paths], "mlflow_run_id": tracker.run_id,
+            "files": files, "tracking": tracking}
 
 
 def _read_summary(paths: list[Path]) -> dict:
@@ -60,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.count is not None and args.count < 1:
             raise UserError(f"--count must be a positive number of batches, got {args.count}.")
         result = many_batches(args.params, args.root, args.count)
-        out = Path(args.root).resolve() / BATCHES
-        return f"{describe(result['summary'])}\ntable:   {out / 'per_batch.parquet'}\nsummary: {out / 'summary.json'}"
+        return f"{describe(result['summary'])}\n{where_to_look(result['files'], result['tracking'])}"
 
     def count_argument(parser) -> None:
         parser.add_argument("--count", type=int, help="number of batches (default: batches.count)")

@@ -4,11 +4,32 @@ params validated before Prefect starts, user errors as one line and exit code 2.
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 import sys
+import traceback
 from typing import Callable
 
 from gradinv.errors import UserError
 from gradinv.pipeline.config import load_params
+
+RESUME = ("rerun the same command to go on: finished stages and batches are cached, and an inversion resumes "
+          "from its last checkpoint in data/.checkpoints")
+# Prefect's own lifecycle lines, which repeat what the flow prints at the end of every stage.
+_LIFECYCLE = re.compile(r"^(Finished in state (Completed|Cached)|Created task run|Beginning flow run|Executing flow run)")
+
+
+class _QuietLifecycle(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not _LIFECYCLE.match(record.getMessage())
+
+
+def quiet_prefect_lifecycle() -> None:
+    """Keep the project's lines and Prefect's warnings in the terminal, drop Prefect's routine lines."""
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietLifecycle) for f in logger.filters):
+            logger.addFilter(_QuietLifecycle())
 
 
 def run_flow_command(prog: str, description: str, run: Callable[[argparse.Namespace], str],
@@ -20,11 +41,19 @@ def run_flow_command(prog: str, description: str, run: Callable[[argparse.Namesp
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
+    quiet_prefect_lifecycle()
     try:
         load_params(args.params)  # fail fast, before Prefect (and Dask) start
         report = run(args)
     except UserError as err:
         print(f"gradinv: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"gradinv: interrupted; {RESUME}.", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - shown whole, then what a rerun does
+        traceback.print_exc()
+        print(f"gradinv: the run failed (above); once the cause is fixed, {RESUME}.", file=sys.stderr)
+        return 1
     print(report)
     return 0

@@ -16,12 +16,13 @@ from flows.command import run_flow_command
 from flows.fan_out import run_fan_out, victim_ready
 from gradinv.client.data import load_meta
 from gradinv.errors import UserError
-from gradinv.evaluation.report import save_sweep_plot
+from gradinv.evaluation.figures import save_sweep_plot
 from gradinv.io import write_json, write_table
 from gradinv.pipeline.batches import SWEEP, sweep_table
 from gradinv.pipeline.config import as_dict, load_params
 from tasks.batches import attack_params
-from tasks.tracking import tracked_run
+from tasks.publishing import publish, where_to_look
+from tasks.tracking import run_name, tracked_run
 
 
 def check_sizes(sizes: list[int], distinct_labels: bool, num_classes: int) -> None:
@@ -37,7 +38,10 @@ def sweep(params_path: str = "params.yaml", root: str = ".") -> dict:
     params = load_params(params_path)
     config, batches = params["sweep"], params["batches"]
     root = str(Path(root).resolve())
-    with tracked_run(root, "sweep", tags={"batch_sizes": ",".join(map(str, config.batch_sizes))}) as tracker:
+    command = f"python -m flows.sweep --params {params_path} --root {root}"
+    sizes = ",".join(map(str, config.batch_sizes))
+    name = run_name("sweep", params).replace(f" bs{params['capture'].batch_size} ", f" bs{sizes} ")
+    with tracked_run(root, name, command, tags={"batch_sizes": sizes}) as tracker:
         tracker.params({f"sweep.{k}": v for k, v in as_dict(config).items()})
         victim_ready(root, {s: as_dict(params[s]) for s in ("data", "victim")}, tracker)
         check_sizes(config.batch_sizes, params["capture"].distinct_labels, load_meta(Path(root) / "data/sets").num_classes)
@@ -52,7 +56,11 @@ def sweep(params_path: str = "params.yaml", root: str = ".") -> dict:
         paths = [write_table(out / "sweep.parquet", table), save_sweep_plot(table, out / "sweep.png"),
                  write_json(out / "sweep.json", {"table": table, "params": as_dict(config)})]
         tracker.log_sweep(table, paths)
-    return {"table": table, "paths": [str(p) for p in paths], "mlflow_run_id": tracker.run_id}
+        files = {"table": out / "sweep.parquet", "plot": out / "sweep.png"}
+        tracking = tracker.tracking(command)
+        publish("gradinv-sweep", f"gradinv sweep: batch sizes {sizes}", {"result": describe(table)}, files, tracking)
+    return {"table": table, "paths": [str(p) for p in paths], "mlflow_run_id": tracker.run_id,
+            "files": files, "tracking": tracking}
 
 
 def describe(table: dict[str, list]) -> str:
@@ -65,8 +73,8 @@ def describe(table: dict[str, list]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     def run(args) -> str:
-        out = Path(args.root).resolve() / SWEEP
-        return f"{describe(sweep(args.params, args.root)['table'])}\ntable: {out / 'sweep.parquet'}\nplot:  {out / 'sweep.png'}"
+        result = sweep(args.params, args.root)
+        return f"{describe(result['table'])}\n{where_to_look(result['files'], result['tracking'])}"
 
     return run_flow_command("python -m flows.sweep", __doc__.splitlines()[0], run, argv)
 

@@ -8,9 +8,21 @@ from typing import Iterable, Iterator, TypeVar
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], description: str, **options) -> Iterator[T]:
+class _Silent:
+    def __init__(self, items: Iterable[T]):
+        self._items = items
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._items)
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+
+def progress(items: Iterable[T], description: str, **options):
+    """An iterable over `items` with `set_postfix(name=value, ...)` for running figures."""
     try:
         from tqdm import tqdm
     except ImportError:
-        return iter(items)
-    return iter(tqdm(items, desc=description, mininterval=2.0, **options))
+        return _Silent(items)
+    return tqdm(items, desc=description, mininterval=2.0, **options)

@@ -116,7 +116,7 @@ def test_stage_outputs_report_lpips_as_not_computed_and_a_self_contained_html(ti
     assert 0.0 <= summary["iip"] <= 1.0 and summary["registered_psnr"] >= summary["psnr"]
     assert set(summary["consensus"]) >= {"psnr", "ssim", "iip", "fft2d", "registered_psnr"}
     page = (tiny_project / EVAL / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2
+    assert page.count("data:image/png;base64,") == 3 * summary["batch_size"] + 1  # tiles, loss curves
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing to fetch: opens with no server
     assert f"{summary['psnr']:.4g}" in page
 

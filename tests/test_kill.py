@@ -32,7 +32,7 @@ NEW_SETTINGS = {
 }
 
 
-TIMINGS = ("seconds", "seconds_per_iteration")  # invert.json's wall-clock figures differ between any two runs
+TIMINGS = ("seconds", "seconds_per_iteration", "finished")  # invert.json: wall-clock figures and time of day
 
 
 def digest(folder) -> str | None:

@@ -1,12 +1,14 @@
 """The whole pipeline through Prefect and MLflow on the tiny project: caching and tracking."""
 
 import json
+import re
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.pipeline import main, pipeline
 from gradinv.pipeline.stages import EVAL, STAGES
+from gradinv.provenance import code_version
 from tasks.tracking import EXPERIMENT, tracking_uri
 from tests.conftest import write_params
 
@@ -41,8 +43,40 @@ def test_flow_runs_every_stage_then_caches_and_reruns_only_what_changed(tmp_path
     assert latest.data.params["inversion.iterations"] == "4"
     assert {a.path for a in client.list_artifacts(latest.info.run_id, "evaluation")} >= {"evaluation/grid.png", "evaluation/report.html"}
     assert "iip" in latest.data.metrics and "consensus_psnr" in latest.data.metrics
-    curve = client.get_metric_history(runs[-1].info.run_id, "seed0_total")
-    assert len(curve) >= 3  # the first run logged the loss curve while it inverted
+    first = min(runs, key=lambda run: run.info.start_time)
+    curve = client.get_metric_history(first.info.run_id, "loss/total/seed0")
+    assert len({m.step for m in curve}) >= 3  # the first run logged the loss curve while it inverted
+    assert client.get_metric_history(first.info.run_id, "loss/grad/seed1")
+    _check_tracking(client, runs, latest, tmp_path)
+    _check_prefect_summary(tmp_path, metrics_after=json.loads((tmp_path / EVAL / "metrics.json").read_text()))
+
+
+def _check_tracking(client, runs, latest, root):
+    """MLflow as a training-experiment browser: named runs, the code's commit, settings as params."""
+    assert client.get_experiment_by_name(EXPERIMENT).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert all(re.fullmatch(r"pipeline resnet18 bs4 G2 \d+it", run.info.run_name) for run in runs)
+    assert latest.info.run_name == "pipeline resnet18 bs4 G2 4it"
+    tags = latest.data.tags
+    commit = code_version()["commit"]
+    if commit:
+        assert tags["mlflow.source.git.commit"] == commit and tags["git_dirty"] in ("true", "false")
+    assert tags["mlflow.source.name"].startswith("python -m flows.pipeline --params ")
+    for setting in ("batch_size", "chosen_seed", "gallery_size"):
+        assert setting in latest.data.params and setting not in latest.data.metrics
+    assert latest.data.params["batch_size"] == "4"
+
+
+def _check_prefect_summary(root, metrics_after):
+    """Each flow run left a markdown artifact with the headline figures and the report's link."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["gradinv-pipeline"])))
+    assert len(artifacts) == 4 and all(a.type == "markdown" for a in artifacts)
+    latest = max(artifacts, key=lambda a: a.created)
+    assert f"| PSNR | {metrics_after['psnr']:.2f} dB" in latest.data
+    assert (root / EVAL / "report.html").resolve().as_uri() in latest.data
 
 
 def test_flow_entry_point_rejects_bad_params_before_starting(tmp_path, capsys):

@@ -177,7 +177,7 @@ def test_mlflow_artifacts_land_under_the_root_whatever_the_cwd(tmp_path, monkeyp
     monkeypatch.chdir(elsewhere)
     logged = tmp_path / "labels.json"
     logged.write_text("{}")
-    with tracked_run(root, "test") as tracker:
+    with tracked_run(root, "test", "python -m flows.pipeline") as tracker:
         tracker.artifact(logged, "labels")
     assert [p.relative_to(root).parts[0] for p in root.rglob("labels.json")] == ["mlartifacts"]
     assert list(elsewhere.iterdir()) == []

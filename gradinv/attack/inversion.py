@@ -10,6 +10,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from gradinv.attack.checkpoint import InversionState, load_checkpoint, save_checkpoint
 from gradinv.attack.consensus import consensus as fuse
-from gradinv.attack.objective import LOSS_TERMS, Objective
+from gradinv.attack.objective import LOSS_TERMS, Objective, loss_metrics
 from gradinv.attack.outputs import RECONSTRUCTION_FILE
 from gradinv.attack.views import draw_view
 from gradinv.client.artifacts import TENSOR_FILE, GradientArtifact, load_gradient
@@ -142,8 +143,9 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
     start = time.perf_counter()
     with running(engine, plan) as run_seeds:
         run_step = seeds.runner(run_seeds)
-        for step in progress(range(first_step, config.iterations), "invert", unit="it", initial=first_step,
-                             total=config.iterations):
+        bar = progress(range(first_step, config.iterations), "invert", unit="it", initial=first_step,
+                       total=config.iterations)
+        for step in bar:
             if _group_refresh_due(step, config):
                 consensus = fuse(seeds.images.detach(), config.registration).to(device)
                 seeds.set_consensus(consensus)
@@ -153,11 +155,12 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
             if step % config.log_every == 0 or step == config.iterations - 1:
                 values = {k: v.tolist() for k, v in terms.items()}
                 refuse_non_finite(values, step, engine)
+                bar.set_postfix(loss=f"{min(values['total']):.4g}", grad=f"{min(values['grad']):.4g}", refresh=False)
                 for g in range(config.seeds):
                     row = {"iteration": step, "seed": g, "lr": lr, **{k: values[k][g] for k in LOSS_TERMS}}
                     log.append(row)
                     if on_log is not None:
-                        on_log(step, {f"seed{g}_{k}": row[k] for k in LOSS_TERMS})
+                        on_log(step, loss_metrics(row))
             done = step + 1
             if checkpoint and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.iterations:
                 refuse_non_finite_images(seeds.images, done, engine)
@@ -209,6 +212,7 @@ def run_inversion(config: InversionConfig, victim_dir: str | Path, gradient_dir:
     columns = {k: [row[k] for row in result.log] for k in ("iteration", "seed", "lr", *LOSS_TERMS)}
     summary = {"labels": labels, "chosen_seed": result.chosen_seed, "final_grad_loss": result.final_grad_loss,
                "seconds": result.seconds, "seconds_per_iteration": result.seconds / config.iterations,
+               "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "params": as_dict(config)}
     written = [
         # Every seed gives slot i the same label, so the slots already correspond across seeds.

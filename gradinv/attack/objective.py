@@ -33,6 +33,7 @@ from gradinv.errors import UserError
 from gradinv.pipeline.config import InversionConfig
 
 LOSS_TERMS = ("total", "grad", "tv", "l2", "bn", "group")
+TERM_WEIGHTS = {"grad": "alpha_grad", "tv": "alpha_tv", "l2": "alpha_l2", "bn": "alpha_bn", "group": "alpha_group"}
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -202,6 +203,19 @@ class Objective:
             "tv": total_variation(x), "l2": torch.linalg.vector_norm(x), "bn": bn,
             "group": torch.linalg.vector_norm(x - consensus) if consensus is not None else x.new_zeros(()),
         }
-        terms["total"] = (c.alpha_grad * terms["grad"] + c.alpha_tv * terms["tv"] + c.alpha_l2 * terms["l2"]
-                          + c.alpha_bn * bn + c.alpha_group * terms["group"])
+        terms["total"] = sum(getattr(c, weight) * terms[term] for term, weight in TERM_WEIGHTS.items())
         return terms
+
+
+def term_shares(row: dict[str, float], weights: dict[str, float]) -> dict[str, float]:
+    """Each weighted term's share of the objective in one row of the loss table (weights: the
+    inversion settings, `alpha_grad` and the others)."""
+    weighted = {term: weights[weight] * row[term] for term, weight in TERM_WEIGHTS.items()}
+    total = sum(weighted.values())
+    return {term: value / total if total else 0.0 for term, value in weighted.items()}
+
+
+def loss_metrics(row: dict) -> dict[str, float]:
+    """A loss-table row as tracking metrics named loss/<term>/seed<g>, so that a tracking UI
+    overlays the seeds of each term."""
+    return {f"loss/{term}/seed{row['seed']}": row[term] for term in LOSS_TERMS}

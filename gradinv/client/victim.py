@@ -54,20 +54,25 @@ def train_model(model: nn.Module, train: torch.Tensor, labels: torch.Tensor, con
     for epoch in range(config.epochs):
         model.train()
         order = torch.randperm(len(labels), generator=generator)
-        total_loss = 0.0
-        for start in progress(range(0, len(labels), config.batch_size), f"train epoch {epoch + 1}/{config.epochs}", leave=False):
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = progress(range(0, len(labels), config.batch_size), f"train epoch {epoch + 1}/{config.epochs}", leave=False)
+        for start in bar:
             index = order[start:start + config.batch_size]
             batch = train[index]
             flip = torch.rand(len(index), generator=generator) < 0.5
             batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch).to(device)
-            loss = F.cross_entropy(model(batch), labels[index].to(device))
+            logits = model(batch)
+            loss = F.cross_entropy(logits, labels[index].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             total_loss += loss.item() * len(index)
+            correct += int((logits.argmax(1).cpu() == labels[index]).sum())
+            seen += len(index)
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", accuracy=f"{correct / seen:.0%}", refresh=False)
         if on_epoch is not None:
-            on_epoch(epoch, {"train_loss": total_loss / len(labels)})
+            on_epoch(epoch, {"train_loss": total_loss / len(labels), "train_batch_accuracy": correct / len(labels)})
     return model.cpu().eval()
 
 

@@ -18,9 +18,11 @@ from gradinv.client.models import load_weights, penultimate_features
 from gradinv.client.victim import load_victim
 from gradinv.commit import commits
 from gradinv.errors import UserError
+from gradinv.evaluation.context import Tracking, run_context
+from gradinv.evaluation.figures import save_comparison
 from gradinv.evaluation.metrics import fft2d_distance, iip_hits, label_accuracy, match, psnr, registered_psnr, ssim
 from gradinv.evaluation.perceptual import Distance, load_lpips, pairwise
-from gradinv.evaluation.report import save_comparison, write_html
+from gradinv.evaluation.report import write_html
 from gradinv.io import read_json, read_table, read_tensors, write_json, write_table
 from gradinv.pipeline.config import EvaluationConfig, as_dict
 
@@ -83,8 +85,10 @@ def _gallery(config: EvaluationConfig, size: int, pool_index: torch.Tensor) -> t
 
 @commits("out_dir")
 def evaluate(config: EvaluationConfig, invert_dir: str | Path, labels_dir: str | Path, truth_dir: str | Path,
-             sets_dir: str | Path, victim_dir: str | Path, out_dir: str | Path) -> list[Path]:
-    """metrics.json, per_image.parquet, grid.png and report.html in out_dir."""
+             sets_dir: str | Path, victim_dir: str | Path, gradient_dir: str | Path, out_dir: str | Path,
+             tracking: Tracking = Tracking()) -> list[Path]:
+    """metrics.json, per_image.parquet, grid.png and report.html in out_dir (tracking: where the
+    run that evaluates is tracked, for the report)."""
     invert_dir, out_dir = Path(invert_dir), Path(out_dir)
     truth_file = Path(truth_dir) / TRUTH_FILE
     if not truth_file.is_file():  # e.g. after `gradinv import-gradient`: an external gradient has no truth
@@ -141,9 +145,10 @@ def evaluate(config: EvaluationConfig, invert_dir: str | Path, labels_dir: str |
                    "consensus": recon["consensus"][consensus["order"]]}
     rows_psnr = {"chosen seed": chosen["psnr"], "consensus": consensus["psnr"]}
     grid = save_comparison(rows_images, rows_psnr, out_dir / "grid.png")
+    context = run_context(Path(victim_dir), Path(gradient_dir), Path(labels_dir), invert_dir, true_labels, tracking)
     return [
         write_table(out_dir / "per_image.parquet", per_image),
         grid,
-        write_html(out_dir / "report.html", summary, per_image, grid, loss_rows),
+        write_html(out_dir / "report.html", summary, per_image, rows_images, loss_rows, invert_info["params"], context),
         write_json(out_dir / "metrics.json", summary),
     ]

@@ -10,10 +10,11 @@ import torch
 
 from gradinv.pipeline.audit_grid import audit_points
 
-__all__ = ["AUDIT", "LEAKAGE", "audit_points", "save_defense_plot", "utility"]
+__all__ = ["AUDIT", "LEAKAGE", "audit_points", "defense_findings", "save_defense_plot", "utility"]
 
 AUDIT = "data/audit"
 LEAKAGE = ("psnr", "ssim", "iip", "label_accuracy")
+PANELS = (*LEAKAGE, "utility_cosine")
 
 
 def utility(defended: dict[str, torch.Tensor], clean: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -25,27 +26,63 @@ def utility(defended: dict[str, torch.Tensor], clean: dict[str, torch.Tensor]) -
             "utility_relative_error": float(torch.linalg.vector_norm(d - c) / torch.linalg.vector_norm(c))}
 
 
-def save_defense_plot(rows: list[dict], defense: str, path: str | Path) -> Path:
-    """Leakage against strength for one defense, the undefended level as a dashed line."""
-    from gradinv.evaluation.report import _pyplot, _save_figure
+def _varies(values: list) -> bool:
+    known = [v for v in values if v is not None]
+    return bool(known) and max(known) - min(known) > 1e-9
 
-    plt = _pyplot()
+
+def shown_panels(rows: list[dict], defense: str) -> list[str]:
+    """The figures that vary over the defense's points and the undefended one (PSNR at least)."""
+    baseline = next(r for r in rows if r["defense"] == "none")
+    mine = [r for r in rows if r["defense"] == defense]
+    return [k for k in PANELS if _varies([r[k] for r in mine] + [baseline.get(k)])] or ["psnr"]
+
+
+def save_defense_plot(rows: list[dict], defense: str, path: str | Path) -> Path:
+    """Leakage against strength for one defense: a panel per figure that varies, the undefended
+    level dashed and, for PSNR, the starting noise's level dotted, so that the axis shows how far
+    a defense pushed PSNR towards noise."""
+    from gradinv.evaluation.figures import pyplot, save_figure
+    from gradinv.evaluation.glossary import heading
+
+    plt = pyplot()
     mine = [r for r in rows if r["defense"] == defense]
     baseline = next(r for r in rows if r["defense"] == "none")
     numeric = all(isinstance(r["strength"], (int, float)) for r in mine)
     positions = list(range(len(mine)))
-    figure, axes = plt.subplots(1, len(LEAKAGE) + 1, figsize=(3.3 * (len(LEAKAGE) + 1), 3))
-    for axis, key in zip(axes, (*LEAKAGE, "utility_cosine")):
-        axis.plot(positions, [r[key] for r in mine], marker="o")
-        if key in baseline and baseline[key] is not None:
+    shown = shown_panels(rows, defense)
+    constant = [f"{heading(k)} {mine[0][k]:.3g}" for k in PANELS if k not in shown and mine[0][k] is not None]
+    figure, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.1), squeeze=False)
+    for axis, key in zip(axes[0], shown):
+        values = [r[key] for r in mine]
+        axis.plot(positions, values, marker="o", label=defense)
+        if baseline.get(key) is not None:
             axis.axhline(baseline[key], linestyle="--", color="grey", label="undefended")
+        if key == "psnr" and baseline.get("psnr_initial_noise") is not None:
+            axis.axhline(baseline["psnr_initial_noise"], linestyle=":", color="tab:red", label="starting noise")
+        if key in ("iip", "label_accuracy"):
+            axis.set_ylim(-0.05, 1.05)
         axis.set_xticks(positions, [f"{r['strength']:g}" if numeric else str(r["strength"]) for r in mine], fontsize=8)
-        axis.set_title(key, fontsize=9)
+        axis.set_title(heading(key), fontsize=9)
         axis.set_xlabel(_strength_name(defense), fontsize=8)
-    axes[0].legend(fontsize=7)
-    figure.suptitle(f"leakage against {defense} strength", fontsize=10)
+    axes[0][0].legend(fontsize=7)
+    title = f"leakage against {defense} strength" + (f" (unchanged: {', '.join(constant)})" if constant else "")
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
+
+
+def defense_findings(rows: list[dict]) -> list[str]:
+    """One sentence per defense: what its strongest setting did to leakage and to the gradient."""
+    baseline = next(r for r in rows if r["defense"] == "none")
+    lines = [f"Undefended: PSNR {baseline['psnr']:.1f} dB (starting noise {baseline['psnr_initial_noise']:.1f} dB), "
+             f"labels {baseline['label_accuracy']:.0%}, IIP {baseline['iip']:.0%}."]
+    for defense in dict.fromkeys(r["defense"] for r in rows if r["defense"] != "none"):
+        strongest = [r for r in rows if r["defense"] == defense][-1]
+        lines.append(f"{defense}: at its strongest setting ({_strength_name(defense)} {strongest['strength']}), "
+                     f"PSNR {strongest['psnr']:.1f} dB, labels {strongest['label_accuracy']:.0%}, "
+                     f"IIP {strongest['iip']:.0%}, gradient cosine {strongest['utility_cosine']:.2f}.")
+    return lines
 
 
 def _strength_name(defense: str) -> str:

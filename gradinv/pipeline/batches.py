@@ -44,8 +44,9 @@ def run_batch(configs: dict, root: str | Path, out: str, index: int, on_log=None
     labels.run_labels(configs["labels"], root / VICTIM, gradient, recovered)
     inversion.run_inversion(configs["inversion"], root / VICTIM, gradient, recovered, folder / "invert", on_log,
                             checkpoint_dir=folder / ".checkpoints", engine=configs["engine"])
+    flow = Path(out).parts[1]  # data/<flow>/...: the flow that writes these batches
     evaluate.evaluate(configs["evaluation"], folder / "invert", recovered, truth, root / SETS, root / VICTIM,
-                      folder / "eval")
+                      gradient, folder / "eval", evaluate.Tracking(command=f"python -m flows.{flow}"))
     return {**batch_row(folder, index, capture_config.seed), **shared_utility(root, folder)}
 
 

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradinv: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("gradinv: interrupted", file=sys.stderr)
+        print("gradinv: interrupted; rerun the same command to go on: an inversion resumes from its last "
+              "checkpoint in data/.checkpoints", file=sys.stderr)
         return 130
     return 0
 

@@ -35,6 +35,7 @@ class Stage:
     entry: str                   # the module whose function the stage runs
     run: Callable[..., list[Path]]  # (config, root, on_log, engine) -> paths written
     uses_engine: bool = False    # also takes params.yaml's `engine` section (speed only)
+    reports: bool = False        # also takes where the run is tracked (evaluation.context.Tracking), for its report
 
     @cached_property
     def sources(self) -> tuple[str, ...]:
@@ -63,8 +64,9 @@ def _invert(config, root: Path, on_log=None, engine=None):
                                    engine=engine or EngineConfig())
 
 
-def _evaluate(config, root: Path, on_log=None, engine=None):
-    return evaluate.evaluate(config, root / INVERT, root / LABELS, root / TRUTH, root / SETS, root / VICTIM, root / EVAL)
+def _evaluate(config, root: Path, on_log=None, engine=None, tracking=None):
+    return evaluate.evaluate(config, root / INVERT, root / LABELS, root / TRUTH, root / SETS, root / VICTIM,
+                             root / GRADIENT, root / EVAL, tracking or evaluate.Tracking())
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -73,5 +75,6 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("capture", "capture", (SETS, VICTIM), (GRADIENT, TRUTH), capture.__name__, _capture),
     Stage("labels", "labels", (VICTIM, GRADIENT), (LABELS,), labels.__name__, _labels),
     Stage("invert", "inversion", (VICTIM, GRADIENT, LABELS), (INVERT,), inversion.__name__, _invert, uses_engine=True),
-    Stage("evaluate", "evaluation", (INVERT, LABELS, TRUTH, SETS, VICTIM), (EVAL,), evaluate.__name__, _evaluate),
+    Stage("evaluate", "evaluation", (INVERT, LABELS, TRUTH, SETS, VICTIM, GRADIENT), (EVAL,), evaluate.__name__,
+          _evaluate, reports=True),
 )}
