@@ -8,6 +8,7 @@ Each block sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` in its Mar
     README.md          results-table   docs/results/default.json  (one `make run`)
     docs/batches.md    batches-table   docs/results/batches.json  (one `make batches`)
     docs/batches.md    sweep-table     docs/results/sweep.json    (one `make sweep`)
+    docs/audit.md      audit-table     docs/results/audit.json    (one `make audit`)
 
 To show a new run: copy its figures into the JSON file (with the command, commit and machine),
 then run this script. tests/test_readme.py checks that every block equals its render.
@@ -119,11 +120,34 @@ def render_sweep(r: dict) -> str:
     return "\n".join(lines)
 
 
+AUDIT_STRENGTH = {"clip+gaussian": "σ", "topk": "keep", "secure_aggregation": "K", "fedavg": "E", "quantize": ""}
+
+
+def render_audit(r: dict) -> str:
+    """docs/audit.md: leakage and utility at every point of one `make audit`."""
+    lines = ["| defense | strength | attack | PSNR (dB) | SSIM | IIP | label acc. | consensus PSNR (dB) | "
+             "utility cos | utility rel. err |", "|---|---|---|---|---|---|---|---|---|---|"]
+    previous = None
+    for row in r["rows"]:
+        defense = row["defense"] if row["defense"] != previous else ""
+        previous = row["defense"]
+        strength = "–" if row["strength"] is None else f"{AUDIT_STRENGTH[row['defense']]} {row['strength']}".strip()
+        lines.append(f"| {defense} | {strength} | {row['attack']} | {row['psnr']:.2f} | {row['ssim']:.3f} | "
+                     f"{row['iip']:.3g} | {row['label_accuracy']:.2f} | {row['consensus_psnr']:.2f} | "
+                     f"{row['utility_cosine']:.3f} | {row['utility_relative_error']:.4g} |")
+    noise = r["rows"][0]["psnr_initial_noise"]
+    lines += ["", f"The starting noise scores {noise:.2f} dB. Command: `{r['command']}` ({r['params']}), "
+                  f"{r['minutes']} minutes, at commit {_short(r['commit'])}, {r['date']}; machine: {r['machine']}. "
+                  "Figures: [results/audit.json](results/audit.json), the run's `data/audit/audit.json`."]
+    return "\n".join(lines)
+
+
 # (Markdown file, block name, result file, renderer), paths relative to the project root.
 BLOCKS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("README.md", "results-table", "docs/results/default.json", render_default),
     ("docs/batches.md", "batches-table", "docs/results/batches.json", render_batches),
     ("docs/batches.md", "sweep-table", "docs/results/sweep.json", render_sweep),
+    ("docs/audit.md", "audit-table", "docs/results/audit.json", render_audit),
 ]
 
 

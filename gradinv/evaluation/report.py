@@ -22,7 +22,7 @@ h1{font-size:1.5em;margin-bottom:.2em} h2{font-size:1.15em;margin-top:1.6em;bord
 table{border-collapse:collapse;margin:.6em 0} td,th{border:1px solid #ccc;padding:.25em .6em}
 td.number{text-align:right} th{background:#f3f3f3;text-align:left} th[title]{cursor:help;text-decoration:underline dotted}
 .context td:first-child{font-weight:600;white-space:nowrap} .context td{text-align:left}
-.tiles{display:flex;flex-wrap:wrap;gap:.8em} figure{margin:0;text-align:center;font-size:.85em}
+.tiles{display:flex;flex-wrap:wrap;gap:.8em} figure{margin:0;width:96px;text-align:center;font-size:.8em;overflow-wrap:anywhere}
 figure img{display:block;width:96px;height:96px;image-rendering:pixelated;margin-bottom:2px}
 img.plot{max-width:100%} .caption{color:#444;max-width:60em} dt{font-weight:600} dd{margin:0 0 .4em 1.5em}
 @media print{body{max-width:none;margin:0} .scroll{overflow:visible} figure,img,table{break-inside:avoid}}"""
