@@ -4,32 +4,16 @@ params validated before Prefect starts, user errors as one line and exit code 2.
 from __future__ import annotations
 
 import argparse
-import logging
-import re
 import sys
 import traceback
 from typing import Callable
 
 from gradinv.errors import UserError
 from gradinv.pipeline.config import load_params
+from tasks.terminal import quiet_prefect_lifecycle
 
 RESUME = ("rerun the same command to go on: finished stages and batches are cached, and an inversion resumes "
           "from its last checkpoint in data/.checkpoints")
-# Prefect's own lifecycle lines, which repeat what the flow prints at the end of every stage.
-_LIFECYCLE = re.compile(r"^(Finished in state (Completed|Cached)|Created task run|Beginning flow run|Executing flow run)")
-
-
-class _QuietLifecycle(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not _LIFECYCLE.match(record.getMessage())
-
-
-def quiet_prefect_lifecycle() -> None:
-    """Keep the project's lines and Prefect's warnings in the terminal, drop Prefect's routine lines."""
-    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _QuietLifecycle) for f in logger.filters):
-            logger.addFilter(_QuietLifecycle())
 
 
 def run_flow_command(prog: str, description: str, run: Callable[[argparse.Namespace], str],

@@ -138,7 +138,8 @@ def render_audit(r: dict) -> str:
     noise = r["rows"][0]["psnr_initial_noise"]
     lines += ["", f"The starting noise scores {noise:.2f} dB. Command: `{r['command']}` ({r['params']}), "
                   f"{r['minutes']} minutes, at commit {_short(r['commit'])}, {r['date']}; machine: {r['machine']}. "
-                  "Figures: [results/audit.json](results/audit.json), the run's `data/audit/audit.json`."]
+                  "Figures: [results/audit.json](results/audit.json), the run's `data/audit/audit.json`"
+                  + (f"; {r['note']}." if r.get("note") else ".")]
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ from gradinv.pipeline.config import as_dict, build_section, result_changing
 from gradinv.pipeline.sources import source_files
 from gradinv.trust import trust_model_code
 from tasks.caching import PACKAGE_ROOT, hash_tree
+from tasks.terminal import quiet_prefect_lifecycle
 
 ATTACK_SECTIONS = ("capture", "labels", "inversion", "engine", "evaluation")
 USER_MODEL = "victim_arch"  # the model spec params.yaml names: workers may import it (gradinv.trust)
@@ -82,6 +83,7 @@ def _restore_glibc_heap_for_tensors() -> None:
 @task(cache_key_fn=_batch_cache_key, persist_result=True, result_serializer="json", log_prints=True)
 def attack_batch(root: str, out: str, index: int, params: dict, torch_threads: int | None = None) -> dict:
     """Capture, labels, inversion and evaluation of batch `index`; returns its row of metrics."""
+    quiet_prefect_lifecycle()
     _restore_glibc_heap_for_tensors()
     if torch_threads:
         torch.set_num_threads(torch_threads)

@@ -5,9 +5,10 @@ import logging
 
 import pytest
 
-from flows.command import RESUME, quiet_prefect_lifecycle, run_flow_command
+from flows.command import RESUME, run_flow_command
 from gradinv.evaluation.context import Tracking
 from tasks.publishing import summary_markdown, where_to_look
+from tasks.terminal import quiet_prefect_lifecycle
 from tests.conftest import write_params
 
 
