@@ -16,6 +16,7 @@ from prefect import flow
 from flows.command import run_flow_command
 from flows.fan_out import run_fan_out, victim_ready
 from gradinv.client.defenses import modelled_by_attack
+from gradinv.errors import UserError
 from gradinv.evaluation.report import write_audit_html
 from gradinv.io import write_json, write_table
 from gradinv.pipeline.audit import AUDIT, LEAKAGE, audit_points, defense_findings, save_defense_plot
@@ -33,14 +34,15 @@ def _slug(point: dict) -> str:
 
 
 @flow(name="gradinv-audit", log_prints=True)
-def audit(params_path: str = "params.yaml", root: str = ".") -> dict:
+def audit(params_path: str = "params.yaml", root: str = ".", preset: str | None = None) -> dict:
     """Returns {"rows": [...], "paths": files written, "mlflow_run_id": parent run id}."""
-    params = load_params(params_path)
+    params = load_params(params_path, preset)
     config = params["audit"]
     points = audit_points(config)
+    check_victim_for(points, params)
     root = str(Path(root).resolve())
     attack_budget = dataclasses.replace(params["inversion"], iterations=config.iterations, seeds=config.seeds)
-    command = f"python -m flows.audit --params {params_path} --root {root}"
+    command = f"python -m flows.audit --params {params_path} --root {root}" + (f" --preset {preset}" if preset else "")
     defenses = [d for d in dict.fromkeys(p["defense"] for p in points) if d != "none"]
     name = run_name(f"audit {'+'.join(defenses)}", {**params, "inversion": attack_budget})
     with tracked_run(root, name, command, tags={"defenses": ",".join(defenses)}) as tracker:
@@ -82,6 +84,18 @@ def audit(params_path: str = "params.yaml", root: str = ".") -> dict:
             "files": files, "tracking": tracking}
 
 
+def check_victim_for(points: list[dict], params: dict) -> None:
+    """DP-SGD needs samples that do not see each other: a GroupNorm victim, which leaks no batch
+    statistics and gives the BN prior nothing to match. Said before any work starts."""
+    group = params["victim"].norm == "group"
+    if any(p["defense"] == "dp_sgd" for p in points) and not group:
+        raise UserError("params: 'audit.dp_epsilons' needs a victim without BatchNorm: set victim.norm: group "
+                        "(the `dp` preset does: python -m flows.audit --preset dp), or leave audit.dp_epsilons empty.")
+    if group and (params["capture"].bn_leak != "none" or params["inversion"].bn_prior != "none"):
+        raise UserError("params: a GroupNorm victim (victim.norm: group) has no batch statistics to leak or match: "
+                        "set capture.bn_leak: none and inversion.bn_prior: none.")
+
+
 def _row(point: dict, result: dict) -> dict:
     import json
 
@@ -103,10 +117,13 @@ def describe(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     def run(args) -> str:
-        result = audit(args.params, args.root)
+        result = audit(args.params, args.root, args.preset)
         return f"{describe(result['rows'])}\n{where_to_look(result['files'], result['tracking'])}"
 
-    return run_flow_command("python -m flows.audit", __doc__.splitlines()[0], run, argv)
+    def preset_argument(parser) -> None:
+        parser.add_argument("--preset", help="use this entry of `presets` instead of the file's `preset` (e.g. dp)")
+
+    return run_flow_command("python -m flows.audit", __doc__.splitlines()[0], run, argv, preset_argument)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,7 +27,7 @@ def run_flow_command(prog: str, description: str, run: Callable[[argparse.Namesp
     args = parser.parse_args(argv)
     quiet_prefect_lifecycle()
     try:
-        load_params(args.params)  # fail fast, before Prefect (and Dask) start
+        load_params(args.params, getattr(args, "preset", None))  # fail fast, before Prefect (and Dask) start
         report = run(args)
     except UserError as err:
         print(f"gradinv: error: {err}", file=sys.stderr)

@@ -15,8 +15,10 @@ import torch
 
 from gradinv.errors import UserError
 from gradinv.io import read_tensors
+from gradinv.pipeline.audit_grid import audit_points
 from gradinv.pipeline.batches import aggregate, sweep_table
-from tests.conftest import write_params
+from gradinv.pipeline.config import load_params
+from tests.conftest import REPO, write_params
 
 
 def _row(index, batch_size, psnr, iip, label_accuracy=1.0):
@@ -171,3 +173,41 @@ def test_defense_audit_tabulates_leakage_and_utility_per_defense(flows_project, 
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 7
+
+
+@pytest.mark.slow
+def test_the_dp_audit_attacks_a_groupnorm_victim_at_each_target_epsilon(tiny_project, tmp_path, shared_cluster):
+    from flows.audit import audit
+
+    root = tmp_path / "project"
+    shutil.copytree(tiny_project / "data/sets", root / "data/sets")
+    grid = {"noise_sigmas": [], "topk_keep": [], "aggregation_clients": [], "quantize": [], "fedavg_steps": [],
+            "dp_epsilons": ["inf", 8], "dp_sample_rate": 0.05, "dp_steps": 10, "iterations": 4, "seeds": 2}
+    params = write_params(tmp_path / "params.yaml", {
+        "victim": {"norm": "group"}, "capture": {"bn_leak": "none"}, "inversion": {"bn_prior": "none"},
+        "audit": grid, "batches": {"address": shared_cluster.scheduler_address}})
+    result = audit(str(params), str(root))
+
+    assert [(r["defense"], r["strength"]) for r in result["rows"]] == [("none", None), ("dp_sgd", "inf"), ("dp_sgd", 8)]
+    recorded = [json.loads((Path(r["folder"]) / "gradient/gradient.json").read_text())["defenses"] for r in result["rows"]]
+    assert recorded[0] == [] and recorded[1][0]["noise_multiplier"] == 0 and recorded[1][0]["epsilon"] is None
+    assert recorded[2][0]["epsilon"] <= 8 and recorded[2][0]["noise_multiplier"] > 0
+    assert json.loads((root / "data/victim/model.json").read_text())["norm"] == "group"
+    assert result["rows"][2]["utility_cosine"] < result["rows"][1]["utility_cosine"]  # noise on top of clipping
+    assert (root / "data/audit/dp_sgd.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow  # the accountant's search for σ at every target ε takes seconds
+def test_the_dp_axis_is_refused_on_a_batchnorm_victim_and_bn_settings_on_a_groupnorm_one(tmp_path):
+    from flows.audit import check_victim_for
+
+    dp = {"dp_epsilons": ["inf", 8], "dp_steps": 10}
+    params = load_params(write_params(tmp_path / "params.yaml", {"audit": dp}))
+    with pytest.raises(UserError, match="needs a victim without BatchNorm: set victim.norm: group"):
+        check_victim_for(audit_points(params["audit"]), params)
+    params = load_params(write_params(tmp_path / "params.yaml", {"audit": dp, "victim": {"norm": "group"}}))
+    with pytest.raises(UserError, match="set capture.bn_leak: none and inversion.bn_prior: none"):
+        check_victim_for(audit_points(params["audit"]), params)
+    preset = load_params(REPO / "params.yaml", preset="dp")
+    assert preset["victim"].norm == "group" and preset["audit"].dp_epsilons == ["inf", 50, 8, 3, 1]
+    check_victim_for(audit_points(preset["audit"]), preset)

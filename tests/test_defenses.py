@@ -199,11 +199,10 @@ def test_per_example_clipping_bounds_every_samples_gradient(tiny_project):
     clipped = clip_per_example(per, bound)
     clipped_norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in clipped.values()]).sum(0).sqrt()
     assert (clipped_norms <= bound * (1 + 1e-5)).all() and clipped_norms.min() >= bound * (1 - 1e-5)
-    shared = client_update(model, images, labels, "none", fields, [{"kind": "per_example_clip", "norm": bound,
-                                                                    "known_to_attacker": True}])
+    coupled = {"kind": "per_example_clip", "batch_coupled": True, "known_to_attacker": True}  # BN: not DP
+    shared = client_update(model, images, labels, "none", fields, [{**coupled, "norm": bound}])
     assert defenses.global_norm(shared.grads).item() <= bound * (1 + 1e-5)
-    loose = client_update(model, images, labels, "none", fields, [{"kind": "per_example_clip", "norm": 1e9,
-                                                                   "known_to_attacker": True}])
+    loose = client_update(model, images, labels, "none", fields, [{**coupled, "norm": 1e9}])
     assert all(torch.allclose(loose.grads[n], g, rtol=1e-3, atol=1e-5) for n, g in batch.items())
 
 

@@ -211,6 +211,10 @@ def recover(strategy: str, model: nn.Module, artifact: GradientArtifact,
     return STRATEGIES[strategy](model, artifact, config or LabelsConfig())
 
 
+def _epsilon(dp_sgd: dict) -> str:
+    return "∞" if dp_sgd["epsilon"] is None else f"{dp_sgd['epsilon']:.3g}"
+
+
 def defense_warnings(strategy: str, defenses: list[dict], clients: int, batch_size: int = 1) -> list[str]:
     """Where the declared defenses break an assumption of `strategy`, one sentence each."""
     found = []
@@ -219,6 +223,10 @@ def defense_warnings(strategy: str, defenses: list[dict], clients: int, batch_si
         if kind == "fedavg" and (d["steps"] > 1 or d["batch_size"] < batch_size):
             found.append(f"the shared update sums {d['steps']} local epoch(s) of mini-batches of {d['batch_size']} at "
                          f"moving weights; read as one gradient it is approximate for strategy '{strategy}'.")
+        elif kind == "dp_sgd":
+            found.append(f"DP-SGD clips each sample's gradient to {d['max_grad_norm']:g} and adds noise of std "
+                         f"{d['noise_multiplier']:.3g} × that norm (ε {_epsilon(d)} at δ {d['delta']:g}), so strategy "
+                         f"'{strategy}' reads a reweighted, noisy mix of the samples.")
         elif kind == "per_example_clip":
             found.append(f"per-example clipping rescales each sample's gradient, so strategy '{strategy}' reads "
                          "a reweighted mix of the samples.")

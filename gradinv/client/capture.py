@@ -14,6 +14,7 @@ from gradinv.client.artifacts import GradientArtifact, gradient_meta, write_grad
 from gradinv.client.data import ImageSet, load_set, normalize
 from gradinv.client.defenses import apply as apply_defenses
 from gradinv.client.defenses import validate as validate_defenses
+from gradinv.client.dp import dp_sgd_gradient, refuse_batch_coupled
 from gradinv.client.step import (local_update, parameter_gradients, per_example_gradients, recorded_bn_statistics,
                                  train_mode_copy)
 from gradinv.client.victim import load_victim
@@ -23,6 +24,8 @@ from gradinv.io import write_json, write_tensors
 from gradinv.pipeline.config import CaptureConfig
 
 TRUTH_FILE = "truth.safetensors"
+OPT_IN = (", or set 'batch_coupled: true' on the defense to clip the batch-coupled per-sample gradients anyway "
+          "(the report then says 'not DP')")
 
 
 def draw_batch(pool: ImageSet, batch_size: int, distinct_labels: bool, generator: torch.Generator) -> torch.Tensor:
@@ -45,8 +48,9 @@ def draw_batch(pool: ImageSet, batch_size: int, distinct_labels: bool, generator
 def client_update(model, images: torch.Tensor, labels: torch.Tensor, bn_leak: str, meta_fields: dict,
                   defenses: list[dict] = (), generator: torch.Generator | None = None) -> GradientArtifact:
     """What the client shares (train-mode BN): the batch gradient, or under `fedavg` its local
-    weight update, or under `per_example_clip` the mean of clipped per-sample gradients; then the
-    remaining defenses in order; plus what leaked with it."""
+    weight update, or under `dp_sgd` the noisy clipped mean of per-sample gradients (Opacus), or
+    under `per_example_clip` their clipped mean; then the remaining defenses in order; plus what
+    leaked with it."""
     defenses = list(defenses)
     client = train_mode_copy(model)
     first = defenses[0] if defenses else {"kind": None}
@@ -54,13 +58,19 @@ def client_update(model, images: torch.Tensor, labels: torch.Tensor, bn_leak: st
         with recorded_bn_statistics(client) as stats:
             if first["kind"] == "fedavg":
                 shared = local_update(client, images, labels, first["steps"], first["lr"], first["batch_size"])
-            elif first["kind"] == "per_example_clip":
+            elif first["kind"] in ("per_example_clip", "dp_sgd"):
                 with torch.no_grad():
                     client(images)  # the batch statistics; the per-sample gradients see the same batch
             else:
                 shared = parameter_gradients(client, images, labels)
-        if first["kind"] == "per_example_clip":  # outside the hooks: torch.func runs the forward again
+        # Outside the hooks: the per-sample gradients run the forward again.
+        if first["kind"] == "dp_sgd":
+            shared = dp_sgd_gradient(client, images, labels, first["noise_multiplier"], first["max_grad_norm"], generator)
+        elif first["kind"] == "per_example_clip" and first.get("batch_coupled"):
             shared = clipped_mean(per_example_gradients(client, images, labels), first["norm"])
+        elif first["kind"] == "per_example_clip":
+            refuse_batch_coupled(client, "per_example_clip", opt_in=OPT_IN)
+            shared = dp_sgd_gradient(client, images, labels, 0.0, first["norm"])
     except ValueError as err:  # train-mode BN over a single value per channel
         raise UserError(f"the client's train-mode forward fails for this batch ({err}); use a larger batch or resolution.") from None
     shared = {n: g.detach() for n, g in shared.items()}

@@ -6,8 +6,14 @@ Each defense is a mapping with a `kind`. Two decide what the client computes, an
 them may be given, first in the list:
 - `fedavg`: `steps` (E) passes of plain SGD with learning rate `lr` (η) over the batch in
   consecutive mini-batches of `batch_size`; the weight update (new − old) is shared, not a gradient;
-- `per_example_clip`: DP-SGD style, every sample's gradient clipped to L2 norm `norm` (C) before
-  the mean (per-sample gradients from torch.func).
+- `dp_sgd`: DP-SGD through Opacus (gradinv.client.dp): every sample's gradient clipped to
+  `max_grad_norm` (C), Gaussian noise of std σC added to their sum, divided by the batch size;
+  σ is `noise_multiplier`, or the smallest that keeps `epsilon` at `delta` (default 1e-5) for
+  Poisson sampling rate `sample_rate` (q) over `steps` (default 1) steps, by `accountant` (prv,
+  the default, or rdp); the resolved entry records σ and ε. Needs a model without BatchNorm;
+- `per_example_clip`: every sample's gradient clipped to L2 norm `norm` (C) before the mean, no
+  noise (Opacus's per-sample gradients; on a BatchNorm model only with `batch_coupled: true`,
+  through torch.func over the batch-coupled forward, which is not DP).
 The others transform what is shared, in order:
 - `clip`: scale the whole gradient to a global L2 norm of at most `norm` (C);
 - `gaussian` / `laplace`: add N(0, (σC)²) or Laplace(0, σC) noise to every entry, with `sigma`
@@ -25,12 +31,16 @@ import math
 
 import torch
 
+from gradinv.client import dp
 from gradinv.errors import UserError
 
-KINDS = ("fedavg", "per_example_clip", "clip", "gaussian", "laplace", "topk", "quantize")
-COMPUTING = ("fedavg", "per_example_clip")
+KINDS = ("fedavg", "dp_sgd", "per_example_clip", "clip", "gaussian", "laplace", "topk", "quantize")
+COMPUTING = ("fedavg", "dp_sgd", "per_example_clip")
 QUANTIZE = ("float16", "bfloat16", "int8", "sign")
+_OPTIONAL = {"dp_sgd": {"noise_multiplier", "epsilon", "epsilon_target", "steps", "delta", "accountant"},
+             "per_example_clip": {"batch_coupled"}}
 _FIELDS = {"fedavg": {"steps", "lr", "batch_size"}, "per_example_clip": {"norm"}, "clip": {"norm"},
+           "dp_sgd": {"max_grad_norm", "sample_rate"},
            "gaussian": {"sigma"}, "laplace": {"sigma"}, "topk": {"keep"}, "quantize": {"to"}}
 
 
@@ -44,15 +54,20 @@ def validate(defenses: list, where: str = "capture.defenses") -> list[dict]:
         if not isinstance(entry, dict) or entry.get("kind") not in KINDS:
             raise UserError(f"params: {name} must be a mapping whose kind is one of {', '.join(KINDS)}, got {entry!r}.")
         kind = entry["kind"]
-        allowed = _FIELDS[kind] | {"kind", "known_to_attacker"}
+        allowed = _FIELDS[kind] | _OPTIONAL.get(kind, set()) | {"kind", "known_to_attacker"}
         unknown = sorted(set(entry) - allowed)
         missing = sorted(_FIELDS[kind] - set(entry))
         if unknown or missing:
             what = f"has the unknown key '{unknown[0]}'" if unknown else f"lacks '{missing[0]}'"
-            raise UserError(f"params: {name} ({kind}) {what}; it takes {', '.join(sorted(_FIELDS[kind]))}.")
-        value = entry[next(iter(_FIELDS[kind]))] if kind != "fedavg" else entry["lr"]
+            takes = ", ".join(sorted(_FIELDS[kind]) + [f"{k} (optional)" for k in sorted(_OPTIONAL.get(kind, ()))])
+            raise UserError(f"params: {name} ({kind}) {what}; it takes {takes}.")
         if kind in COMPUTING and i > 0:
             raise UserError(f"params: {name} ({kind}) decides what the client computes, so it must come first in the list.")
+        if kind == "dp_sgd":
+            entry = dp.resolve(entry, name)
+        if not isinstance(entry.get("batch_coupled", False), bool):
+            raise UserError(f"params: {name} per_example_clip batch_coupled must be true or false.")
+        value = entry[sorted(_FIELDS[kind])[0]] if kind != "fedavg" else entry["lr"]
         if kind == "fedavg":
             for key in ("steps", "batch_size"):
                 if isinstance(entry[key], bool) or not isinstance(entry[key], int) or entry[key] < 1:
@@ -62,7 +77,7 @@ def validate(defenses: list, where: str = "capture.defenses") -> list[dict]:
                 raise UserError(f"params: {name} quantize 'to' must be one of {', '.join(QUANTIZE)}, got {value!r}.")
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise UserError(f"params: {name} ({kind}) needs a number, got {value!r}.")
-        elif kind in ("clip", "per_example_clip", "fedavg") and value <= 0:
+        elif kind in ("clip", "per_example_clip", "fedavg", "dp_sgd") and value <= 0:
             raise UserError(f"params: {name} {kind} {'lr' if kind == 'fedavg' else 'norm'} must be positive, got {value!r}.")
         elif kind in ("gaussian", "laplace") and value < 0:
             raise UserError(f"params: {name} {kind} sigma must be non-negative, got {value!r}.")
@@ -132,6 +147,8 @@ def apply(grads: dict[str, torch.Tensor], defenses: list[dict], generator: torch
             continue  # computed by the client (gradinv.client.capture)
         if kind == "per_example_clip":
             clip_norm = defense["norm"]  # applied per sample by the client; the noise scales with it
+        elif kind == "dp_sgd":
+            clip_norm = defense["max_grad_norm"]  # clipped and noised by the client
         elif kind == "clip":
             clip_norm = defense["norm"]
             grads = clip(grads, clip_norm)
@@ -156,6 +173,8 @@ def check_declared(grads: dict[str, torch.Tensor], defenses: list[dict], clients
         return
     if last["kind"] == "per_example_clip":  # each sample's norm is bounded, so their mean's is too
         last = {"kind": "clip", "norm": last["norm"]}
+    if last["kind"] == "dp_sgd" and last["noise_multiplier"] == 0:
+        last = {"kind": "clip", "norm": last["max_grad_norm"]}
     for name, g in grads.items():
         if last["kind"] == "topk":
             allowed = min(g.numel(), clients * kept_entries(g.numel(), last["keep"]))

@@ -13,15 +13,29 @@ from gradinv.errors import UserError
 from gradinv.io import read_tensors, write_tensors
 from gradinv.trust import check_named_code
 
+NORMS = ("batch", "group")
 
-def build_model(arch: str, num_classes: int, named_by: str | None = None) -> nn.Module:
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm in place of BatchNorm: 32 groups (fewer for narrow layers), as DP-SGD needs
+    samples that do not see each other's statistics."""
+    return nn.GroupNorm(min(32, channels), channels)
+
+
+def build_model(arch: str, num_classes: int, named_by: str | None = None, norm: str = "batch") -> nn.Module:
     """A torchvision classifier by name (random weights), or `package.module:callable(num_classes=...)`.
+    `norm` group builds a torchvision model with GroupNorm layers instead of BatchNorm.
     `named_by` is the artifact file whose metadata gave `arch`: its code spec is imported only
     if the user named the same spec, since an artifact folder may come from anyone."""
     if not isinstance(arch, str):
         raise UserError(f"model {arch!r} is not a model name.")
+    if norm not in NORMS:
+        raise UserError(f"model normalisation {norm!r} is not one of {', '.join(NORMS)}.")
     if named_by is not None:
         check_named_code(arch, named_by)
+    if ":" in arch and norm != "batch":
+        raise UserError(f"'victim.norm: {norm}' applies to torchvision models; model '{arch}' is your own code, "
+                        "so build its normalisation into it and leave victim.norm at batch.")
     if ":" in arch:
         module_name, _, attr = arch.partition(":")
         try:
@@ -39,10 +53,14 @@ def build_model(arch: str, num_classes: int, named_by: str | None = None) -> nn.
         if not isinstance(model, nn.Module):
             raise UserError(f"model '{arch}' returns a {type(model).__name__}, not a torch nn.Module.")
         return model
+    options = {"norm_layer": group_norm} if norm == "group" else {}
     try:
-        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
     except ValueError:
         raise UserError(f"model '{arch}' is neither a torchvision model name nor 'package.module:callable'.") from None
+    except TypeError:
+        raise UserError(f"torchvision's '{arch}' takes no norm_layer, so 'victim.norm: group' cannot build it "
+                        "(the resnet family can).") from None
 
 
 def load_weights(model: nn.Module, path: str | Path, verify: bool = False) -> nn.Module:

@@ -83,7 +83,7 @@ def train(config: VictimConfig, sets_dir: str | Path, out_dir: str | Path,
     torch.manual_seed(config.seed)  # weight initialisation
     meta = load_meta(sets_dir)
     train_set, pool_set = load_set(sets_dir, "train"), load_set(sets_dir, "pool")
-    model = build_model(config.arch, meta.num_classes)
+    model = build_model(config.arch, meta.num_classes, norm=config.norm)
     if config.weights:
         load_weights(model, config.weights)
     x_train, x_pool = normalize(train_set.images, meta.mean, meta.std), normalize(pool_set.images, meta.mean, meta.std)
@@ -92,7 +92,8 @@ def train(config: VictimConfig, sets_dir: str | Path, out_dir: str | Path,
     model.eval()
     out_dir = Path(out_dir)
     info = {
-        "arch": config.arch, "num_classes": meta.num_classes, "input_shape": [3, meta.resolution, meta.resolution],
+        "arch": config.arch, "norm": config.norm, "num_classes": meta.num_classes,
+        "input_shape": [3, meta.resolution, meta.resolution],
         "mean": meta.mean, "std": meta.std, "classes": meta.classes,
         "train_accuracy": accuracy(model, x_train, train_set.labels),
         "pool_accuracy": accuracy(model, x_pool, pool_set.labels),
@@ -112,6 +113,7 @@ def load_victim(victim_dir: str | Path) -> tuple[nn.Module, VictimMeta]:
     check_input_shape(info["input_shape"], where)
     check_normalisation(info["mean"], info["std"], where)
     meta = VictimMeta(info["arch"], info["num_classes"], info["input_shape"], info["mean"], info["std"])
-    model = build_model(meta.arch, meta.num_classes, named_by=f"victim metadata {victim_dir / 'model.json'}")
+    norm = info.get("norm", "batch")  # written since victim.norm exists; batch before
+    model = build_model(meta.arch, meta.num_classes, named_by=f"victim metadata {victim_dir / 'model.json'}", norm=norm)
     model = load_weights(model, victim_dir / "model.safetensors", verify=True)
     return model.eval(), meta

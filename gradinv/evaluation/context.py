@@ -29,7 +29,8 @@ class RunContext:
 
 def describe_defenses(defenses: list[dict], aggregation_clients: int) -> str:
     parts = [d["kind"] + (" (" + ", ".join(f"{k} {v}" for k, v in d.items() if k != "kind") + ")"
-                          if len(d) > 1 else "") for d in defenses]
+                          if len(d) > 1 else "") + (": not DP, BatchNorm couples the samples"
+                                                    if d.get("batch_coupled") else "") for d in defenses]
     if aggregation_clients > 1:
         parts.append(f"secure aggregation over {aggregation_clients} clients")
     return "; ".join(parts) or "none"

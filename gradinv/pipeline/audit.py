@@ -87,4 +87,4 @@ def defense_findings(rows: list[dict]) -> list[str]:
 
 def _strength_name(defense: str) -> str:
     return {"clip+gaussian": "σ (noise std / C)", "topk": "fraction kept", "secure_aggregation": "clients K",
-            "fedavg": "local epochs E", "quantize": "format"}.get(defense, "strength")
+            "fedavg": "local epochs E", "quantize": "format", "dp_sgd": "ε (DP-SGD)"}.get(defense, "strength")

@@ -16,7 +16,7 @@ def audit_points(config: AuditConfig) -> list[dict]:
     """[{"defense", "strength", "defenses", "aggregation_clients"}] for every grid point, the
     undefended point first. Strength is σ for noise (after clipping to clip_norm), the kept
     fraction for top-k, the client count for secure aggregation, the local epochs for FedAvg,
-    the format for quantization."""
+    the format for quantization, the target ε for DP-SGD (inf: clipping without noise)."""
     points = [{"defense": "none", "strength": None, "defenses": [], "aggregation_clients": 1}]
     for sigma in _numbers(config.noise_sigmas, "audit.noise_sigmas", lambda v: v >= 0):
         points.append({"defense": "clip+gaussian", "strength": sigma, "aggregation_clients": 1,
@@ -31,6 +31,13 @@ def audit_points(config: AuditConfig) -> list[dict]:
         points.append({"defense": "fedavg", "strength": int(steps), "aggregation_clients": 1,
                        "defenses": [{"kind": "fedavg", "steps": int(steps), "lr": config.fedavg_lr,
                                      "batch_size": config.fedavg_batch_size}]})
+    for target in config.dp_epsilons:
+        if not (target == "inf" or isinstance(target, (int, float)) and not isinstance(target, bool) and target > 0):
+            raise UserError(f"params: 'audit.dp_epsilons' entries must be positive numbers or inf, got {target!r}.")
+        dp_sgd = {"kind": "dp_sgd", "max_grad_norm": config.dp_max_grad_norm, "sample_rate": config.dp_sample_rate,
+                  "steps": config.dp_steps, "delta": config.dp_delta}
+        dp_sgd |= {"noise_multiplier": 0.0} if target == "inf" else {"epsilon": float(target)}
+        points.append({"defense": "dp_sgd", "strength": target, "aggregation_clients": 1, "defenses": [dp_sgd]})
     for to in config.quantize:
         if to not in QUANTIZE:
             raise UserError(f"params: 'audit.quantize' entries must be among {', '.join(QUANTIZE)}, got {to!r}.")

@@ -62,6 +62,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class VictimConfig:
     arch: str = rule("resnet18")
+    norm: str = rule("batch", _one_of("batch", "group"))
     weights: str | None = rule(None)
     epochs: int = rule(8, _non_negative)
     batch_size: int = rule(64, _positive)
@@ -174,6 +175,11 @@ class AuditConfig:
     fedavg_steps: list = rule([1, 2, 5])
     fedavg_lr: float = rule(0.01, _positive)
     fedavg_batch_size: int = rule(4, _positive)
+    dp_epsilons: list = rule([])
+    dp_max_grad_norm: float = rule(1.0, _positive)
+    dp_sample_rate: float = rule(0.01, _positive)
+    dp_steps: int = rule(100, _positive)
+    dp_delta: float = rule(1e-5, _positive)
     iterations: int = rule(200, _positive)
     seeds: int = rule(2, _positive)
 
@@ -292,9 +298,10 @@ def _check_cross_field(name: str, config) -> None:
             raise UserError("params: 'data.train_dir' and 'data.pool_dir' are required when data.source is 'imagefolder'.")
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read params.yaml and validate every section; returns {section: config object}. The model
-    spec it names (victim.arch) is the user's, so artifacts naming that spec may import it."""
+def load_params(path: str | Path = "params.yaml", preset: str | None = None) -> dict[str, Any]:
+    """Read params.yaml and validate every section; returns {section: config object}. `preset`
+    replaces the file's `preset`. The model spec it names (victim.arch) is the user's, so
+    artifacts naming that spec may import it."""
     import yaml  # imported here so that the library runs where only torch is installed
 
     path = Path(path)
@@ -309,7 +316,7 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         raise UserError(f"params file {path} is not valid YAML ({str(err).splitlines()[0]}).") from None
     if not isinstance(raw, dict):
         raise UserError(f"params file {path} must be a mapping of sections.")
-    raw = apply_preset(raw)
+    raw = apply_preset({**raw, "preset": preset} if preset else raw)
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise UserError(f"params: unknown section '{unknown[0]}' (known: {', '.join(SECTIONS)}).")
