@@ -9,6 +9,7 @@ Each block sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` in its Mar
     docs/batches.md    batches-table   docs/results/batches.json  (one `make batches`)
     docs/batches.md    sweep-table     docs/results/sweep.json    (one `make sweep`)
     docs/audit.md      audit-table     docs/results/audit.json    (one `make audit`)
+    docs/audit.md      audit-dp-table  docs/results/audit_dp.json (one `make audit-dp`)
 
 To show a new run: copy its figures into the JSON file (with the command, commit and machine),
 then run this script. tests/test_readme.py checks that every block equals its render.
@@ -143,12 +144,33 @@ def render_audit(r: dict) -> str:
     return "\n".join(lines)
 
 
+def render_audit_dp(r: dict) -> str:
+    """docs/audit.md: leakage against ε from one `make audit-dp`."""
+    lines = ["| target ε | σ | ε spent | PSNR (dB) | SSIM | IIP | label acc. | consensus PSNR (dB) | utility cos |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        target = "undefended" if row["defense"] == "none" else ("∞ (clipping only)" if row["strength"] == "inf"
+                                                                 else f"{row['strength']:g}")
+        sigma = "–" if row["sigma"] is None else f"{row['sigma']:.3f}"
+        spent = "–" if row["defense"] == "none" else ("∞" if row["epsilon"] is None else f"{row['epsilon']:.2f}")
+        lines.append(f"| {target} | {sigma} | {spent} | {row['psnr']:.2f} | {row['ssim']:.3f} | {row['iip']:.3g} | "
+                     f"{row['label_accuracy']:.2f} | {row['consensus_psnr']:.2f} | {row['utility_cosine']:.3f} |")
+    noise = r["rows"][0]["psnr_initial_noise"]
+    lines += ["", f"The starting noise scores {noise:.2f} dB. Command: `{r['command']}` ({r['params']}), "
+                  f"{r['minutes']} minutes including training the victim, at commit {_short(r['commit'])}, "
+                  f"{r['date']}; machine: {r['machine']}. Figures: [results/audit_dp.json](results/audit_dp.json), "
+                  "the run's `data/dp/data/audit/audit.json` and each point's `gradient.json`"
+                  + (f"; {r['note']}." if r.get("note") else ".")]
+    return "\n".join(lines)
+
+
 # (Markdown file, block name, result file, renderer), paths relative to the project root.
 BLOCKS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("README.md", "results-table", "docs/results/default.json", render_default),
     ("docs/batches.md", "batches-table", "docs/results/batches.json", render_batches),
     ("docs/batches.md", "sweep-table", "docs/results/sweep.json", render_sweep),
     ("docs/audit.md", "audit-table", "docs/results/audit.json", render_audit),
+    ("docs/audit.md", "audit-dp-table", "docs/results/audit_dp.json", render_audit_dp),
 ]
 
 

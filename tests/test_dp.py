@@ -118,3 +118,26 @@ def test_victim_norm_group_builds_groupnorm_layers_and_refuses_what_it_cannot_bu
         build_model("vgg11", 5, norm="group")
     with pytest.raises(UserError, match="your own code"):
         build_model("tests.test_dp:tiny_model", 5, norm="group")
+
+
+def test_the_update_of_several_dp_sgd_steps_is_their_descent_and_reads_back_as_their_mean_gradient():
+    from gradinv.client.defenses import as_gradient
+    from gradinv.client.dp import dp_sgd_update
+
+    model, (images, labels) = tiny_model(), batch()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    update = dp_sgd_update(model, images, labels, 0.0, 0.5, 2, 0.1)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the model is left as it was
+    first = dp_sgd_gradient(model, images, labels, 0.0, 0.5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p -= 0.1 * first[n]
+    second = dp_sgd_gradient(model, images, labels, 0.0, 0.5)
+    for n in update:
+        assert torch.allclose(update[n], -0.1 * (first[n] + second[n]), atol=1e-7), n
+    [defense] = validate([{"kind": "dp_sgd", "noise_multiplier": 0.0, "max_grad_norm": 0.5, "sample_rate": 0.1,
+                           "local_steps": 2, "lr": 0.1}])
+    mean = as_gradient(update["5.bias"], [defense], len(labels))
+    assert torch.allclose(mean, (first["5.bias"] + second["5.bias"]) / 2, atol=1e-6)
+    with pytest.raises(UserError, match="needs a positive learning rate 'lr'"):
+        validate([{"kind": "dp_sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "sample_rate": 0.1, "local_steps": 3}])

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradinv.client.artifacts import GradientArtifact
-from gradinv.client.defenses import shared_update, transmitted_mask
+from gradinv.client.defenses import as_gradient, private_update, shared_update, transmitted_mask
 from gradinv.client.models import batchnorm_layers
 from gradinv.client.step import local_update, parameter_gradients, recorded_bn_statistics
 from gradinv.errors import UserError
@@ -124,8 +124,12 @@ class Objective:
         self.model = model
         self.labels = labels
         self.config = config
-        self.target = {n: g.to(device) for n, g in artifact.grads.items()}
         defenses = artifact.meta.get("defenses", [])
+        update = private_update(defenses)
+        if update is not None and update["known_to_attacker"]:  # several DP-SGD steps: their mean gradient
+            self.target = {n: as_gradient(g, defenses, artifact.batch_size).to(device) for n, g in artifact.grads.items()}
+        else:
+            self.target = {n: g.to(device) for n, g in artifact.grads.items()}
         # Pruning the attacker knows of: only the transmitted entries are matched.
         self.mask = transmitted_mask(self.target, defenses)
         # FedAvg the attacker knows of: the candidate batch's local update is replayed and matched.

@@ -14,7 +14,7 @@ from gradinv.client.artifacts import GradientArtifact, gradient_meta, write_grad
 from gradinv.client.data import ImageSet, load_set, normalize
 from gradinv.client.defenses import apply as apply_defenses
 from gradinv.client.defenses import validate as validate_defenses
-from gradinv.client.dp import dp_sgd_gradient, refuse_batch_coupled
+from gradinv.client.dp import dp_sgd_gradient, dp_sgd_update, refuse_batch_coupled
 from gradinv.client.step import (local_update, parameter_gradients, per_example_gradients, recorded_bn_statistics,
                                  train_mode_copy)
 from gradinv.client.victim import load_victim
@@ -64,7 +64,10 @@ def client_update(model, images: torch.Tensor, labels: torch.Tensor, bn_leak: st
             else:
                 shared = parameter_gradients(client, images, labels)
         # Outside the hooks: the per-sample gradients run the forward again.
-        if first["kind"] == "dp_sgd":
+        if first["kind"] == "dp_sgd" and first["local_steps"] > 1:
+            shared = dp_sgd_update(client, images, labels, first["noise_multiplier"], first["max_grad_norm"],
+                                   first["local_steps"], first["lr"], generator)
+        elif first["kind"] == "dp_sgd":
             shared = dp_sgd_gradient(client, images, labels, first["noise_multiplier"], first["max_grad_norm"], generator)
         elif first["kind"] == "per_example_clip" and first.get("batch_coupled"):
             shared = clipped_mean(per_example_gradients(client, images, labels), first["norm"])

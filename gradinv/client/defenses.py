@@ -10,7 +10,8 @@ them may be given, first in the list:
   `max_grad_norm` (C), Gaussian noise of std σC added to their sum, divided by the batch size;
   σ is `noise_multiplier`, or the smallest that keeps `epsilon` at `delta` (default 1e-5) for
   Poisson sampling rate `sample_rate` (q) over `steps` (default 1) steps, by `accountant` (prv,
-  the default, or rdp); the resolved entry records σ and ε. Needs a model without BatchNorm;
+  the default, or rdp); the resolved entry records σ and ε. With `local_steps` E > 1 and `lr` η,
+  the update of E such steps (each over the batch) is shared. Needs a model without BatchNorm;
 - `per_example_clip`: every sample's gradient clipped to L2 norm `norm` (C) before the mean, no
   noise (Opacus's per-sample gradients; on a BatchNorm model only with `batch_coupled: true`,
   through torch.func over the batch-coupled forward, which is not DP).
@@ -37,7 +38,8 @@ from gradinv.errors import UserError
 KINDS = ("fedavg", "dp_sgd", "per_example_clip", "clip", "gaussian", "laplace", "topk", "quantize")
 COMPUTING = ("fedavg", "dp_sgd", "per_example_clip")
 QUANTIZE = ("float16", "bfloat16", "int8", "sign")
-_OPTIONAL = {"dp_sgd": {"noise_multiplier", "epsilon", "epsilon_target", "steps", "delta", "accountant"},
+_OPTIONAL = {"dp_sgd": {"noise_multiplier", "epsilon", "epsilon_target", "steps", "delta", "accountant", "local_steps",
+                        "lr"},
              "per_example_clip": {"batch_coupled"}}
 _FIELDS = {"fedavg": {"steps", "lr", "batch_size"}, "per_example_clip": {"norm"}, "clip": {"norm"},
            "dp_sgd": {"max_grad_norm", "sample_rate"},
@@ -173,7 +175,7 @@ def check_declared(grads: dict[str, torch.Tensor], defenses: list[dict], clients
         return
     if last["kind"] == "per_example_clip":  # each sample's norm is bounded, so their mean's is too
         last = {"kind": "clip", "norm": last["norm"]}
-    if last["kind"] == "dp_sgd" and last["noise_multiplier"] == 0:
+    if last["kind"] == "dp_sgd" and last["noise_multiplier"] == 0 and last.get("local_steps", 1) == 1:
         last = {"kind": "clip", "norm": last["max_grad_norm"]}
     for name, g in grads.items():
         if last["kind"] == "topk":
@@ -209,15 +211,22 @@ def shared_update(defenses: list[dict]) -> dict | None:
     return next((d for d in defenses if d["kind"] == "fedavg"), None)
 
 
+def private_update(defenses: list[dict]) -> dict | None:
+    """The DP-SGD settings when the client shared the update of several local DP-SGD steps."""
+    return next((d for d in defenses if d["kind"] == "dp_sgd" and d.get("local_steps", 1) > 1), None)
+
+
 def as_gradient(shared: torch.Tensor, defenses: list[dict], batch_size: int) -> torch.Tensor:
-    """What was shared, read as a gradient: a FedAvg update is −lr × the sum of its local steps'
-    gradients, so their mean gradient is −update / (lr × steps), exact for one step over the
-    whole batch; anything else is a gradient already."""
-    fedavg = shared_update(defenses)
-    if fedavg is None:
-        return shared
-    local_steps = fedavg["steps"] * math.ceil(batch_size / fedavg["batch_size"])
-    return -shared / (fedavg["lr"] * local_steps)
+    """What was shared, read as a gradient: a FedAvg update, or the update of several DP-SGD
+    steps, is −lr × the sum of its local steps' gradients, so their mean gradient is
+    −update / (lr × steps), exact for one step over the whole batch; anything else is a
+    gradient already."""
+    fedavg, dp_sgd = shared_update(defenses), private_update(defenses)
+    if fedavg is not None:
+        return -shared / (fedavg["lr"] * fedavg["steps"] * math.ceil(batch_size / fedavg["batch_size"]))
+    if dp_sgd is not None:
+        return -shared / (dp_sgd["lr"] * dp_sgd["local_steps"])
+    return shared
 
 
 def modelled_by_attack(defense: dict) -> bool:

@@ -14,7 +14,7 @@ from torch import nn
 from gradinv.errors import UserError
 
 ACCOUNTANTS = ("prv", "rdp")
-DEFAULTS = {"steps": 1, "delta": 1e-5, "accountant": "prv"}
+DEFAULTS = {"steps": 1, "delta": 1e-5, "accountant": "prv", "local_steps": 1}
 BATCH_COUPLED = ("{kind} clips each sample's gradient, but this model's BatchNorm layers (train mode) couple the "
                  "samples through the batch statistics, so no per-sample gradient exists and the DP guarantee does "
                  "not hold: train the victim with 'victim.norm: group'{opt_in}.")
@@ -79,6 +79,13 @@ def resolve(entry: dict, name: str) -> dict:
         raise UserError(f"params: {name} dp_sgd 'sample_rate' must be at most 1 and 'delta' below 1.")
     if isinstance(spec["steps"], bool) or not isinstance(spec["steps"], int) or spec["steps"] < 1:
         raise UserError(f"params: {name} dp_sgd 'steps' must be a positive whole number, got {spec['steps']!r}.")
+    if isinstance(spec["local_steps"], bool) or not isinstance(spec["local_steps"], int) or spec["local_steps"] < 1:
+        raise UserError(f"params: {name} dp_sgd 'local_steps' must be a positive whole number, got {spec['local_steps']!r}.")
+    lr = spec.get("lr")
+    if spec["local_steps"] > 1 and (isinstance(lr, bool) or not isinstance(lr, (int, float))
+                                    or not math.isfinite(lr) or lr <= 0):
+        raise UserError(f"params: {name} dp_sgd with local_steps {spec['local_steps']} shares an update, so it needs "
+                        f"a positive learning rate 'lr', got {lr!r}.")
     if spec["accountant"] not in ACCOUNTANTS:
         raise UserError(f"params: {name} dp_sgd 'accountant' must be one of {', '.join(ACCOUNTANTS)}.")
     budget = (spec["sample_rate"], spec["steps"], spec["delta"], spec["accountant"])
@@ -96,6 +103,27 @@ def resolve(entry: dict, name: str) -> dict:
     spent = epsilon(float(sigma), *budget)
     spec["epsilon"] = None if math.isinf(spent) else spent  # None: no noise, no guarantee
     return spec
+
+
+def dp_sgd_update(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, noise_multiplier: float,
+                  max_grad_norm: float, local_steps: int, lr: float,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The weight update (new − old) of `local_steps` DP-SGD steps of plain SGD at rate `lr`, each
+    over the whole batch (the model in train mode, no BatchNorm; it is left as it was)."""
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    try:
+        for _ in range(local_steps):
+            step = dp_sgd_gradient(model, images, labels, noise_multiplier, max_grad_norm, generator)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name in step:
+                        p -= lr * step[name]
+        return {name: p.detach() - before[name] for name, p in model.named_parameters() if name in before}
+    finally:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in before:
+                    p.copy_(before[name])
 
 
 def dp_sgd_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, noise_multiplier: float,
