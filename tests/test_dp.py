@@ -141,3 +141,14 @@ def test_the_update_of_several_dp_sgd_steps_is_their_descent_and_reads_back_as_t
     assert torch.allclose(mean, (first["5.bias"] + second["5.bias"]) / 2, atol=1e-6)
     with pytest.raises(UserError, match="needs a positive learning rate 'lr'"):
         validate([{"kind": "dp_sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "sample_rate": 0.1, "local_steps": 3}])
+
+
+def test_the_report_says_not_dp_for_batch_coupled_clipping_and_names_the_epsilon_spent():
+    from gradinv.evaluation.context import describe_defenses
+
+    coupled = describe_defenses(validate([{"kind": "per_example_clip", "norm": 1.0, "batch_coupled": True}]), 1)
+    assert "not DP" in coupled
+    assert "not DP" not in describe_defenses(validate([{"kind": "per_example_clip", "norm": 1.0}]), 1)
+    private = describe_defenses(validate([{"kind": "dp_sgd", "noise_multiplier": 1.1, "max_grad_norm": 1.0,
+                                           "sample_rate": 0.01, "steps": 500, "accountant": "rdp"}]), 1)
+    assert "dp_sgd" in private and "epsilon " in private and "noise_multiplier 1.1" in private
