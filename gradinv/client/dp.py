@@ -54,9 +54,9 @@ def noise_for(target_epsilon: float, sample_rate: float, steps: int, delta: floa
     """The smallest σ (to Opacus's tolerance) whose ε does not exceed the target; 0 for ε = ∞."""
     if math.isinf(target_epsilon):
         return 0.0
+    _opacus()  # the one sentence when Opacus is missing, before importing from it
     from opacus.accountants.utils import get_noise_multiplier
 
-    _opacus()
     try:
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                           steps=steps, accountant=accountant))

@@ -120,9 +120,8 @@ def write_html(path: str | Path, summary: dict, per_image: dict[str, list], tile
     batch = len(per_image["true_label"])
     consensus = summary["consensus"]
     keys = [k for k in ("psnr", "ssim", "registered_psnr", "lpips", "fft2d", "iip") if summary.get(k) is not None]
-    figures = {"metric": keys, "chosen seed": [summary[k] for k in keys], "consensus": [consensus.get(k) for k in keys],
-               "definition": [METRICS[k].definition for k in keys]}
-    figures["metric"] = [heading(k) for k in keys]
+    figures = {"metric": [heading(k) for k in keys], "chosen seed": [summary[k] for k in keys],
+               "consensus": [consensus.get(k) for k in keys], "definition": [METRICS[k].definition for k in keys]}
     per_image_table = {"image": per_image["original_index"],
                        "class": [context.class_names[c] for c in per_image["true_label"]],
                        **{k: per_image[k] for k in ("psnr", "ssim", "registered_psnr", "lpips", "iip_hit",
