@@ -7,12 +7,12 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test test-fast env repro batches sweep audit audit-dp server worker deploy mlflow-ui clean
+.PHONY: run test test-fast env repro batches sweep audit audit-dp federation federation-deployment server worker deploy mlflow-ui clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[pipeline,privacy,dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[pipeline,privacy,flower,dev]'
 	scripts/install_chromium.sh
 	touch $@
 
@@ -42,6 +42,12 @@ audit: env
 audit-dp: env  # leakage against ε: its own GroupNorm victim under data/dp, the main victim untouched
 	$(BIN)/python -m flows.audit --preset dp --root data/dp
 
+federation: env  # a Flower federation on the embedded pool (Simulation Engine), its replies recorded and attacked
+	$(BIN)/python -m flows.federation
+
+federation-deployment: env  # the same on Flower's Deployment Engine: a SuperLink and one SuperNode per client on 127.0.0.1
+	$(BIN)/python -m flows.federation --engine deployment
+
 # Scheduled runs (prefect.yaml): a Prefect server on 127.0.0.1, a process worker, the deployments.
 server worker deploy: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
 
@@ -59,4 +65,4 @@ mlflow-ui: env
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf data/sets data/victim data/capture data/labels data/invert data/eval data/batches data/sweep data/audit data/dp .prefect mlflow.db mlartifacts
+	rm -rf data/sets data/victim data/capture data/labels data/invert data/eval data/batches data/sweep data/audit data/dp data/federation .prefect mlflow.db mlartifacts

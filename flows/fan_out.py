@@ -13,7 +13,7 @@ import dask
 from prefect import flow
 
 from gradinv.pipeline.config import BatchesConfig
-from tasks.batches import attack_batch
+from tasks.batches import attack_batch, attack_recorded
 from tasks.stages import run_cached_stage
 from tasks.tracking import Tracker
 
@@ -76,12 +76,18 @@ def victim_ready(root: str, params_sections: dict, tracker: Tracker) -> None:
 
 @flow(name="gradinv-fan-out", log_prints=True)
 def fan_out(root: str, jobs: list[dict], gpus_per_task: int = 0, threads: int | None = None) -> list[dict]:
-    """Run attack_batch for every job {"out", "index", "params"}; returns the rows in job order.
+    """Run attack_batch for every job {"out", "index", "params"}, or attack_recorded for a job
+    {"recorded": reply folder, "truth", "params"}; returns the rows in job order.
     With gpus_per_task, each task asks Dask for that many 'GPU' resources, so a worker that
     declares one GPU runs one task at a time. A cached batch whose folder is gone runs again."""
     annotations = {"resources": {"GPU": gpus_per_task}} if gpus_per_task else {}
 
     def submit(job: dict, refresh: bool = False):
+        if "recorded" in job:
+            runner = attack_recorded.with_options(name=f"reply-{Path(job['recorded']).parent.name}-"
+                                                       f"{Path(job['recorded']).name}", refresh_cache=refresh or None)
+            with dask.annotate(**annotations):
+                return runner.submit(root, job["recorded"], job["truth"], job["params"], threads)
         runner = attack_batch.with_options(name=f"batch-{job['out'].rsplit('/', 1)[-1]}-{job['index']:03d}",
                                            refresh_cache=refresh or None)
         with dask.annotate(**annotations):

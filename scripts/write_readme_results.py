@@ -10,6 +10,7 @@ Each block sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` in its Mar
     docs/batches.md    sweep-table     docs/results/sweep.json    (one `make sweep`)
     docs/audit.md      audit-table     docs/results/audit.json    (one `make audit`)
     docs/audit.md      audit-dp-table  docs/results/audit_dp.json (one `make audit-dp`)
+    docs/flower.md     federation-table docs/results/federation.json (one `make federation`)
 
 To show a new run: copy its figures into the JSON file (with the command, commit and machine),
 then run this script. tests/test_readme.py checks that every block equals its render.
@@ -164,6 +165,36 @@ def render_audit_dp(r: dict) -> str:
     return "\n".join(lines)
 
 
+def render_federation(r: dict) -> str:
+    """docs/flower.md: every attacked reply of one `make federation` (BatchNorm buffers sent, the
+    default), what the figures show, and the same replies' gain when the clients keep the buffers."""
+    sent, kept = r["buffers_sent"], r["buffers_kept"]
+    lines = ["| round | client | examples | local steps | BN statistics | PSNR (dB) | gain over noise (dB) | SSIM | "
+             "IIP | label acc. |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in sent["rows"]:
+        lines.append(f"| {row['round']} | {row['client']} | {row['examples']} | {row['local_steps']} | "
+                     f"{row['bn_statistics']} | {row['psnr']:.2f} | {row['psnr_gain_over_noise']:+.2f} | "
+                     f"{row['ssim']:.3f} | {row['iip']:.3g} | {row['label_accuracy']:.2f} |")
+    lines += ["", *(f"- {line}" for line in sent["findings"]), "",
+              "With `federation.send_buffers: false` the same clients keep their BatchNorm buffers, and the attack "
+              "matches the global model's running statistics instead:", "",
+              "| round | client | examples | gain over noise, buffers sent (dB) | buffers kept (dB) | "
+              "label acc. sent / kept |", "|---|---|---|---|---|---|"]
+    for a, b in zip(sent["rows"], kept["rows"]):
+        lines.append(f"| {a['round']} | {a['client']} | {a['examples']} | {a['psnr_gain_over_noise']:+.2f} | "
+                     f"{b['psnr_gain_over_noise']:+.2f} | {a['label_accuracy']:.2f} / {b['label_accuracy']:.2f} |")
+    mean = lambda rows: sum(x["psnr_gain_over_noise"] for x in rows) / len(rows)  # noqa: E731
+    lines += ["", f"Mean gain over noise: {mean(sent['rows']):+.2f} dB with the buffers sent, "
+                  f"{mean(kept['rows']):+.2f} dB with them kept.", ""]
+    for name, run in (("buffers sent", sent), ("buffers kept", kept)):
+        lines.append(f"{name.capitalize()}: `{run['command']}` ({run['params']}), {run['minutes']} minutes "
+                     f"including training the victim, at commit {_short(run['commit'])}, {run['date']}; machine: "
+                     f"{run['machine']}" + (f"; {run['note']}" if run.get("note") else "") + ".")
+    lines.append("Figures: [results/federation.json](results/federation.json), each run's "
+                 "`data/federation/federation.json`.")
+    return "\n".join(lines)
+
+
 # (Markdown file, block name, result file, renderer), paths relative to the project root.
 BLOCKS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("README.md", "results-table", "docs/results/default.json", render_default),
@@ -171,6 +202,7 @@ BLOCKS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("docs/batches.md", "sweep-table", "docs/results/sweep.json", render_sweep),
     ("docs/audit.md", "audit-table", "docs/results/audit.json", render_audit),
     ("docs/audit.md", "audit-dp-table", "docs/results/audit_dp.json", render_audit_dp),
+    ("docs/flower.md", "federation-table", "docs/results/federation.json", render_federation),
 ]
 
 

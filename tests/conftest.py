@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -106,3 +107,25 @@ def prefect_api_url():
 
     with prefect_test_harness(server_startup_timeout=60):
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="module")
+def flows_project(tiny_project, tmp_path_factory) -> Path:
+    """One copy of the tiny project per test module for its flows: the first trains the victim, the
+    others find it cached. Each flow writes its own folder under data/."""
+    root = tmp_path_factory.mktemp("flows") / "project"
+    shutil.copytree(tiny_project, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(prefect_api_url):
+    """A two-worker cluster started once, which flows reach through `batches.address` (as a
+    cluster started by hand): its workers load torch and the code once for every flow."""
+    from distributed import LocalCluster
+
+    with mock.patch.dict(os.environ, {"PREFECT_API_URL": prefect_api_url}):  # workers report to the tests' server
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                               dashboard_address=None)
+    with cluster:
+        yield cluster

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 from pathlib import Path
-from unittest import mock
 
 import pyarrow.parquet as pq
 import pytest
@@ -65,28 +63,6 @@ def test_sweep_refuses_batch_sizes_above_the_class_count():
     check_sizes([48], distinct_labels=False, num_classes=12)
     with pytest.raises(UserError, match="20, more than the 12 classes"):
         check_sizes([2, 20], distinct_labels=True, num_classes=12)
-
-
-@pytest.fixture(scope="module")
-def flows_project(tiny_project, tmp_path_factory) -> Path:
-    """One copy of the tiny project for this module's flows: the first trains the victim, the
-    others find it cached. Each flow writes its own folder under data/."""
-    root = tmp_path_factory.mktemp("flows") / "project"
-    shutil.copytree(tiny_project, root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def shared_cluster(prefect_api_url):
-    """A two-worker cluster started once, which flows reach through `batches.address` (as a
-    cluster started by hand): its workers load torch and the code once for every flow."""
-    from distributed import LocalCluster
-
-    with mock.patch.dict(os.environ, {"PREFECT_API_URL": prefect_api_url}):  # workers report to the tests' server
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                               dashboard_address=None)
-    with cluster:
-        yield cluster
 
 
 @pytest.mark.slow

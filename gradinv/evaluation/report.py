@@ -166,3 +166,23 @@ defense keeps). labels_warned: label recovery said a defense breaks one of its a
 <h2>Glossary</h2>
 {_glossary()}"""
     return _write(path, _page("gradinv defense audit", body))
+
+
+def write_federation_html(path: str | Path, table: dict[str, list], plot: str | Path, findings: list[str]) -> Path:
+    """The Flower federation audit as one self-contained page: what the replies gave away, the
+    table of attacked replies, and leakage against round and client."""
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in findings)
+    body = f"""<h1>gradinv: what the server of a Flower federation could reconstruct</h1>
+<div class="verdict"><strong>What the replies gave away</strong><ul>{items}</ul></div>
+<p class="caption">Each row attacks one client's reply as the server received it: its update against the
+round's global model, replayed through the client's declared local training (E epochs, learning rate,
+batch size), scored against the client's own examples. bn_statistics: what its BatchNorm buffers gave
+away (exact after one local step, a momentum-weighted average after more; not sent: the attack
+matches the global model's running statistics instead).</p>
+<h2>Replies</h2>
+{_table({k: v for k, v in table.items() if k != "folder"})}
+<h2>Leakage against round and client</h2>
+{_img(Path(plot).read_bytes(), Path(plot).stem)}
+<h2>Glossary</h2>
+{_glossary()}"""
+    return _write(path, _page("gradinv federation audit", body))

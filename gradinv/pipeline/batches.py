@@ -50,6 +50,20 @@ def run_batch(configs: dict, root: str | Path, out: str, index: int, on_log=None
     return {**batch_row(folder, index, capture_config.seed), **shared_utility(root, folder)}
 
 
+def run_recorded(configs: dict, root: str | Path, folder: str | Path, truth: str | Path, command: str) -> dict:
+    """Attack a reply recorded by the Flower recorder (folder/victim: the round's global model,
+    folder/gradient: the client's update) and score it against the client's data in `truth`:
+    labels, inversion and evaluation write beside it. Returns its row of metrics."""
+    root, folder = Path(root), Path(folder)
+    victim_dir, gradient, recovered = folder / "victim", folder / "gradient", folder / "labels"
+    labels.run_labels(configs["labels"], victim_dir, gradient, recovered)
+    inversion.run_inversion(configs["inversion"], victim_dir, gradient, recovered, folder / "invert",
+                            checkpoint_dir=folder / ".checkpoints", engine=configs["engine"])
+    evaluate.evaluate(configs["evaluation"], folder / "invert", recovered, Path(truth), root / SETS, victim_dir,
+                      gradient, folder / "eval", evaluate.Tracking(command=command))
+    return batch_row(folder, 0, configs["capture"].seed)
+
+
 def shared_utility(root: Path, folder: Path) -> dict[str, float]:
     """How close the shared (possibly defended) gradient is to the victim batch's clean one."""
     model, meta = victim.load_victim(root / VICTIM)

@@ -184,6 +184,23 @@ class AuditConfig:
     seeds: int = rule(2, _positive)
 
 
+@dataclass(frozen=True)
+class FederationConfig:
+    client_sizes: list = rule([4, 8, 8, 16])
+    split: str = rule("iid", _one_of("iid", "by_class"))
+    rounds: int = rule(3, _positive)
+    local_epochs: int = rule(1, _positive)
+    lr: float = rule(0.01, _positive)
+    batch_size: int = rule(4, _positive)
+    send_buffers: bool = rule(True)
+    seed: int = rule(0)
+    attack_rounds: list = rule([1, -1])
+    iterations: int = rule(200, _positive)
+    seeds: int = rule(2, _positive)
+    label_posterior_steps: int = rule(200, _non_negative)
+    engine: str = rule("simulation", _one_of("simulation", "deployment"))
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "victim": VictimConfig,
@@ -195,6 +212,7 @@ SECTIONS: dict[str, type] = {
     "batches": BatchesConfig,
     "sweep": SweepConfig,
     "audit": AuditConfig,
+    "federation": FederationConfig,
 }
 
 
@@ -283,6 +301,15 @@ def _check_cross_field(name: str, config) -> None:
         from gradinv.pipeline.audit_grid import audit_points
 
         audit_points(config)
+    if name == "federation":
+        whole = lambda values: all(isinstance(v, int) and not isinstance(v, bool) for v in values)  # noqa: E731
+        if not config.client_sizes or not whole(config.client_sizes) or min(config.client_sizes) < 1:
+            raise UserError("params: 'federation.client_sizes' must be a non-empty list of positive whole numbers "
+                            f"(examples per client), got {config.client_sizes!r}.")
+        rounds = config.attack_rounds
+        if not whole(rounds) or not all(1 <= r <= config.rounds or -config.rounds <= r <= -1 for r in rounds):
+            raise UserError(f"params: 'federation.attack_rounds' must list rounds 1 to {config.rounds} (or -1 for "
+                            f"the last), got {rounds!r}.")
     if name == "sweep":
         sizes = config.batch_sizes
         if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes):
