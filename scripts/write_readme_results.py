@@ -169,12 +169,12 @@ def render_federation(r: dict) -> str:
     """docs/flower.md: every attacked reply of one `make federation` (BatchNorm buffers sent, the
     default), what the figures show, and the same replies' gain when the clients keep the buffers."""
     sent, kept = r["buffers_sent"], r["buffers_kept"]
-    lines = ["| round | client | examples | local steps | BN statistics | PSNR (dB) | gain over noise (dB) | SSIM | "
-             "IIP | label acc. |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| round | client | examples | local steps | BN statistics | PSNR (dB) | gain over noise (dB) | "
+             "consensus PSNR (dB) | SSIM | IIP | label acc. |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in sent["rows"]:
         lines.append(f"| {row['round']} | {row['client']} | {row['examples']} | {row['local_steps']} | "
                      f"{row['bn_statistics']} | {row['psnr']:.2f} | {row['psnr_gain_over_noise']:+.2f} | "
-                     f"{row['ssim']:.3f} | {row['iip']:.3g} | {row['label_accuracy']:.2f} |")
+                     f"{row['consensus_psnr']:.2f} | {row['ssim']:.3f} | {row['iip']:.3g} | {row['label_accuracy']:.2f} |")
     lines += ["", *(f"- {line}" for line in sent["findings"]), "",
               "With `federation.send_buffers: false` the same clients keep their BatchNorm buffers, and the attack "
               "matches the global model's running statistics instead:", "",

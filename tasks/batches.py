@@ -80,6 +80,18 @@ def _restore_glibc_heap_for_tensors() -> None:
     libc.mallopt(m_trim_threshold, 256 << 20)
 
 
+def _worker_configs(params: dict, torch_threads: int | None) -> dict:
+    """The attack's config objects, on a worker made ready for it."""
+    quiet_prefect_lifecycle()
+    _restore_glibc_heap_for_tensors()
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    trust_model_code(params.get(USER_MODEL))
+    configs = {name: build_section(name, params[name]) for name in ATTACK_SECTIONS}
+    configs["engine"] = _device_for_this_worker(configs["engine"])
+    return configs
+
+
 def _recorded_cache_key(_context, parameters: dict) -> str:
     """A recorded reply's attack: the reply's folders, the client's truth, the sections and the code."""
     params = parameters["params"]
@@ -98,23 +110,10 @@ def _recorded_cache_key(_context, parameters: dict) -> str:
 @task(cache_key_fn=_recorded_cache_key, persist_result=True, result_serializer="json", log_prints=True)
 def attack_recorded(root: str, folder: str, truth: str, params: dict, torch_threads: int | None = None) -> dict:
     """Labels, inversion and evaluation of one recorded federation reply; returns its row of metrics."""
-    quiet_prefect_lifecycle()
-    _restore_glibc_heap_for_tensors()
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
-    configs = {name: build_section(name, params[name]) for name in ATTACK_SECTIONS}
-    configs["engine"] = _device_for_this_worker(configs["engine"])
-    return batches.run_recorded(configs, root, folder, truth, "python -m flows.federation")
+    return batches.run_recorded(_worker_configs(params, torch_threads), root, folder, truth, "python -m flows.federation")
 
 
 @task(cache_key_fn=_batch_cache_key, persist_result=True, result_serializer="json", log_prints=True)
 def attack_batch(root: str, out: str, index: int, params: dict, torch_threads: int | None = None) -> dict:
     """Capture, labels, inversion and evaluation of batch `index`; returns its row of metrics."""
-    quiet_prefect_lifecycle()
-    _restore_glibc_heap_for_tensors()
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
-    trust_model_code(params.get(USER_MODEL))
-    configs = {name: build_section(name, params[name]) for name in ATTACK_SECTIONS}
-    configs["engine"] = _device_for_this_worker(configs["engine"])
-    return batches.run_batch(configs, root, out, index)
+    return batches.run_batch(_worker_configs(params, torch_threads), root, out, index)

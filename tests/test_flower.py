@@ -214,8 +214,9 @@ def test_a_simulated_federation_trains_the_same_with_the_recorder_and_records_ev
         index = parts[record["client"]]
         replayed = local_update(train_mode_copy(model), normalize(pool.images[index], meta.mean, meta.std),
                                 pool.labels[index], 1, 0.05, 4)
-        for name, update in replayed.items():
-            torch.testing.assert_close(artifact.grads[name], update, rtol=1e-3, atol=1e-6 * update.abs().max().item())
+        for name, update in replayed.items():  # float32 over BN layers of 4 values: whole tensors agree to 1e-4
+            error = torch.linalg.vector_norm(artifact.grads[name] - update) / torch.linalg.vector_norm(update)
+            assert error < 1e-4, (record, name, float(error))
     assert {r["bn_statistics"].split(":")[0] for r in records} == {"exact", "approximate"}
     shutil.rmtree(tmp_path / "plain")
 
@@ -279,3 +280,26 @@ def test_the_federation_flow_attacks_the_chosen_rounds_and_reports_them(flows_pr
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 4
+
+
+def test_the_findings_compare_replies_by_their_gain_over_their_own_noise():
+    from gradinv.pipeline.config import build_section
+    from gradinv.pipeline.federation import attacked_rounds, findings
+
+    def row(round_, client, examples, psnr, noise, labels):
+        return {"round": round_, "client": client, "examples": examples, "local_steps": examples // 4, "psnr": psnr,
+                "psnr_initial_noise": noise, "psnr_gain_over_noise": psnr - noise, "ssim": 0.1, "label_accuracy": labels}
+
+    rows = [row(1, 0, 4, 10.0, 10.5, 1.0), row(1, 1, 8, 11.0, 8.0, 0.5), row(3, 0, 4, 12.0, 10.5, 1.0),
+            row(3, 1, 8, 9.0, 8.0, 0.5)]
+    lines = findings(rows)
+    assert lines[0].startswith("Most leaked: client 1 (8 examples, 2 local step(s)) in round 1") and "+3.00 dB" in lines[0]
+    assert lines[1] == "Least: client 0 (4 examples) in round 1: -0.50 dB over its starting noise."
+    assert lines[2] == "Mean PSNR gain over noise by client size: 4 examples +0.50 dB, 8 examples +2.00 dB."
+    assert lines[3] == "By round: round 1 +1.25 dB, round 3 +1.25 dB."
+    assert lines[4] == "Labels: 67% of all attacked examples recovered from the replies."
+    assert attacked_rounds(build_section("federation", {"rounds": 5, "attack_rounds": [1, -1, 5]})) == [1, 5]
+    with pytest.raises(UserError, match="attack_rounds"):
+        build_section("federation", {"rounds": 3, "attack_rounds": [4]})
+    with pytest.raises(UserError, match="client_sizes"):
+        build_section("federation", {"client_sizes": [4, 0]})

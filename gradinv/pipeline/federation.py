@@ -114,7 +114,8 @@ def save_plot(rows: list[dict], path: str | Path) -> Path:
     from gradinv.evaluation.glossary import heading
 
     plt = pyplot()
-    figure, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    figure, axes = plt.subplots(1, 3, figsize=(12.5, 3.4))
+    figure.subplots_adjust(wspace=0.35)
     for client in sorted({r["client"] for r in rows}):
         mine = sorted((r for r in rows if r["client"] == client), key=lambda r: r["round"])
         label = f"client {client} ({mine[0]['examples']} ex.)"

@@ -6,6 +6,7 @@ Every process is stopped on the way out, whatever happened."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,15 +48,23 @@ def _wait_for(port: int, process: subprocess.Popen, what: str, log: Path, second
 
 
 def _stop(processes: list[subprocess.Popen]) -> None:
+    """Each process with what it started (the SuperLink and SuperNodes start SuperExec processes):
+    every one leads its own process group."""
+    def signal_group(process: subprocess.Popen, sig: int) -> None:
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+
     for process in processes:
-        if process.poll() is None:
-            process.terminate()
+        signal_group(process, signal.SIGTERM)
     for process in processes:
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            pass
+        signal_group(process, signal.SIGKILL)
+        process.wait()
 
 
 @contextmanager
@@ -73,7 +82,7 @@ def local_deployment(work_dir: str | Path, clients: int) -> Iterator[Deployment]
     def start(name: str, command: list[str]) -> subprocess.Popen:
         log = open(work_dir / f"{name}.log", "w")  # noqa: SIM115 - the process owns it until it stops
         processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
-                                          cwd=work_dir))
+                                          cwd=work_dir, start_new_session=True))
         return processes[-1]
 
     try:
