@@ -16,7 +16,6 @@ from gradinv.pipeline.folders import SETS, VICTIM
 from gradinv.pipeline.sources import source_files
 from tasks.caching import PACKAGE_ROOT, hash_tree
 
-
 _SOURCES = sorted({*source_files("gradinv.client.flower.apps"), *source_files("gradinv.client.flower.deployment"),
                    "tasks/federation.py", "tasks/caching.py"})
 
