@@ -20,9 +20,11 @@ _SOURCES = sorted({*source_files("gradinv.client.flower.apps"), *source_files("g
                    "tasks/federation.py", "tasks/caching.py"})
 
 
-def federation_key(root: str, settings: dict) -> str:
-    """The federation's inputs: the app's settings, the data sets and victim, and the code it runs."""
-    digest = hashlib.sha256(f"federation|{Path(root).resolve()}|".encode())
+def federation_key(root: str, settings: dict, engine: str) -> str:
+    """The federation's inputs: the engine, the app's settings, the data sets and victim, and the
+    code it runs. The engines compute the same updates, but asking for the other engine means
+    running it."""
+    digest = hashlib.sha256(f"federation|{Path(root).resolve()}|{engine}|".encode())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for folder in (Path(root) / SETS, Path(root) / VICTIM):
         hash_tree(folder, digest)
@@ -31,12 +33,10 @@ def federation_key(root: str, settings: dict) -> str:
     return digest.hexdigest()
 
 
-@task(cache_key_fn=lambda _context, p: federation_key(p["root"], p["settings"]), persist_result=True,
+@task(cache_key_fn=lambda _context, p: federation_key(p["root"], p["settings"], p["engine"]), persist_result=True,
       result_serializer="json", log_prints=True)
 def run_federation(root: str, settings: dict, engine: str = "simulation") -> str:
-    """Returns the recorder's folder (root/data/federation/replies), written as a whole. The
-    engine does not change the replies (the same clients, data and order), so it is no part of
-    the cache key."""
+    """Returns the recorder's folder (root/data/federation/replies), written as a whole."""
     from gradinv.client.flower.apps import run_simulation
     from gradinv.client.flower.deployment import run_on_deployment
 
