@@ -109,3 +109,40 @@ def test_audit_plots_show_only_the_figures_that_vary_and_findings_name_the_stron
     assert findings[0].startswith("Undefended: PSNR 12.0 dB (starting noise 8.0 dB)")
     assert "topk: at its strongest setting (fraction kept 0.1), PSNR 10.0 dB" in findings[1]
     assert "gradient cosine 0.50" in findings[1]
+
+
+def test_the_loss_table_records_each_terms_share_and_they_match_its_terms(tiny_project):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from gradinv.attack.objective import loss_metrics
+
+    weights = json.loads((tiny_project / INVERT / "invert.json").read_text())["params"]
+    rows = pq.read_table(tiny_project / INVERT / "loss.parquet").to_pylist()
+    for row in rows:
+        weighted = {t: weights[w] * row[t] for t, w in TERM_WEIGHTS.items()}
+        assert sum(row[f"share_{t}"] for t in TERM_WEIGHTS) == pytest.approx(1.0)
+        for term in TERM_WEIGHTS:
+            assert row[f"share_{term}"] == pytest.approx(weighted[term] / sum(weighted.values()))
+        assert sum(weighted.values()) == pytest.approx(row["total"], rel=1e-4)  # the logged total is their sum
+    metrics = loss_metrics(rows[0])
+    assert metrics[f"share/grad/seed{rows[0]['seed']}"] == rows[0]["share_grad"]
+
+
+def test_the_final_gradient_distance_is_read_against_an_all_zero_gradients(tiny_project, attack, page):
+    import json
+
+    from gradinv.attack.objective import Objective
+    from gradinv.pipeline.config import InversionConfig
+
+    _, _, artifact, _, labels = attack
+    info = json.loads((tiny_project / INVERT / "invert.json").read_text())
+    zero = sum(float(g.norm()) for g in artifact.grads.values())  # the l2 distance: Σ_l ‖ΔW_l‖
+    assert info["zero_gradient_distance"] == pytest.approx(zero, rel=1e-4)
+    assert info["final_grad_relative"] == pytest.approx([f / zero for f in info["final_grad_loss"]], rel=1e-4)
+    cosine = Objective(attack[0], artifact, labels, InversionConfig(gradient_distance="cosine", bn_prior="none"))
+    assert cosine.zero_gradient_distance() == pytest.approx(1.0)
+    metrics = json.loads((tiny_project / EVAL / "metrics.json").read_text())
+    assert metrics["final_grad_relative"] == info["final_grad_relative"][info["chosen_seed"]]
+    assert f"{100 * metrics['final_grad_relative']:.0f} % of an all-zero gradient's distance" in html.unescape(page)

@@ -19,7 +19,7 @@ from torch import nn
 
 from gradinv.attack.checkpoint import InversionState, load_checkpoint, save_checkpoint
 from gradinv.attack.consensus import consensus as fuse
-from gradinv.attack.objective import LOSS_TERMS, Objective, loss_metrics
+from gradinv.attack.objective import LOSS_TERMS, TERM_WEIGHTS, Objective, loss_metrics, with_shares
 from gradinv.attack.outputs import RECONSTRUCTION_FILE
 from gradinv.attack.views import draw_view
 from gradinv.client.artifacts import TENSOR_FILE, GradientArtifact, load_gradient
@@ -41,6 +41,7 @@ class InversionResult:
     images: torch.Tensor          # (G, B, 3, H, W), normalised space
     initial: torch.Tensor         # (G, B, 3, H, W), the starting noise
     final_grad_loss: list[float]  # per seed: gradient distance at the end
+    zero_gradient_distance: float  # an all-zero gradient's distance: the target's size in that distance
     chosen_seed: int              # the seed with the lowest final gradient distance
     log: list[dict]               # rows: iteration, seed, lr and each loss term
     seconds: float
@@ -129,6 +130,7 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
     seeds = SeedStep(objectives, initial.to(device, copy=True), config, engine, box, plan)
     consensus: torch.Tensor | None = None
     log: list[dict] = []
+    weights = as_dict(config)  # the terms' weights, for their shares of the objective
     first_step = 0
     resumed = load_checkpoint(checkpoint, checkpoint_key, seeds.optimizer.state_dict()) if checkpoint else None
     if resumed is not None:
@@ -157,7 +159,8 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
                 refuse_non_finite(values, step, engine)
                 bar.set_postfix(loss=f"{min(values['total']):.4g}", grad=f"{min(values['grad']):.4g}", refresh=False)
                 for g in range(config.seeds):
-                    row = {"iteration": step, "seed": g, "lr": lr, **{k: values[k][g] for k in LOSS_TERMS}}
+                    row = with_shares({"iteration": step, "seed": g, "lr": lr, **{k: values[k][g] for k in LOSS_TERMS}},
+                                      weights)
                     log.append(row)
                     if on_log is not None:
                         on_log(step, loss_metrics(row))
@@ -171,7 +174,8 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
         final = [float(objective.terms(x)["grad"].detach())
                  for x in seeds.images.detach()]
     images = seeds.images.detach().cpu()
-    return InversionResult(images, initial, final, int(torch.tensor(final).argmin()), log, seconds)
+    return InversionResult(images, initial, final, objective.zero_gradient_distance(), int(torch.tensor(final).argmin()),
+                           log, seconds)
 
 
 def read_labels(labels_dir: str | Path, num_classes: int) -> list[int]:
@@ -209,8 +213,14 @@ def run_inversion(config: InversionConfig, victim_dir: str | Path, gradient_dir:
     mean, std = artifact.meta["mean"], artifact.meta["std"]
     to_pixels = lambda t: denormalize(t.flatten(0, 1), mean, std).clamp(0, 1).view_as(t)  # noqa: E731
     images = to_pixels(result.images)
-    columns = {k: [row[k] for row in result.log] for k in ("iteration", "seed", "lr", *LOSS_TERMS)}
+    weights = as_dict(config)
+    rows = [with_shares(row, weights) for row in result.log]  # rows resumed from a checkpoint may lack them
+    shares = [f"share_{term}" for term in TERM_WEIGHTS]
+    columns = {k: [row[k] for row in rows] for k in ("iteration", "seed", "lr", *LOSS_TERMS, *shares)}
+    zero = result.zero_gradient_distance
     summary = {"labels": labels, "chosen_seed": result.chosen_seed, "final_grad_loss": result.final_grad_loss,
+               "zero_gradient_distance": zero,
+               "final_grad_relative": [f / zero if zero > 0 else None for f in result.final_grad_loss],
                "seconds": result.seconds, "seconds_per_iteration": result.seconds / config.iterations,
                "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "params": as_dict(config)}

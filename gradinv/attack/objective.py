@@ -196,6 +196,12 @@ class Objective:
             self._functional = (model, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
         return self._functional
 
+    def zero_gradient_distance(self) -> float:
+        """The gradient distance of an all-zero gradient: the target's own size in the distance the
+        attack matches (Σ_l w_l‖ΔW_l‖ for l2; 1 for cosine), against which a final distance reads."""
+        zeros = {n: torch.zeros_like(t) for n, t in self.target.items()}
+        return float(gradient_distance(zeros, self.target, self.config.gradient_distance, self.config.layer_weights))
+
     def _combine(self, x: torch.Tensor, grads: dict[str, torch.Tensor], stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
                  consensus: torch.Tensor | None) -> dict[str, torch.Tensor]:
         c = self.config
@@ -219,7 +225,15 @@ def term_shares(row: dict[str, float], weights: dict[str, float]) -> dict[str, f
     return {term: value / total if total else 0.0 for term, value in weighted.items()}
 
 
+def with_shares(row: dict, weights: dict[str, float]) -> dict:
+    """A loss-table row with each weighted term's share of the objective as `share_<term>`."""
+    return {**row, **{f"share_{term}": share for term, share in term_shares(row, weights).items()}}
+
+
 def loss_metrics(row: dict) -> dict[str, float]:
-    """A loss-table row as tracking metrics named loss/<term>/seed<g>, so that a tracking UI
-    overlays the seeds of each term."""
-    return {f"loss/{term}/seed{row['seed']}": row[term] for term in LOSS_TERMS}
+    """A loss-table row as tracking metrics named loss/<term>/seed<g> (and share/<term>/seed<g>
+    where the row has the shares), so that a tracking UI overlays the seeds of each term."""
+    metrics = {f"loss/{term}/seed{row['seed']}": row[term] for term in LOSS_TERMS}
+    metrics.update({f"share/{term}/seed{row['seed']}": row[f"share_{term}"] for term in TERM_WEIGHTS
+                    if f"share_{term}" in row})
+    return metrics

@@ -131,6 +131,8 @@ def evaluate(config: EvaluationConfig, invert_dir: str | Path, labels_dir: str |
         "gallery_size": len(rows), "params": as_dict(config),
     }
     summary["psnr_gain_over_noise"] = summary["psnr"] - summary["psnr_initial_noise"]
+    relative = invert_info.get("final_grad_relative")  # absent from inversions before it was recorded
+    summary["final_grad_relative"] = relative[invert_info["chosen_seed"]] if relative else None
     per_image = {
         "original_index": list(range(len(true_labels))), "true_label": true_labels,
         "matched_reconstruction": chosen["order"].tolist(),

@@ -32,6 +32,9 @@ METRICS: dict[str, Metric] = {
     "iip_hit": Metric("recognisable (IIP)", "", "whether this reconstruction's nearest gallery image is its original"),
     "label_accuracy": Metric("label accuracy", "share", "recovered labels that are in the batch, counted as a multiset"),
     "consensus_psnr": Metric("consensus PSNR", "dB", "PSNR of the seeds' registered consensus image"),
+    "final_grad_relative": Metric("final gradient distance, relative", "share", "the chosen seed's gradient "
+                                  "distance at the end over an all-zero gradient's: below 1, the reconstruction's "
+                                  "gradient is closer to the shared one than no gradient at all"),
     "utility_cosine": Metric("gradient cosine", "-1 to 1", "cosine of the defended gradient with the clean one: "
                              "how much of the training signal the defense keeps"),
     "utility_relative_error": Metric("gradient relative error", "", "norm of the defense's change over the clean "

@@ -108,6 +108,15 @@ def _mean_shares(loss_rows: list[dict], weights: dict) -> list[dict[str, float]]
             for _, seeds in sorted(by_iteration.items())]
 
 
+def _relative(summary: dict) -> str:
+    """The final gradient distance against the target's own size (an all-zero gradient's distance)."""
+    relative = summary.get("final_grad_relative")
+    if relative is None:
+        return ""
+    return (f", {100 * relative:.0f} % of an all-zero gradient's distance (100 % would mean the reconstruction's "
+            "gradient matches the shared one no better than no gradient at all)")
+
+
 def _glossary() -> str:
     return "<dl>" + "".join(f"<dt>{html.escape(m.heading())}</dt><dd>{html.escape(m.definition)}</dd>"
                             for m in METRICS.values()) + "</dl>"
@@ -136,7 +145,7 @@ def write_html(path: str | Path, summary: dict, per_image: dict[str, list], tile
 {_tiles(tiles, context.class_names, per_image["true_label"], per_image["psnr"], per_image["iip_hit"])}
 <h2>Figures</h2>
 <p class="caption">Means over the batch. Starting noise: {summary['psnr_initial_noise']:.2f} dB; label accuracy
-{summary['label_accuracy']:.0%}; the chosen seed ({summary['chosen_seed']}) has the lowest final gradient distance;
+{summary['label_accuracy']:.0%}; the chosen seed ({summary['chosen_seed']}) has the lowest final gradient distance{_relative(summary)};
 PSNR per seed: {seeds} dB.</p>
 {_table(figures)}
 <h2>Per image (chosen seed)</h2>
