@@ -223,7 +223,7 @@ def run_inversion(config: InversionConfig, victim_dir: str | Path, gradient_dir:
                "final_grad_relative": [f / zero if zero > 0 else None for f in result.final_grad_loss],
                "seconds": result.seconds, "seconds_per_iteration": result.seconds / config.iterations,
                "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "params": as_dict(config)}
+               "params": weights}
     written = [
         # Every seed gives slot i the same label, so the slots already correspond across seeds.
         write_tensors(out_dir / RECONSTRUCTION_FILE, {"seeds": images, "chosen": images[result.chosen_seed],

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from gradinv.client.capture import TRUTH_FILE
 from gradinv.client.data import load_set
 from gradinv.client.flower.partitions import client_partitions
@@ -135,7 +133,7 @@ def check_truth_matches(record: dict, root: str | Path) -> Path:
     truth = Path(root) / TRUTHS / f"client-{record['client']}"
     if not (truth / TRUTH_FILE).is_file():
         raise UserError(f"no true data for client {record['client']} under {truth}; the federation flow writes it.")
-    labels = torch.tensor(read_json(truth / "truth.json", "client truth")["labels"])
+    labels = read_json(truth / "truth.json", "client truth")["labels"]
     if len(labels) != read_json(Path(record["folder"]) / "gradient" / "gradient.json", "gradient metadata")["batch_size"]:
         raise UserError(f"the true data of client {record['client']} does not match its recorded reply's size.")
     return truth

@@ -83,8 +83,9 @@ def reply_artifact(reply: Reply, global_state: dict[str, torch.Tensor], model: n
                 raise UserError(f"{where} declares {steps} local step(s) (E {epochs}, b {b}, n {n}), but its "
                                 f"BatchNorm counter '{name}' moved by {moved}.")
     names = {p for p, _ in model.named_parameters()}
+    known = names | {b for b, _ in model.named_buffers()}
     for key in reply.arrays:
-        if key not in names and key not in dict(model.named_buffers()):
+        if key not in known:
             raise UserError(f"{where} has the entry '{key}', which the model has no parameter or buffer for.")
     tensors = {}
     for name in names:
