@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test test-fast env repro batches sweep audit audit-dp federation federation-deployment server worker deploy mlflow-ui clean
+.PHONY: run test test-fast env repro batches sweep audit audit-dp federation federation-deployment tune server worker deploy mlflow-ui clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -47,6 +47,9 @@ federation: env  # a Flower federation on the embedded pool (Simulation Engine),
 
 federation-deployment: env  # the same on Flower's Deployment Engine: a SuperLink and one SuperNode per client on 127.0.0.1
 	$(BIN)/python -m flows.federation --engine deployment
+
+tune: env  # Optuna searches the inversion settings on tuning batches (data/tune/chosen.json)
+	$(BIN)/python -m flows.tune
 
 # Scheduled runs (prefect.yaml): a Prefect server on 127.0.0.1, a process worker, the deployments.
 server worker deploy: export PREFECT_API_URL ?= http://127.0.0.1:4200/api

@@ -5,6 +5,7 @@ towards the seeds' consensus; images stay in the valid pixel box. Long runs chec
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -19,7 +20,7 @@ from torch import nn
 
 from gradinv.attack.checkpoint import InversionState, load_checkpoint, save_checkpoint
 from gradinv.attack.consensus import consensus as fuse
-from gradinv.attack.objective import LOSS_TERMS, TERM_WEIGHTS, Objective, loss_metrics, with_shares
+from gradinv.attack.objective import LOSS_TERMS, TERM_WEIGHTS, Objective, balanced_alpha_grad, loss_metrics, with_shares
 from gradinv.attack.outputs import RECONSTRUCTION_FILE
 from gradinv.attack.views import draw_view
 from gradinv.client.artifacts import TENSOR_FILE, GradientArtifact, load_gradient
@@ -45,6 +46,7 @@ class InversionResult:
     chosen_seed: int              # the seed with the lowest final gradient distance
     log: list[dict]               # rows: iteration, seed, lr and each loss term
     seconds: float
+    alpha_grad: float             # the gradient term's weight used: as set, or from inversion.grad_share
 
 
 def learning_rate(step: int, config: InversionConfig) -> float:
@@ -127,6 +129,11 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
     initial = torch.stack([torch.randn((artifact.batch_size, *artifact.meta["input_shape"]), generator=gen)
                            for gen in generators])
     box = pixel_box(artifact.meta["mean"], artifact.meta["std"], device)
+    if config.grad_share:
+        start = [{k: float(v.detach()) for k, v in objective.terms(x.to(device)).items()} for x in initial]
+        config = dataclasses.replace(config, alpha_grad=balanced_alpha_grad(start, config))
+        for built_objective in built:
+            built_objective.config = config
     seeds = SeedStep(objectives, initial.to(device, copy=True), config, engine, box, plan)
     consensus: torch.Tensor | None = None
     log: list[dict] = []
@@ -175,7 +182,15 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
                  for x in seeds.images.detach()]
     images = seeds.images.detach().cpu()
     return InversionResult(images, initial, final, objective.zero_gradient_distance(), int(torch.tensor(final).argmin()),
-                           log, seconds)
+                           log, seconds, config.alpha_grad)
+
+
+def choose_seed(rule: str, final_grad_loss: list[float], images: torch.Tensor, consensus: torch.Tensor) -> int:
+    """The seed reported as the reconstruction. gradient: the lowest final gradient distance;
+    consensus: the seed nearest (mean squared pixel difference) the registered consensus."""
+    if rule == "consensus":
+        return int((images - consensus).pow(2).flatten(1).mean(1).argmin())
+    return int(torch.tensor(final_grad_loss).argmin())
 
 
 def read_labels(labels_dir: str | Path, num_classes: int) -> list[int]:
@@ -213,21 +228,24 @@ def run_inversion(config: InversionConfig, victim_dir: str | Path, gradient_dir:
     mean, std = artifact.meta["mean"], artifact.meta["std"]
     to_pixels = lambda t: denormalize(t.flatten(0, 1), mean, std).clamp(0, 1).view_as(t)  # noqa: E731
     images = to_pixels(result.images)
-    weights = as_dict(config)
+    consensus = fuse(images, config.registration)
+    chosen = choose_seed(config.choose, result.final_grad_loss, images, consensus)
+    weights = as_dict(dataclasses.replace(config, alpha_grad=result.alpha_grad))
     rows = [with_shares(row, weights) for row in result.log]  # rows resumed from a checkpoint may lack them
     shares = [f"share_{term}" for term in TERM_WEIGHTS]
     columns = {k: [row[k] for row in rows] for k in ("iteration", "seed", "lr", *LOSS_TERMS, *shares)}
     zero = result.zero_gradient_distance
-    summary = {"labels": labels, "chosen_seed": result.chosen_seed, "final_grad_loss": result.final_grad_loss,
+    summary = {"labels": labels, "chosen_seed": chosen, "lowest_gradient_seed": result.chosen_seed,
+               "alpha_grad_used": result.alpha_grad, "final_grad_loss": result.final_grad_loss,
                "zero_gradient_distance": zero,
                "final_grad_relative": [f / zero if zero > 0 else None for f in result.final_grad_loss],
                "seconds": result.seconds, "seconds_per_iteration": result.seconds / config.iterations,
                "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "params": weights}
+               "params": as_dict(config)}
     written = [
         # Every seed gives slot i the same label, so the slots already correspond across seeds.
-        write_tensors(out_dir / RECONSTRUCTION_FILE, {"seeds": images, "chosen": images[result.chosen_seed],
-                                                      "consensus": fuse(images, config.registration),
+        write_tensors(out_dir / RECONSTRUCTION_FILE, {"seeds": images, "chosen": images[chosen],
+                                                      "consensus": consensus,
                                                       "consensus_unregistered": images.mean(0),
                                                       "initial": to_pixels(result.initial),
                                                       "labels": torch.tensor(labels)}),

@@ -2,8 +2,8 @@
 
     α_G · D(∇_W L(x̂, ŷ), ΔW) + α_tv TV(x̂) + α_l2 ‖x̂‖₂ + α_BN R_BN(x̂) + α_group ‖x̂ − E‖₂
 
-D is the per-layer gradient distance (paper: Σ_l ‖·‖₂, not squared; squared L2 and cosine are
-offered too), R_BN matches each BatchNorm layer's batch statistics to the leaked (BN_exact) or
+D is the per-layer gradient distance (paper: Σ_l ‖·‖₂, not squared; squared L2, L2 relative to
+each layer's target norm and cosine are offered too), R_BN matches each BatchNorm layer's batch statistics to the leaked (BN_exact) or
 running (BN_approx) ones, and E is the group consensus of all seeds. The forward runs in the
 client's own train mode (gradinv.client.step), so x̂ is judged by the function the client used.
 Against declared defenses the attacker knows of, ∇_W L is replaced by what the client shared:
@@ -81,19 +81,33 @@ def layer_weight(name: str, weights: dict[str, float]) -> float:
     return float(weights[max(matches, key=len)]) if matches else 1.0
 
 
+def target_norms(target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """‖ΔW_l‖ of every layer, kept above float's smallest normal: l2_relative's denominators."""
+    return {n: torch.linalg.vector_norm(t).clamp_min(torch.finfo(t.dtype).tiny) for n, t in target.items()}
+
+
 def gradient_distance(grads: dict[str, torch.Tensor], target: dict[str, torch.Tensor], kind: str,
-                      weights: dict[str, float]) -> torch.Tensor:
+                      weights: dict[str, float], norms: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """D(∇W, ΔW) of kind l2 (Σ_l w_l‖∇W_l − ΔW_l‖), squared_l2, l2_relative (each layer's distance
+    divided by ‖ΔW_l‖, so that every layer counts alike at any scale of the gradient; `norms`
+    passes target_norms(target) computed once) or cosine."""
     if kind == "cosine":  # Geiping et al.: 1 − cosine similarity over all (weighted) layers at once
         dot = sum(layer_weight(n, weights) * (grads[n] * t).sum() for n, t in target.items())
         norm_g = sum(layer_weight(n, weights) * grads[n].pow(2).sum() for n in target)
         norm_t = sum(layer_weight(n, weights) * t.pow(2).sum() for n, t in target.items())
         return 1 - dot / (norm_g.sqrt() * norm_t.sqrt()).clamp_min(1e-12)
     squared = kind == "squared_l2"
+    if kind == "l2_relative" and norms is None:
+        norms = target_norms(target)
+    relative = kind == "l2_relative"
     groups, others = _same_shape_groups(target, lambda _, name: layer_weight(name, weights))
-    total = sum(layer_weight(n, weights) * layer_distance(grads[n], target[n], squared) for n in others)
+    total = sum(layer_weight(n, weights) * layer_distance(grads[n], target[n], squared) / (norms[n] if relative else 1)
+                for n in others)
     for (_, weight), names in groups.items():
         distances = layer_distance(torch.stack([grads[n] for n in names]), torch.stack([target[n] for n in names]),
                                    squared, stacked=True)
+        if relative:
+            distances = distances / torch.stack([norms[n] for n in names])
         total = total + weight * distances.sum()
     return total
 
@@ -135,6 +149,7 @@ class Objective:
         # FedAvg the attacker knows of: the candidate batch's local update is replayed and matched.
         self.fedavg = self.replayed_update(artifact)
         self.bn_targets = self._bn_targets(model, artifact, config.bn_prior, device)
+        self.norms = target_norms(self.target) if config.gradient_distance == "l2_relative" else None
 
     @staticmethod
     def replayed_update(artifact: GradientArtifact) -> dict | None:
@@ -200,7 +215,8 @@ class Objective:
         """The gradient distance of an all-zero gradient: the target's own size in the distance the
         attack matches (Σ_l w_l‖ΔW_l‖ for l2; 1 for cosine), against which a final distance reads."""
         zeros = {n: torch.zeros_like(t) for n, t in self.target.items()}
-        return float(gradient_distance(zeros, self.target, self.config.gradient_distance, self.config.layer_weights))
+        return float(gradient_distance(zeros, self.target, self.config.gradient_distance, self.config.layer_weights,
+                                       self.norms))
 
     def _combine(self, x: torch.Tensor, grads: dict[str, torch.Tensor], stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
                  consensus: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -209,12 +225,25 @@ class Objective:
             grads = {n: g * self.mask[n] for n, g in grads.items()}
         bn = bn_distance(stats, self.bn_targets, c.first_bn_multiplier, x.new_zeros(()))
         terms = {
-            "grad": gradient_distance(grads, self.target, c.gradient_distance, c.layer_weights),
+            "grad": gradient_distance(grads, self.target, c.gradient_distance, c.layer_weights, self.norms),
             "tv": total_variation(x), "l2": torch.linalg.vector_norm(x), "bn": bn,
             "group": torch.linalg.vector_norm(x - consensus) if consensus is not None else x.new_zeros(()),
         }
         terms["total"] = sum(getattr(c, weight) * terms[term] for term, weight in TERM_WEIGHTS.items())
         return terms
+
+
+def balanced_alpha_grad(start_terms: list[dict[str, float]], config: InversionConfig) -> float:
+    """α_G that makes the gradient term `config.grad_share` (s) of the objective on the starting
+    noise: α_G · D̄ = s / (1 − s) · Σ_{k ≠ G} α_k T̄_k, the bars meaning means over the seeds'
+    `start_terms` (no group term: there is no consensus yet). The other terms keep their weights."""
+    share = config.grad_share
+    mean = {term: sum(row[term] for row in start_terms) / len(start_terms) for term in TERM_WEIGHTS}
+    priors = sum(getattr(config, weight) * mean[term] for term, weight in TERM_WEIGHTS.items() if term != "grad")
+    if mean["grad"] <= 0 or priors <= 0:
+        raise UserError("inversion.grad_share needs a gradient term and another weighted term above zero on the "
+                        "starting noise; set grad_share 0 to keep alpha_grad as given.")
+    return share / (1 - share) * priors / mean["grad"]
 
 
 def term_shares(row: dict[str, float], weights: dict[str, float]) -> dict[str, float]:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from gradinv.attack.objective import term_shares
 from gradinv.evaluation.context import RunContext
 from gradinv.evaluation.figures import TERM_NAMES, image_png, loss_curve_png
 from gradinv.evaluation.glossary import METRICS, heading, verdict
@@ -99,21 +98,26 @@ def _loss_caption(shares: list[dict[str, float]]) -> str:
     return f"At the last iteration, the weighted terms' shares of the objective (mean over seeds): {parts}.{note}"
 
 
-def _mean_shares(loss_rows: list[dict], weights: dict) -> list[dict[str, float]]:
-    """Per logged iteration, each term's weighted share averaged over the seeds."""
+def _mean_shares(loss_rows: list[dict]) -> list[dict[str, float]]:
+    """Per logged iteration, each term's weighted share (the loss table's share_<term>) averaged
+    over the seeds."""
     by_iteration: dict[int, list[dict]] = {}
     for row in loss_rows:
-        by_iteration.setdefault(row["iteration"], []).append(term_shares(row, weights))
+        by_iteration.setdefault(row["iteration"], []).append({t: row[f"share_{t}"] for t in TERM_NAMES})
     return [{t: sum(s[t] for s in seeds) / len(seeds) for t in TERM_NAMES}
             for _, seeds in sorted(by_iteration.items())]
+
+
+CHOICE = {"gradient": "has the lowest final gradient distance",
+          "consensus": "is the one nearest the registered consensus"}
 
 
 def _relative(summary: dict) -> str:
     """The final gradient distance against the target's own size (an all-zero gradient's distance)."""
     relative = summary.get("final_grad_relative")
     if relative is None:
-        return ""
-    return (f", {100 * relative:.0f} % of an all-zero gradient's distance (100 % would mean the reconstruction's "
+        return "not known"
+    return (f"{100 * relative:.0f} % of an all-zero gradient's distance (100 % would mean the reconstruction's "
             "gradient matches the shared one no better than no gradient at all)")
 
 
@@ -135,7 +139,7 @@ def write_html(path: str | Path, summary: dict, per_image: dict[str, list], tile
                        "class": [context.class_names[c] for c in per_image["true_label"]],
                        **{k: per_image[k] for k in ("psnr", "ssim", "registered_psnr", "lpips", "iip_hit",
                                                     "consensus_psnr")}}
-    shares = _mean_shares(loss_rows, inversion)
+    shares = _mean_shares(loss_rows)
     seeds = ", ".join(f"{v:.1f}" for v in summary["per_seed"]["psnr"])
     body = f"""<h1>gradinv: what the shared gradient gave away</h1>
 {_headline(summary, batch, context.defenses)}
@@ -145,7 +149,8 @@ def write_html(path: str | Path, summary: dict, per_image: dict[str, list], tile
 {_tiles(tiles, context.class_names, per_image["true_label"], per_image["psnr"], per_image["iip_hit"])}
 <h2>Figures</h2>
 <p class="caption">Means over the batch. Starting noise: {summary['psnr_initial_noise']:.2f} dB; label accuracy
-{summary['label_accuracy']:.0%}; the chosen seed ({summary['chosen_seed']}) has the lowest final gradient distance{_relative(summary)};
+{summary['label_accuracy']:.0%}; the chosen seed ({summary['chosen_seed']}) {CHOICE[inversion.get('choose', 'gradient')]};
+its final gradient distance is {_relative(summary)};
 PSNR per seed: {seeds} dB.</p>
 {_table(figures)}
 <h2>Per image (chosen seed)</h2>

@@ -25,6 +25,10 @@ def _probability(x) -> bool:
     return 0 <= x <= 1
 
 
+def _share(x) -> bool:
+    return 0 <= x < 1
+
+
 def _one_of(*choices):
     def check(x) -> bool:
         return x in choices
@@ -36,6 +40,7 @@ def _one_of(*choices):
 _positive.description = "positive"
 _non_negative.description = "non-negative"
 _probability.description = "between 0 and 1"
+_share.description = "at least 0 and below 1"
 
 
 def rule(default, check=None, **kwargs):
@@ -99,9 +104,11 @@ class InversionConfig:
     alpha_tv: float = rule(1e-4, _non_negative)
     alpha_l2: float = rule(1e-6, _non_negative)
     alpha_bn: float = rule(0.1, _non_negative)
+    grad_share: float = rule(0.0, _share)
     first_bn_multiplier: float = rule(10.0, _non_negative)
     bn_prior: str = rule("exact", _one_of("exact", "approx", "none"))
-    gradient_distance: str = rule("l2", _one_of("l2", "squared_l2", "cosine"))
+    gradient_distance: str = rule("l2", _one_of("l2", "squared_l2", "l2_relative", "cosine"))
+    choose: str = rule("gradient", _one_of("gradient", "consensus"))
     layer_weights: dict = rule({})
     alpha_group: float = rule(0.0, _non_negative)
     group_start: int = rule(0, _non_negative)
@@ -201,6 +208,18 @@ class FederationConfig:
     engine: str = rule("simulation", _one_of("simulation", "deployment"))
 
 
+@dataclass(frozen=True)
+class TuningConfig:
+    trials: int = rule(16, _positive)
+    batches: int = rule(2, _positive)
+    capture_seed: int = rule(100_000)
+    iterations: int = rule(300, _positive)
+    seeds: int = rule(4, _positive)
+    metric: str = rule("psnr", _one_of("psnr", "ssim"))
+    sampler_seed: int = rule(0)
+    enqueue: list = rule([])
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "victim": VictimConfig,
@@ -213,6 +232,7 @@ SECTIONS: dict[str, type] = {
     "sweep": SweepConfig,
     "audit": AuditConfig,
     "federation": FederationConfig,
+    "tuning": TuningConfig,
 }
 
 
@@ -310,6 +330,12 @@ def _check_cross_field(name: str, config) -> None:
         if not whole(rounds) or not all(1 <= r <= config.rounds or -config.rounds <= r <= -1 for r in rounds):
             raise UserError(f"params: 'federation.attack_rounds' must list rounds 1 to {config.rounds} (or -1 for "
                             f"the last), got {rounds!r}.")
+    if name == "tuning":
+        if not all(isinstance(entry, dict) for entry in config.enqueue):
+            raise UserError("params: 'tuning.enqueue' must be a list of inversion settings (mappings), "
+                            f"got {config.enqueue!r}.")
+        for entry in config.enqueue:
+            build_section("inversion", entry)
     if name == "sweep":
         sizes = config.batch_sizes
         if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes):
