@@ -19,13 +19,15 @@ from gradinv.client.defenses import modelled_by_attack
 from gradinv.errors import UserError
 from gradinv.evaluation.report import write_audit_html
 from gradinv.io import write_json, write_table
-from gradinv.pipeline.audit import AUDIT, LEAKAGE, audit_points, defense_findings, save_defense_plot
+from gradinv.pipeline.audit import (AUDIT, GRADIENT_ONLY_LEAKAGE, LEAKAGE, audit_points, defense_findings,
+                                    save_defense_plot)
 from gradinv.pipeline.config import as_dict, load_params
 from tasks.batches import attack_params
 from tasks.publishing import publish, where_to_look
 from tasks.tracking import run_name, tracked_run
 
-FIGURES = (*LEAKAGE, "psnr_initial_noise", "consensus_psnr", "utility_cosine", "utility_relative_error")
+FIGURES = (*LEAKAGE, "psnr_initial_noise", "consensus_psnr", *GRADIENT_ONLY_LEAKAGE, "utility_cosine",
+           "utility_relative_error")
 COLUMNS = ("defense", "strength", "attack", *FIGURES, "labels_warned", "folder")
 
 
@@ -108,10 +110,11 @@ def _row(point: dict, result: dict) -> dict:
 
 
 def describe(rows: list[dict]) -> str:
-    lines = ["defense             strength   PSNR    SSIM   IIP    labels  cosine"]
+    lines = ["defense             strength   PSNR    SSIM   IIP    labels  cosine  PSNR, gradient alone"]
     for r in rows:
+        alone = "" if r.get("gradient_only_psnr") is None else f"{r['gradient_only_psnr']:6.2f}"
         lines.append(f"{r['defense']:18s} {str(r['strength']):>9s} {r['psnr']:6.2f} {r['ssim']:6.3f} "
-                     f"{r['iip']:5.2f} {r['label_accuracy']:6.2f} {r['utility_cosine']:7.3f}")
+                     f"{r['iip']:5.2f} {r['label_accuracy']:6.2f} {r['utility_cosine']:7.3f}  {alone}")
     return "\n".join(lines)
 
 

@@ -55,10 +55,14 @@ def _read_summary(paths: list[Path]) -> dict:
 
 
 def describe(summary: dict) -> str:
-    psnr, ssim = summary["psnr"], summary["ssim"]
-    return (f"{summary['batches']} batches, {summary['images']} images: PSNR {psnr['mean']:.2f} ± {psnr['std']:.2f} dB, "
+    psnr, ssim, alone = summary["psnr"], summary["ssim"], summary.get("gradient_only_psnr")
+    text = (f"{summary['batches']} batches, {summary['images']} images: PSNR {psnr['mean']:.2f} ± {psnr['std']:.2f} dB, "
             f"SSIM {ssim['mean']:.3f} ± {ssim['std']:.3f}, IIP {summary['overall_iip']:.1%}, "
             f"label accuracy {summary['overall_label_accuracy']:.1%}")
+    if alone:
+        text += (f"; from the gradient alone (without the BN statistics): PSNR {alone['mean']:.2f} ± "
+                 f"{alone['std']:.2f} dB, SSIM {summary['gradient_only_ssim']['mean']:.3f}")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

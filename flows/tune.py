@@ -81,6 +81,7 @@ def tune(params_path: str = "params.yaml", root: str = ".", trials: int | None =
                 attack = attack_params(params)
                 attack["inversion"] = trial_inversion(params["inversion"], settings, config.iterations, config.seeds)
                 attack["capture"] = {**attack["capture"], "seed": config.capture_seed}
+                attack["evaluation"] = {**attack["evaluation"], "gradient_only": False}  # trials score one attack
                 jobs += [{"out": f"{TUNE}/trial-{trial.number:03d}", "index": i, "params": attack, "trial": trial}
                          for i in range(config.batches)]
             rows = run_fan_out(str(root_path), [{k: v for k, v in job.items() if k != "trial"} for job in jobs],

@@ -11,6 +11,8 @@ Each block sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` in its Mar
     docs/audit.md      audit-table     docs/results/audit.json    (one `make audit`)
     docs/audit.md      audit-dp-table  docs/results/audit_dp.json (one `make audit-dp`)
     docs/flower.md     federation-table docs/results/federation.json (one `make federation`)
+    docs/tuning.md     seed-choice-table docs/results/seed_choice.json (benchmarks/seed_choice.py over
+                                        many-batch runs)
 
 To show a new run: copy its figures into the JSON file (with the command, commit and machine),
 then run this script. tests/test_readme.py checks that every block equals its render.
@@ -127,15 +129,18 @@ AUDIT_STRENGTH = {"clip+gaussian": "σ", "topk": "keep", "secure_aggregation": "
 
 def render_audit(r: dict) -> str:
     """docs/audit.md: leakage and utility at every point of one `make audit`."""
+    alone = any(row.get("gradient_only_psnr") is not None for row in r["rows"])  # runs since the two leaks apart
     lines = ["| defense | strength | attack | PSNR (dB) | SSIM | IIP | label acc. | consensus PSNR (dB) | "
-             "utility cos | utility rel. err |", "|---|---|---|---|---|---|---|---|---|---|"]
+             + ("PSNR, gradient alone (dB) | SSIM, gradient alone | " if alone else "")
+             + "utility cos | utility rel. err |", "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if alone else "")]
     previous = None
     for row in r["rows"]:
         defense = row["defense"] if row["defense"] != previous else ""
         previous = row["defense"]
         strength = "–" if row["strength"] is None else f"{AUDIT_STRENGTH[row['defense']]} {row['strength']}".strip()
+        both = f"{row['gradient_only_psnr']:.2f} | {row['gradient_only_ssim']:.3f} | " if alone else ""
         lines.append(f"| {defense} | {strength} | {row['attack']} | {row['psnr']:.2f} | {row['ssim']:.3f} | "
-                     f"{row['iip']:.3g} | {row['label_accuracy']:.2f} | {row['consensus_psnr']:.2f} | "
+                     f"{row['iip']:.3g} | {row['label_accuracy']:.2f} | {row['consensus_psnr']:.2f} | {both}"
                      f"{row['utility_cosine']:.3f} | {row['utility_relative_error']:.4g} |")
     noise = r["rows"][0]["psnr_initial_noise"]
     lines += ["", f"The starting noise scores {noise:.2f} dB. Command: `{r['command']}` ({r['params']}), "
@@ -195,6 +200,33 @@ def render_federation(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _ms(x: dict, digits: int = 2) -> str:
+    return f"{x['mean']:.{digits}f} ± {x['std']:.{digits}f}"
+
+
+def render_seed_choice(r: dict) -> str:
+    """docs/tuning.md: per many-batch run, what each output rule reports, how often it picks the
+    best seed, how the final gradient distance ranks the seeds and the gradient term's share."""
+    lines = ["| run | batches | reported by lowest gradient distance: PSNR (dB) / SSIM | by nearest the consensus | "
+             "consensus | best seed (hindsight) PSNR | best seed picked: gradient / consensus rule | "
+             "rank correlation, gradient distance vs PSNR | gradient term's share, first → last iteration |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, run in r.items():
+        s, n = run["summary"], run["summary"]["batches"]
+        g, c, cons = s["gradient_rule"], s["consensus_rule"], s["consensus_reconstruction"]
+        lines.append(f"| {name} | {n} | {_ms(g['psnr'])} / {_ms(g['ssim'], 3)} | {_ms(c['psnr'])} / {_ms(c['ssim'], 3)} | "
+                     f"{_ms(cons['psnr'])} / {_ms(cons['ssim'], 3)} | {_ms(s['best_seed_psnr'])} | "
+                     f"{g['picks_best']} / {c['picks_best']} of {n} | {_ms(s['grad_psnr_rank_correlation'])} | "
+                     f"{_pct(s['grad_share_first']['mean'])} → {_pct(s['grad_share_last']['mean'])} |")
+    lines.append("")
+    lines += [f"- {name}: `{run['run_command']}` ({', '.join(f'{k} {v}' for k, v in run['batches'][0]['params'].items())}); "
+              f"figures by `{run['command']}` at commit {_short(run['commit'] or '')}; machine: "
+              f"{run['machine']['cpu']}, {run['machine']['cpu_count']} cores." for name, run in r.items()]
+    lines.append("Means ± standard deviations over the batches; every batch's figures: "
+                 "[results/seed_choice.json](results/seed_choice.json).")
+    return "\n".join(lines)
+
+
 # (Markdown file, block name, result file, renderer), paths relative to the project root.
 BLOCKS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("README.md", "results-table", "docs/results/default.json", render_default),
@@ -203,6 +235,7 @@ BLOCKS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("docs/audit.md", "audit-table", "docs/results/audit.json", render_audit),
     ("docs/audit.md", "audit-dp-table", "docs/results/audit_dp.json", render_audit_dp),
     ("docs/flower.md", "federation-table", "docs/results/federation.json", render_federation),
+    ("docs/tuning.md", "seed-choice-table", "docs/results/seed_choice.json", render_seed_choice),
 ]
 
 

@@ -95,6 +95,17 @@ def test_three_batch_fan_out_on_a_two_worker_local_cluster(flows_project, prefec
     run = MlflowClient(tracking_uri(flows_project)).get_run(result["mlflow_run_id"])
     assert run.data.metrics["psnr_mean"] == pytest.approx(summary["psnr"]["mean"])
 
+    # The BN statistics leaked: each batch was attacked again without them, on the same gradient and labels.
+    alone = [json.loads((f / "gradient-only/eval/metrics.json").read_text()) for f in folders]
+    assert summary["gradient_only_psnr"]["mean"] == pytest.approx(statistics.mean(m["psnr"] for m in alone), abs=1e-9)
+    assert table["gradient_only_ssim"] == [m["ssim"] for m in alone]
+    for folder in folders:
+        invert_info = json.loads((folder / "gradient-only/invert/invert.json").read_text())
+        assert invert_info["params"]["bn_prior"] == "none"
+        assert invert_info["labels"] == json.loads((folder / "labels/labels.json").read_text())["labels"]
+        losses = pq.read_table(folder / "gradient-only/invert/loss.parquet").column("bn").to_pylist()
+        assert max(losses) == 0.0
+
 
 @pytest.mark.slow
 def test_sweep_flow_writes_a_table_and_plot_per_batch_size(flows_project, shared_cluster):
@@ -140,6 +151,14 @@ def test_defense_audit_tabulates_leakage_and_utility_per_defense(flows_project, 
     assert rows[("clip+gaussian", "0.1")]["labels_warned"] and not rows[("none", "None")]["labels_warned"]
     assert rows[("fedavg", "1")]["attack"] == "aware of fedavg" and rows[("topk", "0.01")]["attack"] == "aware of topk"
     assert rows[("clip+gaussian", "0.1")]["attack"] == "plain"
+    # Two leaks apart: where BN statistics leaked, a second attack without them; under fedavg none leak, and
+    # the attack's own figures are the gradient's alone.
+    for row in result["rows"]:
+        alone = json.loads((Path(row["folder"]) / ("eval" if row["defense"] == "fedavg" else "gradient-only/eval")
+                            / "metrics.json").read_text())
+        assert row["gradient_only_psnr"] == pytest.approx(alone["psnr"])
+    assert table["gradient_only_psnr"] == [r["gradient_only_psnr"] for r in result["rows"]]
+    assert "from the gradient alone" in (flows_project / "data/audit/audit.html").read_text()
     for defense in ("clip+gaussian", "topk", "secure_aggregation", "fedavg", "quantize"):
         assert (flows_project / f"data/audit/{defense}.png").read_bytes()[:4] == b"\x89PNG"
     assert "leakage against defense strength" in (flows_project / "data/audit/audit.html").read_text()

@@ -35,6 +35,13 @@ METRICS: dict[str, Metric] = {
     "final_grad_relative": Metric("final gradient distance, relative", "share", "the chosen seed's gradient "
                                   "distance at the end over an all-zero gradient's: below 1, the reconstruction's "
                                   "gradient is closer to the shared one than no gradient at all"),
+    "gradient_only_psnr": Metric("PSNR, gradient alone", "dB", "PSNR of the same attack on the same gradient "
+                                 "without the leaked BatchNorm statistics (bn_prior none): what the gradient alone "
+                                 "gives away"),
+    "gradient_only_ssim": Metric("SSIM, gradient alone", "0 to 1", "SSIM of the attack without the leaked BatchNorm "
+                                 "statistics"),
+    "gradient_only_iip": Metric("IIP, gradient alone", "share of images", "IIP of the attack without the leaked "
+                                "BatchNorm statistics"),
     "utility_cosine": Metric("gradient cosine", "-1 to 1", "cosine of the defended gradient with the clean one: "
                              "how much of the training signal the defense keeps"),
     "utility_relative_error": Metric("gradient relative error", "", "norm of the defense's change over the clean "

@@ -172,7 +172,9 @@ def write_audit_html(path: str | Path, table: dict[str, list], plots: list[str |
 <div class="verdict"><strong>What each defense did</strong><ul>{items}</ul></div>
 <p class="caption">Every point attacks the same client batch with the same budget and seeds. The gradient
 cosine and relative error compare the shared gradient with the clean one (the training signal a
-defense keeps). labels_warned: label recovery said a defense breaks one of its assumptions.</p>
+defense keeps). labels_warned: label recovery said a defense breaks one of its assumptions.
+Where the batch's BatchNorm statistics leaked, the gradient_only columns are the same attack on the
+same gradient without them: what the gradient alone gives away, the leak a gradient defense acts on.</p>
 <h2>Defenses</h2>
 {_table({k: v for k, v in table.items() if k != "folder"})}
 <h2>Leakage against strength</h2>

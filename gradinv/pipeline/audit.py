@@ -10,11 +10,14 @@ import torch
 
 from gradinv.pipeline.audit_grid import audit_points
 
-__all__ = ["AUDIT", "LEAKAGE", "audit_points", "defense_findings", "save_defense_plot", "utility"]
+__all__ = ["AUDIT", "GRADIENT_ONLY_LEAKAGE", "LEAKAGE", "audit_points", "defense_findings", "save_defense_plot",
+           "utility"]
 
 AUDIT = "data/audit"
 LEAKAGE = ("psnr", "ssim", "iip", "label_accuracy")
-PANELS = (*LEAKAGE, "utility_cosine")
+# The same attack without the BN statistics, where they leaked (evaluation.gradient_only); None elsewhere.
+GRADIENT_ONLY_LEAKAGE = ("gradient_only_psnr", "gradient_only_ssim", "gradient_only_iip")
+PANELS = (*LEAKAGE, "gradient_only_psnr", "utility_cosine")
 
 
 def utility(defended: dict[str, torch.Tensor], clean: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -75,14 +78,20 @@ def save_defense_plot(rows: list[dict], defense: str, path: str | Path) -> Path:
 def defense_findings(rows: list[dict]) -> list[str]:
     """One sentence per defense: what its strongest setting did to leakage and to the gradient."""
     baseline = next(r for r in rows if r["defense"] == "none")
-    lines = [f"Undefended: PSNR {baseline['psnr']:.1f} dB (starting noise {baseline['psnr_initial_noise']:.1f} dB), "
-             f"labels {baseline['label_accuracy']:.0%}, IIP {baseline['iip']:.0%}."]
+    lines = [f"Undefended: PSNR {baseline['psnr']:.1f} dB{_alone(baseline)} (starting noise "
+             f"{baseline['psnr_initial_noise']:.1f} dB), labels {baseline['label_accuracy']:.0%}, IIP {baseline['iip']:.0%}."]
     for defense in dict.fromkeys(r["defense"] for r in rows if r["defense"] != "none"):
         strongest = [r for r in rows if r["defense"] == defense][-1]
         lines.append(f"{defense}: at its strongest setting ({_strength_name(defense)} {strongest['strength']}), "
-                     f"PSNR {strongest['psnr']:.1f} dB, labels {strongest['label_accuracy']:.0%}, "
+                     f"PSNR {strongest['psnr']:.1f} dB{_alone(strongest)}, labels {strongest['label_accuracy']:.0%}, "
                      f"IIP {strongest['iip']:.0%}, gradient cosine {strongest['utility_cosine']:.2f}.")
     return lines
+
+
+def _alone(row: dict) -> str:
+    """The gradient-only PSNR beside the PSNR, where the attack also ran without the BN statistics."""
+    alone = row.get("gradient_only_psnr")
+    return "" if alone is None else f" ({alone:.1f} dB from the gradient alone)"
 
 
 def _strength_name(defense: str) -> str:

@@ -25,6 +25,9 @@ BATCHES, SWEEP = "data/batches", "data/sweep"
 METRICS = ("psnr", "ssim", "lpips", "fft2d", "registered_psnr", "iip", "label_accuracy",
            "psnr_initial_noise", "psnr_gain_over_noise")
 CONSENSUS_METRICS = ("psnr", "ssim", "iip")
+# The same attack without the leaked BN statistics, on the same gradient: what the gradient alone gives away.
+GRADIENT_ONLY = "gradient_only"
+GRADIENT_ONLY_METRICS = ("psnr", "ssim", "iip", "label_accuracy", "psnr_gain_over_noise")
 # Fractions over images: their overall value weighs each batch by its size.
 PER_IMAGE_FRACTIONS = ("iip", "label_accuracy", "consensus_iip")
 
@@ -45,9 +48,40 @@ def run_batch(configs: dict, root: str | Path, out: str, index: int, on_log=None
     inversion.run_inversion(configs["inversion"], root / VICTIM, gradient, recovered, folder / "invert", on_log,
                             checkpoint_dir=folder / ".checkpoints", engine=configs["engine"])
     flow = Path(out).parts[1]  # data/<flow>/...: the flow that writes these batches
+    tracking = evaluate.Tracking(command=f"python -m flows.{flow}")
     evaluate.evaluate(configs["evaluation"], folder / "invert", recovered, truth, root / SETS, root / VICTIM,
-                      gradient, folder / "eval", evaluate.Tracking(command=f"python -m flows.{flow}"))
-    return {**batch_row(folder, index, capture_config.seed), **shared_utility(root, folder)}
+                      gradient, folder / "eval", tracking)
+    row = {**batch_row(folder, index, capture_config.seed), **shared_utility(root, folder)}
+    if attacks_without_bn_too(configs, capture_config):
+        alone = folder / "gradient-only"
+        alone_labels = recovered
+        if configs["labels"].strategy == "counts":  # its posterior came from the BN statistics: from noise now
+            alone_labels = alone / "labels"
+            labels.run_labels(dataclasses.replace(configs["labels"], posterior_steps=0), root / VICTIM, gradient,
+                              alone_labels)
+        inversion.run_inversion(dataclasses.replace(configs["inversion"], bn_prior="none"), root / VICTIM, gradient,
+                                alone_labels, alone / "invert", on_log, checkpoint_dir=folder / ".checkpoints",
+                                engine=configs["engine"])
+        evaluate.evaluate(configs["evaluation"], alone / "invert", alone_labels, truth, root / SETS, root / VICTIM,
+                          gradient, alone / "eval", tracking)
+        row |= gradient_only_row(alone)
+    elif configs["evaluation"].gradient_only and capture_config.bn_leak == "none":  # the attack had the gradient alone
+        row |= gradient_only_row(folder)
+    return row
+
+
+def attacks_without_bn_too(configs: dict, capture_config) -> bool:
+    """Where the batch's BN statistics leaked and the attack used them, it runs a second time
+    without them (evaluation.gradient_only), so that the two leaks are reported apart; where none
+    leaked, the attack's own figures are the gradient's alone."""
+    return (configs["evaluation"].gradient_only and capture_config.bn_leak == "exact"
+            and configs["inversion"].bn_prior != "none")
+
+
+def gradient_only_row(folder: Path) -> dict:
+    metrics = read_json(folder / "eval" / "metrics.json", "batch metrics")
+    return {**{f"{GRADIENT_ONLY}_{key}": metrics.get(key) for key in GRADIENT_ONLY_METRICS},
+            f"{GRADIENT_ONLY}_consensus_psnr": metrics["consensus"].get("psnr")}
 
 
 def run_recorded(configs: dict, root: str | Path, folder: str | Path, truth: str | Path, command: str) -> dict:
@@ -88,7 +122,8 @@ def aggregate(rows: list[dict]) -> dict:
     """{metric: {"mean", "std", "n"}} over batches (sample std; 0 for one batch), plus
     `overall_<fraction>`: IIP and label accuracy over all images of all batches."""
     summary: dict = {"batches": len(rows), "images": sum(r["batch_size"] for r in rows)}
-    for key in (*METRICS, *(f"consensus_{k}" for k in CONSENSUS_METRICS), "invert_seconds"):
+    gradient_only = [f"{GRADIENT_ONLY}_{k}" for k in (*GRADIENT_ONLY_METRICS, "consensus_psnr")]
+    for key in (*METRICS, *(f"consensus_{k}" for k in CONSENSUS_METRICS), *gradient_only, "invert_seconds"):
         values = [float(r[key]) for r in rows if r.get(key) is not None]
         if not values:
             summary[key] = None

@@ -155,6 +155,7 @@ class EvaluationConfig:
     iip_model: str = rule("victim")
     iip_weights: str | None = rule(None)
     gallery_size: int = rule(0, _non_negative)
+    gradient_only: bool = rule(True)
     seed: int = rule(0)
 
 
