@@ -67,7 +67,8 @@ def summarise(batches: list[dict]) -> dict:
                                             "ssim": _mean_std([b["consensus_ssim"] for b in batches])},
                "grad_share_first": _mean_std([b["grad_share_first"] for b in batches]),
                "grad_share_last": _mean_std([b["grad_share_last"] for b in batches]),
-               "grad_psnr_rank_correlation": _mean_std([b["grad_psnr_rank_correlation"] for b in batches])}
+               "grad_psnr_rank_correlation": _mean_std([b["grad_psnr_rank_correlation"] for b in batches]),
+               "final_grad_relative": _mean_std([v for b in batches for v in b["final_grad_relative"]])}
     for rule in RULES:
         summary[f"{rule}_rule"] = {"picks_best": sum(b["picks"][rule] == b["best_seed"] for b in batches),
                          "psnr": _mean_std([b["psnr"][b["picks"][rule]] for b in batches]),
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [batch_figures(folder) for folder in folders]
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results[args.name] = {"summary": summarise(batches), "batches": batches, "run_command": args.command,
-                          "command": command("seed_choice", argv), "commit": code_version()["commit"],
+                          "command": command("seed_choice", [str(args.run), "--name", args.name]), "commit": code_version()["commit"],
                           "machine": machine(torch.device("cpu"))}
     write_result(args.out, results)
     print(json.dumps(results[args.name]["summary"], indent=1))

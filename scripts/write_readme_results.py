@@ -204,26 +204,32 @@ def _ms(x: dict, digits: int = 2) -> str:
     return f"{x['mean']:.{digits}f} ± {x['std']:.{digits}f}"
 
 
+def _share(x: float) -> str:
+    return f"{100 * x:.2g} %"
+
+
 def render_seed_choice(r: dict) -> str:
     """docs/tuning.md: per many-batch run, what each output rule reports, how often it picks the
     best seed, how the final gradient distance ranks the seeds and the gradient term's share."""
     lines = ["| run | batches | reported by lowest gradient distance: PSNR (dB) / SSIM | by nearest the consensus | "
              "consensus | best seed (hindsight) PSNR | best seed picked: gradient / consensus rule | "
-             "rank correlation, gradient distance vs PSNR | gradient term's share, first → last iteration |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "rank correlation, gradient distance vs PSNR | final gradient distance / zero gradient's | "
+             "gradient term's share, first → last iteration |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, run in r.items():
         s, n = run["summary"], run["summary"]["batches"]
         g, c, cons = s["gradient_rule"], s["consensus_rule"], s["consensus_reconstruction"]
         lines.append(f"| {name} | {n} | {_ms(g['psnr'])} / {_ms(g['ssim'], 3)} | {_ms(c['psnr'])} / {_ms(c['ssim'], 3)} | "
                      f"{_ms(cons['psnr'])} / {_ms(cons['ssim'], 3)} | {_ms(s['best_seed_psnr'])} | "
                      f"{g['picks_best']} / {c['picks_best']} of {n} | {_ms(s['grad_psnr_rank_correlation'])} | "
-                     f"{_pct(s['grad_share_first']['mean'])} → {_pct(s['grad_share_last']['mean'])} |")
+                     f"{_ms(s['final_grad_relative'])} | {_share(s['grad_share_first']['mean'])} → "
+                     f"{_share(s['grad_share_last']['mean'])} |")
     lines.append("")
-    lines += [f"- {name}: `{run['run_command']}` ({', '.join(f'{k} {v}' for k, v in run['batches'][0]['params'].items())}); "
-              f"figures by `{run['command']}` at commit {_short(run['commit'] or '')}; machine: "
-              f"{run['machine']['cpu']}, {run['machine']['cpu_count']} cores." for name, run in r.items()]
-    lines.append("Means ± standard deviations over the batches; every batch's figures: "
-                 "[results/seed_choice.json](results/seed_choice.json).")
+    lines += [f"- {name}: {run['run_command']} ({', '.join(f'{k} {v}' for k, v in run['batches'][0]['params'].items())}); "
+              f"machine: {run['machine']['cpu']}, {run['machine']['cpu_count']} cores; figures: `{run['command']}`."
+              for name, run in r.items()]
+    lines.append("Means ± standard deviations over the batches (the final gradient distance over every seed of "
+                 "every batch); every batch's figures: [results/seed_choice.json](results/seed_choice.json).")
     return "\n".join(lines)
 
 

@@ -130,3 +130,20 @@ def test_the_tuning_flow_runs_two_trials_and_writes_its_study_and_the_chosen_set
     children = client.search_runs([client.get_run(result["mlflow_run_id"]).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'")
     assert sorted(float(r.data.metrics["psnr"]) for r in children) == pytest.approx(sorted(t.value for t in done))
+
+
+def test_the_seed_choice_summary_counts_the_rules_picks_of_the_best_seed():
+    from benchmarks.seed_choice import rank_correlation, summarise
+
+    assert rank_correlation([1.0, 2.0, 3.0], [9.0, 5.0, 4.0]) == pytest.approx(-1.0)
+    assert rank_correlation([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(0.8)
+    batch = {"grad_share_first": 0.01, "grad_share_last": 0.1, "grad_psnr_rank_correlation": -1.0,
+             "final_grad_relative": [0.5, 0.7], "consensus_psnr": 14.0, "consensus_ssim": 0.2}
+    batches = [{**batch, "psnr": [12.0, 13.0], "ssim": [0.1, 0.2], "best_seed": 1, "picks": {"gradient": 1, "consensus": 0}},
+               {**batch, "psnr": [11.0, 10.0], "ssim": [0.3, 0.1], "best_seed": 0, "picks": {"gradient": 1, "consensus": 0}}]
+    summary = summarise(batches)
+    assert summary["gradient_rule"]["picks_best"] == 1 and summary["consensus_rule"]["picks_best"] == 1
+    assert summary["gradient_rule"]["psnr"]["mean"] == pytest.approx((13.0 + 10.0) / 2)
+    assert summary["consensus_rule"]["ssim"]["mean"] == pytest.approx((0.1 + 0.3) / 2)
+    assert summary["best_seed_psnr"]["mean"] == pytest.approx(12.0)
+    assert summary["final_grad_relative"]["mean"] == pytest.approx(0.6)
