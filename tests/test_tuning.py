@@ -147,3 +147,15 @@ def test_the_seed_choice_summary_counts_the_rules_picks_of_the_best_seed():
     assert summary["consensus_rule"]["ssim"]["mean"] == pytest.approx((0.1 + 0.3) / 2)
     assert summary["best_seed_psnr"]["mean"] == pytest.approx(12.0)
     assert summary["final_grad_relative"]["mean"] == pytest.approx(0.6)
+
+
+def test_the_tuning_command_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from flows.tune import main
+
+    params = write_params(tmp_path / "params.yaml")
+    assert main(["--params", str(params), "--root", str(tmp_path), "--trials", "0"]) == 2
+    assert "--trials must be a positive number" in capsys.readouterr().err
+    bad = write_params(tmp_path / "bad.yaml", {"tuning": {"metric": "lpips"}})
+    assert main(["--params", str(bad), "--root", str(tmp_path)]) == 2
+    assert "tuning.metric" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()  # nothing written
