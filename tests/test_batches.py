@@ -112,6 +112,7 @@ def test_sweep_flow_writes_a_table_and_plot_per_batch_size(flows_project, shared
     from flows.sweep import sweep
 
     params = write_params(flows_project / "params.yaml", {"sweep": {"batch_sizes": [2, 4], "batches": 1},
+                                                          "evaluation": {"gradient_only": False},
                                                           "batches": {"address": shared_cluster.scheduler_address}})
     transitions = shared_cluster.scheduler.transition_counter
     result = sweep(str(params), str(flows_project))
