@@ -123,6 +123,7 @@ def test_sweep_flow_writes_a_table_and_plot_per_batch_size(flows_project, shared
         metrics = json.loads((flows_project / f"data/sweep/bs-{size:03d}/batch-000/eval/metrics.json").read_text())
         assert metrics["batch_size"] == size
         assert psnr == pytest.approx(metrics["psnr"])
+        assert not (flows_project / f"data/sweep/bs-{size:03d}/batch-000/gradient-only").exists()  # switched off
     png = (flows_project / "data/sweep/sweep.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert result["table"] == table
