@@ -68,4 +68,4 @@ mlflow-ui: env
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf data/sets data/victim data/capture data/labels data/invert data/eval data/batches data/sweep data/audit data/dp data/federation .prefect mlflow.db mlartifacts
+	rm -rf data/sets data/victim data/capture data/labels data/invert data/eval data/batches data/sweep data/audit data/dp data/federation data/tune .prefect mlflow.db mlartifacts

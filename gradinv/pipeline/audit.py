@@ -38,7 +38,7 @@ def shown_panels(rows: list[dict], defense: str) -> list[str]:
     """The figures that vary over the defense's points and the undefended one (PSNR at least)."""
     baseline = next(r for r in rows if r["defense"] == "none")
     mine = [r for r in rows if r["defense"] == defense]
-    return [k for k in PANELS if _varies([r[k] for r in mine] + [baseline.get(k)])] or ["psnr"]
+    return [k for k in PANELS if _varies([r.get(k) for r in mine] + [baseline.get(k)])] or ["psnr"]
 
 
 def save_defense_plot(rows: list[dict], defense: str, path: str | Path) -> Path:
@@ -54,7 +54,7 @@ def save_defense_plot(rows: list[dict], defense: str, path: str | Path) -> Path:
     numeric = all(isinstance(r["strength"], (int, float)) for r in mine)
     positions = list(range(len(mine)))
     shown = shown_panels(rows, defense)
-    constant = [f"{heading(k)} {mine[0][k]:.3g}" for k in PANELS if k not in shown and mine[0][k] is not None]
+    constant = [f"{heading(k)} {mine[0][k]:.3g}" for k in PANELS if k not in shown and mine[0].get(k) is not None]
     figure, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.1), squeeze=False)
     for axis, key in zip(axes[0], shown):
         values = [r[key] for r in mine]

@@ -331,12 +331,8 @@ def _check_cross_field(name: str, config) -> None:
         if not whole(rounds) or not all(1 <= r <= config.rounds or -config.rounds <= r <= -1 for r in rounds):
             raise UserError(f"params: 'federation.attack_rounds' must list rounds 1 to {config.rounds} (or -1 for "
                             f"the last), got {rounds!r}.")
-    if name == "tuning":
-        if not all(isinstance(entry, dict) for entry in config.enqueue):
-            raise UserError("params: 'tuning.enqueue' must be a list of inversion settings (mappings), "
-                            f"got {config.enqueue!r}.")
-        for entry in config.enqueue:
-            build_section("inversion", entry)
+    if name == "tuning" and not all(isinstance(e, dict) and build_section("inversion", e) for e in config.enqueue):
+        raise UserError(f"params: 'tuning.enqueue' must be a list of inversion settings (mappings), got {config.enqueue!r}.")
     if name == "sweep":
         sizes = config.batch_sizes
         if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes):
