@@ -3,8 +3,8 @@
     α_G · D(∇_W L(x̂, ŷ), ΔW) + α_tv TV(x̂) + α_l2 ‖x̂‖₂ + α_BN R_BN(x̂) + α_group ‖x̂ − E‖₂
 
 D is the per-layer gradient distance (paper: Σ_l ‖·‖₂, not squared; squared L2, L2 relative to
-each layer's target norm and cosine are offered too), R_BN matches each BatchNorm layer's batch statistics to the leaked (BN_exact) or
-running (BN_approx) ones, and E is the group consensus of all seeds. The forward runs in the
+each layer's target norm and cosine are offered too), R_BN matches each BatchNorm layer's batch
+statistics to the leaked (BN_exact) or running (BN_approx) ones, and E is the group consensus of all seeds. The forward runs in the
 client's own train mode (gradinv.client.step), so x̂ is judged by the function the client used.
 Against declared defenses the attacker knows of, ∇_W L is replaced by what the client shared:
 only the transmitted entries under top-k pruning, and the replayed local update under FedAvg.
@@ -96,10 +96,9 @@ def gradient_distance(grads: dict[str, torch.Tensor], target: dict[str, torch.Te
         norm_g = sum(layer_weight(n, weights) * grads[n].pow(2).sum() for n in target)
         norm_t = sum(layer_weight(n, weights) * t.pow(2).sum() for n, t in target.items())
         return 1 - dot / (norm_g.sqrt() * norm_t.sqrt()).clamp_min(1e-12)
-    squared = kind == "squared_l2"
-    if kind == "l2_relative" and norms is None:
+    squared, relative = kind == "squared_l2", kind == "l2_relative"
+    if relative and norms is None:
         norms = target_norms(target)
-    relative = kind == "l2_relative"
     groups, others = _same_shape_groups(target, lambda _, name: layer_weight(name, weights))
     total = sum(layer_weight(n, weights) * layer_distance(grads[n], target[n], squared) / (norms[n] if relative else 1)
                 for n in others)
