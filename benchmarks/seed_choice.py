@@ -4,9 +4,12 @@ gradient distance relates to PSNR across the seeds, and the gradient term's shar
 
     python -m benchmarks.seed_choice data/batches --name current --out docs/results/seed_choice.json
 
-Rules: `gradient` (the lowest final gradient distance) and `consensus` (the seed nearest the
-registered consensus, in mean squared pixel difference), as inversion.choose names them. Each
-run is stored under its --name in the results file, beside the runs already there."""
+Rules, as inversion.choose names them: `objective` (the lowest final objective), `gradient` (the
+lowest final gradient distance) and `consensus` (the seed nearest the registered consensus, in
+mean squared pixel difference). Where invert.json predates `final_objective`, each seed's final
+objective is computed again from its saved images, the victim (--victim), the batch's gradient
+and labels, as the attack computes it at its end (`objective_from` says which). Each run is
+stored under its --name in the results file, beside the runs already there."""
 
 from __future__ import annotations
 
@@ -21,11 +24,17 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.common import command, machine, write_result
-from gradinv.attack.inversion import choose_seed
+from gradinv.attack.inversion import choose_seed, read_labels
+from gradinv.attack.objective import Objective
 from gradinv.attack.outputs import RECONSTRUCTION_FILE
+from gradinv.client.artifacts import load_gradient
+from gradinv.client.data import standardize
+from gradinv.client.step import train_mode_copy
+from gradinv.client.victim import load_victim
+from gradinv.pipeline.config import build_section
 from gradinv.provenance import code_version
 
-RULES = ("gradient", "consensus")
+RULES = ("objective", "gradient", "consensus")
 
 
 def rank_correlation(x: list[float], y: list[float]) -> float:
@@ -36,20 +45,38 @@ def rank_correlation(x: list[float], y: list[float]) -> float:
     return float((rx * ry).sum() / (rx.norm() * ry.norm()))
 
 
-def batch_figures(folder: Path) -> dict:
+def recomputed_objective(folder: Path, invert: dict, seeds: torch.Tensor, victim_dir: Path) -> list[float]:
+    """Each saved seed's objective without the group pull, on the unshifted view, under the run's
+    own inversion settings (its weights as used)."""
+    model, victim = load_victim(victim_dir)
+    artifact = load_gradient(folder / "gradient", model)
+    labels = torch.tensor(read_labels(folder / "labels", victim.num_classes))
+    settings = {**invert["params"], "alpha_grad": invert.get("alpha_grad_used", invert["params"]["alpha_grad"])}
+    objective = Objective(train_mode_copy(model), artifact, labels, build_section("inversion", settings))
+    images = standardize(seeds, artifact.meta["mean"], artifact.meta["std"])
+    return [float(objective.terms(x)["total"].detach()) for x in images]
+
+
+def batch_figures(folder: Path, victim_dir: Path) -> dict:
     """One batch's seeds: true PSNR and SSIM, final gradient distance (relative), each rule's pick,
     the consensus's figures and the gradient term's share at the first and last logged iteration."""
     metrics = json.loads((folder / "eval" / "metrics.json").read_text())
     invert = json.loads((folder / "invert" / "invert.json").read_text())
     recon = load_file(str(folder / "invert" / RECONSTRUCTION_FILE))
-    psnr, ssim = metrics["per_seed"]["psnr"], metrics["per_seed"]["ssim"]
+    psnr, ssim, iip = (metrics["per_seed"][key] for key in ("psnr", "ssim", "iip"))
     loss = pq.read_table(folder / "invert" / "loss.parquet").to_pylist()
     first, last = min(r["iteration"] for r in loss), max(r["iteration"] for r in loss)
     share = lambda it: statistics.mean(r["share_grad"] for r in loss if r["iteration"] == it)  # noqa: E731
-    picks = {rule: choose_seed(rule, invert["final_grad_loss"], recon["seeds"], recon["consensus"]) for rule in RULES}
-    return {"folder": folder.name, "psnr": psnr, "ssim": ssim, "final_grad_relative": invert["final_grad_relative"],
+    objective_from = "invert.json" if "final_objective" in invert else "recomputed from the saved seeds"
+    objective = invert.get("final_objective") or recomputed_objective(folder, invert, recon["seeds"], victim_dir)
+    picks = {rule: choose_seed(rule, invert["final_grad_loss"], objective, recon["seeds"], recon["consensus"])
+             for rule in RULES}
+    return {"folder": folder.name, "psnr": psnr, "ssim": ssim, "iip": iip,
+            "final_grad_relative": invert["final_grad_relative"],
             "best_seed": max(range(len(psnr)), key=psnr.__getitem__), "picks": picks,
+            "final_objective": objective, "objective_from": objective_from,
             "consensus_psnr": metrics["consensus"]["psnr"], "consensus_ssim": metrics["consensus"]["ssim"],
+            "consensus_iip": metrics["consensus"]["iip"],
             "grad_share_first": share(first), "grad_share_last": share(last),
             "grad_psnr_rank_correlation": rank_correlation(invert["final_grad_loss"], psnr),
             "params": {k: invert["params"][k] for k in ("iterations", "seeds", "choose", "gradient_distance",
@@ -64,7 +91,8 @@ def summarise(batches: list[dict]) -> dict:
     summary = {"batches": len(batches),
                "best_seed_psnr": _mean_std([max(b["psnr"]) for b in batches]),
                "consensus_reconstruction": {"psnr": _mean_std([b["consensus_psnr"] for b in batches]),
-                                            "ssim": _mean_std([b["consensus_ssim"] for b in batches])},
+                                            "ssim": _mean_std([b["consensus_ssim"] for b in batches]),
+                                            "iip": _mean_std([b["consensus_iip"] for b in batches])},
                "grad_share_first": _mean_std([b["grad_share_first"] for b in batches]),
                "grad_share_last": _mean_std([b["grad_share_last"] for b in batches]),
                "grad_psnr_rank_correlation": _mean_std([b["grad_psnr_rank_correlation"] for b in batches]),
@@ -72,7 +100,8 @@ def summarise(batches: list[dict]) -> dict:
     for rule in RULES:
         summary[f"{rule}_rule"] = {"picks_best": sum(b["picks"][rule] == b["best_seed"] for b in batches),
                          "psnr": _mean_std([b["psnr"][b["picks"][rule]] for b in batches]),
-                         "ssim": _mean_std([b["ssim"][b["picks"][rule]] for b in batches])}
+                         "ssim": _mean_std([b["ssim"][b["picks"][rule]] for b in batches]),
+                         "iip": _mean_std([b["iip"][b["picks"][rule]] for b in batches])}
     return summary
 
 
@@ -83,15 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="the run's name in the results file")
     parser.add_argument("--out", type=Path, default=Path("docs/results/seed_choice.json"))
     parser.add_argument("--command", default="", help="the command that made the run, recorded beside it")
+    parser.add_argument("--victim", type=Path, default=Path("data/victim"),
+                        help="the run's victim, for runs whose invert.json lacks final_objective")
     args = parser.parse_args(argv)
     folders = sorted(p for p in args.run.glob("batch-*") if (p / "eval" / "metrics.json").is_file())
     if not folders:
         print(f"seed_choice: no evaluated batch-NNN folder in {args.run}.", file=sys.stderr)
         return 2
-    batches = [batch_figures(folder) for folder in folders]
+    batches = [batch_figures(folder, args.victim) for folder in folders]
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results[args.name] = {"summary": summarise(batches), "batches": batches, "run_command": args.command,
-                          "command": command("seed_choice", [str(args.run), "--name", args.name]), "commit": code_version()["commit"],
+                          "command": command("seed_choice", [str(args.run), "--name", args.name, "--out", str(args.out)]),
+                          "commit": code_version()["commit"],
                           "machine": machine(torch.device("cpu"))}
     write_result(args.out, results)
     print(json.dumps(results[args.name]["summary"], indent=1))

@@ -19,7 +19,7 @@ from gradinv.client.defenses import modelled_by_attack
 from gradinv.errors import UserError
 from gradinv.evaluation.report import write_audit_html
 from gradinv.io import write_json, write_table
-from gradinv.pipeline.audit import (AUDIT, GRADIENT_ONLY_LEAKAGE, LEAKAGE, audit_points, defense_findings,
+from gradinv.pipeline.audit import (AUDIT, GRADIENT_ONLY_LEAKAGE, LEAKAGE, at_budget, audit_points, defense_findings,
                                     save_defense_plot)
 from gradinv.pipeline.config import as_dict, load_params
 from tasks.batches import attack_params
@@ -43,7 +43,7 @@ def audit(params_path: str = "params.yaml", root: str = ".", preset: str | None 
     points = audit_points(config)
     check_victim_for(points, params)
     root = str(Path(root).resolve())
-    attack_budget = dataclasses.replace(params["inversion"], iterations=config.iterations, seeds=config.seeds)
+    attack_budget = at_budget(params["inversion"], config.iterations, config.seeds)
     command = f"python -m flows.audit --params {params_path} --root {root}" + (f" --preset {preset}" if preset else "")
     defenses = [d for d in dict.fromkeys(p["defense"] for p in points) if d != "none"]
     name = run_name(f"audit {'+'.join(defenses)}", {**params, "inversion": attack_budget})

@@ -10,6 +10,7 @@ data/tune/chosen.json, the best settings to put in params.yaml and evaluate with
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -29,8 +30,10 @@ from tasks.tracking import run_name, tracked_run
 
 def study_name(params: dict) -> str:
     """Trials compare only under one set-up: the study is named after everything but the searched
-    settings (data, victim, capture, labels, evaluation and the tuning section)."""
+    settings (data, victim, capture, labels, evaluation and the tuning section) and after the search
+    space's code (Optuna refuses a parameter whose choices changed within a study)."""
     setup = {s: as_dict(params[s]) for s in ("data", "victim", "capture", "labels", "evaluation", "tuning")}
+    setup["search_space"] = inspect.getsource(suggest)
     return "tune-" + hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -13,6 +13,8 @@ Each block sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` in its Mar
     docs/flower.md     federation-table docs/results/federation.json (one `make federation`)
     docs/tuning.md     seed-choice-table docs/results/seed_choice.json (benchmarks/seed_choice.py over
                                         many-batch runs)
+    docs/tuning.md     seed-choice-tuning-table docs/results/seed_choice_tuning.json (the same over a
+                                        tuning study's trials)
 
 To show a new run: copy its figures into the JSON file (with the command, commit and machine),
 then run this script. tests/test_readme.py checks that every block equals its render.
@@ -208,20 +210,29 @@ def _share(x: float) -> str:
     return f"{100 * x:.2g} %"
 
 
-def render_seed_choice(r: dict) -> str:
+def _iip(figures: dict) -> str:
+    return f"{figures['iip']['mean']:.0%}" if "iip" in figures else "–"
+
+
+def render_seed_choice(r: dict, result_file: str = "seed_choice.json") -> str:
     """docs/tuning.md: per many-batch run, what each output rule reports, how often it picks the
     best seed, how the final gradient distance ranks the seeds and the gradient term's share."""
-    lines = ["| run | batches | reported by lowest gradient distance: PSNR (dB) / SSIM | by nearest the consensus | "
-             "consensus | best seed (hindsight) PSNR | best seed picked: gradient / consensus rule | "
+    rules = ("objective", "gradient", "consensus")
+    lines = ["| run | batches | reported by lowest final objective: PSNR (dB) / SSIM / IIP | by lowest gradient distance | "
+             "by nearest the consensus | consensus | best seed (hindsight) PSNR | "
+             "best seed picked: objective / gradient / consensus rule | "
              "rank correlation, gradient distance vs PSNR | final gradient distance / zero gradient's | "
              "gradient term's share, first → last iteration |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, run in r.items():
         s, n = run["summary"], run["summary"]["batches"]
-        g, c, cons = s["gradient_rule"], s["consensus_rule"], s["consensus_reconstruction"]
-        lines.append(f"| {name} | {n} | {_ms(g['psnr'])} / {_ms(g['ssim'], 3)} | {_ms(c['psnr'])} / {_ms(c['ssim'], 3)} | "
-                     f"{_ms(cons['psnr'])} / {_ms(cons['ssim'], 3)} | {_ms(s['best_seed_psnr'])} | "
-                     f"{g['picks_best']} / {c['picks_best']} of {n} | {_ms(s['grad_psnr_rank_correlation'])} | "
+        picked = [s[f"{rule}_rule"] for rule in rules]
+        cons = s["consensus_reconstruction"]
+        lines.append(f"| {name} | {n} | "
+                     + "".join(f"{_ms(p['psnr'])} / {_ms(p['ssim'], 3)} / {_iip(p)} | " for p in picked)
+                     + f"{_ms(cons['psnr'])} / {_ms(cons['ssim'], 3)} / {_iip(cons)} | {_ms(s['best_seed_psnr'])} | "
+                     f"{' / '.join(str(p['picks_best']) for p in picked)} of {n} | "
+                     f"{_ms(s['grad_psnr_rank_correlation'])} | "
                      f"{_ms(s['final_grad_relative'])} | {_share(s['grad_share_first']['mean'])} → "
                      f"{_share(s['grad_share_last']['mean'])} |")
     lines.append("")
@@ -229,7 +240,7 @@ def render_seed_choice(r: dict) -> str:
               f"machine: {run['machine']['cpu']}, {run['machine']['cpu_count']} cores; figures: `{run['command']}`."
               for name, run in r.items()]
     lines.append("Means ± standard deviations over the batches (the final gradient distance over every seed of "
-                 "every batch); every batch's figures: [results/seed_choice.json](results/seed_choice.json).")
+                 f"every batch); every batch's figures: [results/{result_file}](results/{result_file}).")
     return "\n".join(lines)
 
 
@@ -242,6 +253,8 @@ BLOCKS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("docs/audit.md", "audit-dp-table", "docs/results/audit_dp.json", render_audit_dp),
     ("docs/flower.md", "federation-table", "docs/results/federation.json", render_federation),
     ("docs/tuning.md", "seed-choice-table", "docs/results/seed_choice.json", render_seed_choice),
+    ("docs/tuning.md", "seed-choice-tuning-table", "docs/results/seed_choice_tuning.json",
+     lambda r: render_seed_choice(r, "seed_choice_tuning.json")),
 ]
 
 

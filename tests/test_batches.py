@@ -130,6 +130,16 @@ def test_sweep_flow_writes_a_table_and_plot_per_batch_size(flows_project, shared
 
 
 @pytest.mark.slow
+def test_the_audit_attacks_at_its_own_budget_with_the_group_pull_at_the_same_share():
+    from gradinv.pipeline.audit import at_budget
+    from gradinv.pipeline.config import build_section
+
+    inversion = build_section("inversion", {"iterations": 700, "seeds": 4, "group_start": 210, "alpha_group": 0.01})
+    budget = at_budget(inversion, 200, 2)
+    assert (budget.iterations, budget.seeds, budget.group_start) == (200, 2, 60)
+    assert budget.alpha_group == 0.01 and budget.lr == inversion.lr
+
+
 def test_defense_audit_tabulates_leakage_and_utility_per_defense(flows_project, shared_cluster):
     from mlflow.tracking import MlflowClient
 

@@ -65,7 +65,10 @@ def test_paper_preset_overrides_the_sections():
     paper = {name: build_section(name, values) for name, values in apply_preset({**raw, "preset": "paper"}).items()}
     assert (paper["victim"].arch, paper["data"].resolution, paper["capture"].batch_size) == ("resnet50", 224, 8)
     assert (paper["inversion"].seeds, paper["inversion"].iterations, paper["inversion"].langevin) == (8, 20000, 0.2)
-    assert paper["inversion"].alpha_bn == raw["inversion"]["alpha_bn"]  # untouched keys keep the section's value
+    assert paper["inversion"].choose == raw["inversion"]["choose"]  # untouched keys keep the section's value
+    # The paper's weights and learning rate, whatever the fast section's tuned ones are.
+    assert (paper["inversion"].lr, paper["inversion"].alpha_bn, paper["inversion"].alpha_tv) == (0.1, 0.1, 1e-4)
+    assert paper["inversion"].gradient_distance == "l2"
 
 
 @pytest.mark.parametrize("preset, presets, fragment", [

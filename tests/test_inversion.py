@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gradinv.attack.inversion import invert, learning_rate, pixel_box
-from gradinv.attack.objective import LOSS_TERMS, Objective
+from gradinv.attack.objective import LOSS_TERMS, TERM_WEIGHTS, Objective
 from gradinv.client.step import train_mode_copy
 from gradinv.engine.policy import plan_step, tf32_matmuls
 from gradinv.errors import UserError
@@ -45,6 +45,13 @@ def test_inversion_is_deterministic_lowers_the_loss_and_stays_in_the_pixel_box(a
     low, high = pixel_box(meta.mean, meta.std, "cpu")
     assert (first.images >= low - 1e-6).all() and (first.images <= high + 1e-6).all()
     assert first.chosen_seed == min(range(2), key=lambda g: first.final_grad_loss[g])
+    # The final objective is the weighted sum of the final terms (no group pull: alpha_group is 0).
+    objective = Objective(train_mode_copy(model), artifact, torch.tensor(sorted(labels.tolist())), config)
+    for seed in range(2):
+        terms = {k: float(v) for k, v in objective.terms(first.images[seed]).items()}
+        weighted = sum(getattr(config, weight) * terms[term] for term, weight in TERM_WEIGHTS.items())
+        assert first.final_objective[seed] == pytest.approx(weighted, rel=1e-4)
+        assert first.final_grad_loss[seed] == pytest.approx(terms["grad"], rel=1e-4)
 
 
 def test_exact_bn_prior_needs_leaked_statistics(attack):

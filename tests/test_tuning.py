@@ -63,13 +63,15 @@ def test_l2_relative_divides_each_layers_distance_by_the_targets_norm():
     assert float(gradient_distance(zeros, target, "l2_relative", {})) == pytest.approx(3.0)  # one per layer
 
 
-def test_choosing_by_consensus_reports_the_seed_nearest_it():
+def test_each_output_rule_reports_its_own_seed():
     from gradinv.attack.inversion import choose_seed
 
     consensus = torch.zeros(2, 3, 4, 4)
     images = torch.stack([consensus + 0.3, consensus - 0.1, consensus + 0.2])
-    assert choose_seed("consensus", [5.0, 9.0, 1.0], images, consensus) == 1
-    assert choose_seed("gradient", [5.0, 9.0, 1.0], images, consensus) == 2
+    grad, objective = [5.0, 9.0, 1.0], [2.0, 3.0, 4.0]
+    assert choose_seed("consensus", grad, objective, images, consensus) == 1
+    assert choose_seed("gradient", grad, objective, images, consensus) == 2
+    assert choose_seed("objective", grad, objective, images, consensus) == 0
 
 
 def test_trial_settings_round_trip_through_the_search_space():
@@ -138,11 +140,15 @@ def test_the_seed_choice_summary_counts_the_rules_picks_of_the_best_seed():
     assert rank_correlation([1.0, 2.0, 3.0], [9.0, 5.0, 4.0]) == pytest.approx(-1.0)
     assert rank_correlation([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(0.8)
     batch = {"grad_share_first": 0.01, "grad_share_last": 0.1, "grad_psnr_rank_correlation": -1.0,
-             "final_grad_relative": [0.5, 0.7], "consensus_psnr": 14.0, "consensus_ssim": 0.2}
-    batches = [{**batch, "psnr": [12.0, 13.0], "ssim": [0.1, 0.2], "best_seed": 1, "picks": {"gradient": 1, "consensus": 0}},
-               {**batch, "psnr": [11.0, 10.0], "ssim": [0.3, 0.1], "best_seed": 0, "picks": {"gradient": 1, "consensus": 0}}]
+             "final_grad_relative": [0.5, 0.7], "consensus_psnr": 14.0, "consensus_ssim": 0.2, "consensus_iip": 0.0}
+    batches = [{**batch, "psnr": [12.0, 13.0], "ssim": [0.1, 0.2], "iip": [0.0, 0.5], "best_seed": 1,
+                "picks": {"objective": 1, "gradient": 1, "consensus": 0}},
+               {**batch, "psnr": [11.0, 10.0], "ssim": [0.3, 0.1], "iip": [0.25, 0.0], "best_seed": 0,
+                "picks": {"objective": 0, "gradient": 1, "consensus": 0}}]
     summary = summarise(batches)
     assert summary["gradient_rule"]["picks_best"] == 1 and summary["consensus_rule"]["picks_best"] == 1
+    assert summary["objective_rule"]["picks_best"] == 2
+    assert summary["objective_rule"]["iip"]["mean"] == pytest.approx((0.5 + 0.25) / 2)
     assert summary["gradient_rule"]["psnr"]["mean"] == pytest.approx((13.0 + 10.0) / 2)
     assert summary["consensus_rule"]["ssim"]["mean"] == pytest.approx((0.1 + 0.3) / 2)
     assert summary["best_seed_psnr"]["mean"] == pytest.approx(12.0)
@@ -159,3 +165,48 @@ def test_the_tuning_command_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert main(["--params", str(bad), "--root", str(tmp_path)]) == 2
     assert "tuning.metric" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()  # nothing written
+
+
+def test_the_seed_choice_benchmark_recomputes_the_final_objective_as_the_attack_did(tiny_project, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from benchmarks.seed_choice import recomputed_objective
+    from gradinv.attack.outputs import RECONSTRUCTION_FILE
+    from gradinv.pipeline.folders import GRADIENT, INVERT, LABELS, VICTIM
+
+    batch = tmp_path / "batch-000"  # a many-batch folder's layout
+    shutil.copytree(tiny_project / GRADIENT, batch / "gradient")
+    shutil.copytree(tiny_project / LABELS, batch / "labels")
+    invert = json.loads((tiny_project / INVERT / "invert.json").read_text())
+    seeds = load_file(str(tiny_project / INVERT / RECONSTRUCTION_FILE))["seeds"]
+    recomputed = recomputed_objective(batch, invert, seeds, tiny_project / VICTIM)
+    assert recomputed == pytest.approx(invert["final_objective"], rel=1e-3)
+    assert len(set(invert["final_objective"])) == len(recomputed)  # the seeds differ: the match is not trivial
+
+
+def test_the_tuning_page_states_what_its_result_files_hold():
+    import json
+
+    from tests.conftest import REPO
+
+    text = " ".join((REPO / "docs" / "tuning.md").read_text().split())
+    runs = json.loads((REPO / "docs" / "results" / "seed_choice.json").read_text())
+    before = runs["paper weights (defaults before tuning)"]["summary"]
+    now = runs["tuned (the defaults)"]["summary"]
+    reported, previous = now["objective_rule"], before["gradient_rule"]
+    assert (f"{reported['psnr']['mean']:.2f} dB against {previous['psnr']['mean']:.2f} dB, SSIM "
+            f"{reported['ssim']['mean']:.3f} against {previous['ssim']['mean']:.3f}; the reported seed was the best in "
+            f"{reported['picks_best']} of 8 batches, against {previous['picks_best']} of 8") in text
+    assert (f"identifiable for {reported['iip']['mean']:.0%} of the images under the tuned settings, against "
+            f"{previous['iip']['mean']:.0%} for the seed the paper's weights reported by the gradient rule and "
+            f"{before['objective_rule']['iip']['mean']:.0%} for the one").replace("%", " %") in text
+    assert (f"first seen on the paper-weights run below ({before['objective_rule']['picks_best']} of 8 against "
+            f"{before['gradient_rule']['picks_best']} of 8)") in text
+    trials = json.loads((REPO / "docs" / "results" / "seed_choice_tuning.json").read_text()).values()
+    picks = {rule: sum(t["summary"][f"{rule}_rule"]["picks_best"] for t in trials)
+             for rule in ("objective", "gradient", "consensus")}
+    batches = sum(t["summary"]["batches"] for t in trials)
+    assert (f"seed {picks['objective']} times in {batches}, the gradient rule {picks['gradient']}, "
+            f"the consensus rule {picks['consensus']}") in text

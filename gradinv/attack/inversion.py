@@ -42,6 +42,7 @@ class InversionResult:
     images: torch.Tensor          # (G, B, 3, H, W), normalised space
     initial: torch.Tensor         # (G, B, 3, H, W), the starting noise
     final_grad_loss: list[float]  # per seed: gradient distance at the end
+    final_objective: list[float]  # per seed: the objective at the end, without the group pull
     zero_gradient_distance: float  # an all-zero gradient's distance: the target's size in that distance
     chosen_seed: int              # the seed with the lowest final gradient distance
     log: list[dict]               # rows: iteration, seed, lr and each loss term
@@ -178,19 +179,23 @@ def invert(model: nn.Module, artifact: GradientArtifact, labels: list[int], conf
                     done, seeds.images.detach(), seeds.optimizer.state_dict(), [gen.get_state() for gen in generators],
                     seeds.noise_generator.get_state(), consensus, log))
         seconds = time.perf_counter() - start
-        final = [float(objective.terms(x)["grad"].detach())
-                 for x in seeds.images.detach()]
+        final_terms = [objective.terms(x) for x in seeds.images.detach()]
+    final = [float(terms["grad"].detach()) for terms in final_terms]
+    final_objective = [float(terms["total"].detach()) for terms in final_terms]
     images = seeds.images.detach().cpu()
-    return InversionResult(images, initial, final, objective.zero_gradient_distance(), int(torch.tensor(final).argmin()),
-                           log, seconds, config.alpha_grad)
+    return InversionResult(images, initial, final, final_objective, objective.zero_gradient_distance(),
+                           int(torch.tensor(final).argmin()), log, seconds, config.alpha_grad)
 
 
-def choose_seed(rule: str, final_grad_loss: list[float], images: torch.Tensor, consensus: torch.Tensor) -> int:
-    """The seed reported as the reconstruction. gradient: the lowest final gradient distance;
-    consensus: the seed nearest (mean squared pixel difference) the registered consensus."""
+def choose_seed(rule: str, final_grad_loss: list[float], final_objective: list[float], images: torch.Tensor,
+                consensus: torch.Tensor) -> int:
+    """The seed reported as the reconstruction. objective: the lowest final objective (on the
+    unshifted view, without the group pull, which measures distance to the other seeds);
+    gradient: the lowest final gradient distance; consensus: the seed nearest (mean squared pixel
+    difference) the registered consensus."""
     if rule == "consensus":
         return int((images - consensus).pow(2).flatten(1).mean(1).argmin())
-    return int(torch.tensor(final_grad_loss).argmin())
+    return int(torch.tensor(final_objective if rule == "objective" else final_grad_loss).argmin())
 
 
 def read_labels(labels_dir: str | Path, num_classes: int) -> list[int]:
@@ -229,7 +234,7 @@ def run_inversion(config: InversionConfig, victim_dir: str | Path, gradient_dir:
     to_pixels = lambda t: denormalize(t.flatten(0, 1), mean, std).clamp(0, 1).view_as(t)  # noqa: E731
     images = to_pixels(result.images)
     consensus = fuse(images, config.registration)
-    chosen = choose_seed(config.choose, result.final_grad_loss, images, consensus)
+    chosen = choose_seed(config.choose, result.final_grad_loss, result.final_objective, images, consensus)
     weights = as_dict(dataclasses.replace(config, alpha_grad=result.alpha_grad))
     rows = [with_shares(row, weights) for row in result.log]  # rows resumed from a checkpoint may lack them
     shares = [f"share_{term}" for term in TERM_WEIGHTS]
@@ -237,6 +242,7 @@ def run_inversion(config: InversionConfig, victim_dir: str | Path, gradient_dir:
     zero = result.zero_gradient_distance
     summary = {"labels": labels, "chosen_seed": chosen, "lowest_gradient_seed": result.chosen_seed,
                "alpha_grad_used": result.alpha_grad, "final_grad_loss": result.final_grad_loss,
+               "final_objective": result.final_objective,
                "zero_gradient_distance": zero,
                "final_grad_relative": [f / zero if zero > 0 else None for f in result.final_grad_loss],
                "seconds": result.seconds, "seconds_per_iteration": result.seconds / config.iterations,

@@ -108,7 +108,8 @@ def _mean_shares(loss_rows: list[dict]) -> list[dict[str, float]]:
             for _, seeds in sorted(by_iteration.items())]
 
 
-CHOICE = {"gradient": "has the lowest final gradient distance",
+CHOICE = {"objective": "has the lowest final objective",
+          "gradient": "has the lowest final gradient distance",
           "consensus": "is the one nearest the registered consensus"}
 
 

@@ -4,20 +4,31 @@ proxy (how close the defended gradient stays to the clean one)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from gradinv.pipeline.audit_grid import audit_points
 
-__all__ = ["AUDIT", "GRADIENT_ONLY_LEAKAGE", "LEAKAGE", "audit_points", "defense_findings", "save_defense_plot",
-           "utility"]
+if TYPE_CHECKING:  # the config module validates through audit_points
+    from gradinv.pipeline.config import InversionConfig
+
+__all__ = ["AUDIT", "GRADIENT_ONLY_LEAKAGE", "LEAKAGE", "at_budget", "audit_points", "defense_findings",
+           "save_defense_plot", "utility"]
 
 AUDIT = "data/audit"
 LEAKAGE = ("psnr", "ssim", "iip", "label_accuracy")
 # The same attack without the BN statistics, where they leaked (evaluation.gradient_only); None elsewhere.
 GRADIENT_ONLY_LEAKAGE = ("gradient_only_psnr", "gradient_only_ssim", "gradient_only_iip")
 PANELS = (*LEAKAGE, "gradient_only_psnr", "utility_cosine")
+
+
+def at_budget(inversion: InversionConfig, iterations: int, seeds: int) -> InversionConfig:
+    """The same attack at the audit's budget: the group pull starts at the same share of the iterations."""
+    return dataclasses.replace(inversion, iterations=iterations, seeds=seeds,
+                               group_start=inversion.group_start * iterations // inversion.iterations)
 
 
 def utility(defended: dict[str, torch.Tensor], clean: dict[str, torch.Tensor]) -> dict[str, float]:

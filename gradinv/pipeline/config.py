@@ -108,7 +108,7 @@ class InversionConfig:
     first_bn_multiplier: float = rule(10.0, _non_negative)
     bn_prior: str = rule("exact", _one_of("exact", "approx", "none"))
     gradient_distance: str = rule("l2", _one_of("l2", "squared_l2", "l2_relative", "cosine"))
-    choose: str = rule("gradient", _one_of("gradient", "consensus"))
+    choose: str = rule("objective", _one_of("objective", "gradient", "consensus"))
     layer_weights: dict = rule({})
     alpha_group: float = rule(0.0, _non_negative)
     group_start: int = rule(0, _non_negative)

@@ -33,7 +33,7 @@ def suggest(trial) -> dict[str, Any]:
         "langevin": trial.suggest_float("langevin", 0.0, 0.4),
         "jitter": trial.suggest_int("jitter", 0, 2),
         "flip": trial.suggest_categorical("flip", [False, True]),
-        "choose": trial.suggest_categorical("choose", ["gradient", "consensus"]),
+        "choose": trial.suggest_categorical("choose", ["gradient", "consensus", "objective"]),
         "grad_share": 0.0,
         "alpha_group": 0.0,
     }
