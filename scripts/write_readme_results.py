@@ -133,14 +133,15 @@ def render_audit(r: dict) -> str:
     """docs/audit.md: leakage and utility at every point of one `make audit`."""
     alone = any(row.get("gradient_only_psnr") is not None for row in r["rows"])  # runs since the two leaks apart
     lines = ["| defense | strength | attack | PSNR (dB) | SSIM | IIP | label acc. | consensus PSNR (dB) | "
-             + ("PSNR, gradient alone (dB) | SSIM, gradient alone | " if alone else "")
-             + "utility cos | utility rel. err |", "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if alone else "")]
+             + ("PSNR, gradient alone (dB) | SSIM, gradient alone | IIP, gradient alone | " if alone else "")
+             + "utility cos | utility rel. err |", "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if alone else "")]
     previous = None
     for row in r["rows"]:
         defense = row["defense"] if row["defense"] != previous else ""
         previous = row["defense"]
         strength = "–" if row["strength"] is None else f"{AUDIT_STRENGTH[row['defense']]} {row['strength']}".strip()
-        both = f"{row['gradient_only_psnr']:.2f} | {row['gradient_only_ssim']:.3f} | " if alone else ""
+        both = (f"{row['gradient_only_psnr']:.2f} | {row['gradient_only_ssim']:.3f} | {row['gradient_only_iip']:.3g} | "
+                if alone else "")
         lines.append(f"| {defense} | {strength} | {row['attack']} | {row['psnr']:.2f} | {row['ssim']:.3f} | "
                      f"{row['iip']:.3g} | {row['label_accuracy']:.2f} | {row['consensus_psnr']:.2f} | {both}"
                      f"{row['utility_cosine']:.3f} | {row['utility_relative_error']:.4g} |")

@@ -218,3 +218,21 @@ def test_the_dp_axis_is_refused_on_a_batchnorm_victim_and_bn_settings_on_a_group
     preset = load_params(REPO / "params.yaml", preset="dp")
     assert preset["victim"].norm == "group" and preset["audit"].dp_epsilons == ["inf", 50, 8, 3, 1]
     check_victim_for(audit_points(preset["audit"]), preset)
+
+
+def test_the_audit_page_states_what_its_result_file_holds():
+    text = " ".join((REPO / "docs" / "audit.md").read_text().split())
+    rows = json.loads((REPO / "docs" / "results" / "audit.json").read_text())["rows"]
+    none = next(r for r in rows if r["defense"] == "none")
+    gradient_defenses = [r for r in rows if r["defense"] in ("clip+gaussian", "topk", "quantize", "secure_aggregation")]
+    strongest_noise = [r for r in rows if r["defense"] == "clip+gaussian"][-1]
+    fedavg = [r["psnr"] for r in rows if r["defense"] == "fedavg"]
+    span = lambda values: f"{min(values):.2f}–{max(values):.2f} dB"  # noqa: E731
+    assert f"undefended point reaches {none['psnr']:.2f} dB at this budget (the starting noise: " \
+           f"{none['psnr_initial_noise']:.2f} dB). From the gradient alone" in text
+    assert f"it reaches {none['gradient_only_psnr']:.2f} dB." in text
+    assert f"gradient-only PSNR stays within {span([r['gradient_only_psnr'] for r in gradient_defenses])}" in text
+    assert (f"at σ {strongest_noise['strength']}, where the shared gradient's cosine with the clean one is "
+            f"{strongest_noise['utility_cosine']:.3f}, it is {strongest_noise['gradient_only_psnr']:.2f} dB") in text
+    assert f"leave the image leak as it is: {span([r['psnr'] for r in gradient_defenses])}" in text.replace("**", "")
+    assert f"the replayed update: {span(fedavg)}" in text
