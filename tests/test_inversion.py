@@ -44,7 +44,7 @@ def test_inversion_is_deterministic_lowers_the_loss_and_stays_in_the_pixel_box(a
         assert totals[-1] < totals[0]
     low, high = pixel_box(meta.mean, meta.std, "cpu")
     assert (first.images >= low - 1e-6).all() and (first.images <= high + 1e-6).all()
-    assert first.chosen_seed == min(range(2), key=lambda g: first.final_grad_loss[g])
+    assert first.lowest_gradient_seed == min(range(2), key=lambda g: first.final_grad_loss[g])
     # The final objective is the weighted sum of the final terms (no group pull: alpha_group is 0).
     objective = Objective(train_mode_copy(model), artifact, torch.tensor(sorted(labels.tolist())), config)
     for seed in range(2):

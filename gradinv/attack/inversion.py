@@ -44,7 +44,7 @@ class InversionResult:
     final_grad_loss: list[float]  # per seed: gradient distance at the end
     final_objective: list[float]  # per seed: the objective at the end, without the group pull
     zero_gradient_distance: float  # an all-zero gradient's distance: the target's size in that distance
-    chosen_seed: int              # the seed with the lowest final gradient distance
+    lowest_gradient_seed: int     # the seed with the lowest final gradient distance
     log: list[dict]               # rows: iteration, seed, lr and each loss term
     seconds: float
     alpha_grad: float             # the gradient term's weight used: as set, or from inversion.grad_share
@@ -240,7 +240,7 @@ def run_inversion(config: InversionConfig, victim_dir: str | Path, gradient_dir:
     shares = [f"share_{term}" for term in TERM_WEIGHTS]
     columns = {k: [row[k] for row in rows] for k in ("iteration", "seed", "lr", *LOSS_TERMS, *shares)}
     zero = result.zero_gradient_distance
-    summary = {"labels": labels, "chosen_seed": chosen, "lowest_gradient_seed": result.chosen_seed,
+    summary = {"labels": labels, "chosen_seed": chosen, "lowest_gradient_seed": result.lowest_gradient_seed,
                "alpha_grad_used": result.alpha_grad, "final_grad_loss": result.final_grad_loss,
                "final_objective": result.final_objective,
                "zero_gradient_distance": zero,
