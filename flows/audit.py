@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     def preset_argument(parser) -> None:
         parser.add_argument("--preset", help="use this entry of `presets` instead of the file's `preset` (e.g. dp)")
 
-    return run_flow_command("python -m flows.audit", __doc__.splitlines()[0], run, argv, preset_argument)
+    return run_flow_command("python -m flows.audit", __doc__, run, argv, preset_argument)
 
 if __name__ == "__main__":
     sys.exit(main())

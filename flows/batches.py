@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     def count_argument(parser) -> None:
         parser.add_argument("--count", type=int, help="number of batches (default: batches.count)")
 
-    return run_flow_command("python -m flows.batches", __doc__.splitlines()[0], run, argv, count_argument)
+    return run_flow_command("python -m flows.batches", __doc__, run, argv, count_argument)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,10 +16,11 @@ RESUME = ("rerun the same command to go on: finished stages and batches are cach
           "from its last checkpoint in data/.checkpoints")
 
 
-def run_flow_command(prog: str, description: str, run: Callable[[argparse.Namespace], str],
+def run_flow_command(prog: str, doc: str, run: Callable[[argparse.Namespace], str],
                      argv: list[str] | None = None, add_arguments: Callable | None = None) -> int:
-    """Parse the common arguments (plus `add_arguments(parser)`), then print what `run(args)` returns."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    """Parse the common arguments (plus `add_arguments(parser)`), then print what `run(args)` returns.
+    `doc` is the flow module's docstring: its first paragraph is the --help description."""
+    parser = argparse.ArgumentParser(prog=prog, description=" ".join(doc.split("\n\n")[0].split()))
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--root", default=".")
     if add_arguments:

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                             help="Flower's engine, instead of federation.engine (deployment: a SuperLink and one "
                                  "SuperNode per client on 127.0.0.1)")
 
-    return run_flow_command("python -m flows.federation", __doc__.splitlines()[0], run, argv, engine_argument)
+    return run_flow_command("python -m flows.federation", __doc__, run, argv, engine_argument)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     def stage_argument(parser) -> None:
         parser.add_argument("--stage", action="append", choices=list(STAGES), help="run only this stage (repeatable)")
 
-    return run_flow_command("python -m flows.pipeline", __doc__.splitlines()[0], run, argv, stage_argument)
+    return run_flow_command("python -m flows.pipeline", __doc__, run, argv, stage_argument)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         result = sweep(args.params, args.root)
         return f"{describe(result['table'])}\n{where_to_look(result['files'], result['tracking'])}"
 
-    return run_flow_command("python -m flows.sweep", __doc__.splitlines()[0], run, argv)
+    return run_flow_command("python -m flows.sweep", __doc__, run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     def trials_argument(parser) -> None:
         parser.add_argument("--trials", type=int, help="trials the study should hold (default: tuning.trials)")
 
-    return run_flow_command("python -m flows.tune", __doc__.splitlines()[0], run, argv, trials_argument)
+    return run_flow_command("python -m flows.tune", __doc__, run, argv, trials_argument)
 
 
 if __name__ == "__main__":

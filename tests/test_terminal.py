@@ -47,3 +47,16 @@ def test_the_last_lines_link_the_report_and_name_both_browsers(tmp_path):
     assert "make server" in lines[2]
     markdown = summary_markdown("gradinv pipeline", {"PSNR": "12.87 dB"}, {"report": report}, tracking)
     assert "| PSNR | 12.87 dB |" in markdown and report.resolve().as_uri() in markdown
+
+
+@pytest.mark.parametrize("name", ["audit", "batches", "federation", "pipeline", "sweep", "tune"])
+def test_a_flows_help_describes_it_in_whole_sentences(name, capsys):
+    import importlib
+
+    module = importlib.import_module(f"flows.{name}")
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    first_paragraph = " ".join(module.__doc__.split("\n\n")[0].split())
+    assert first_paragraph.endswith(".") and first_paragraph in help_text
