@@ -236,3 +236,29 @@ def test_the_audit_page_states_what_its_result_file_holds():
             f"{strongest_noise['utility_cosine']:.3f}, it is {strongest_noise['gradient_only_psnr']:.2f} dB") in text
     assert f"leave the image leak as it is: {span([r['psnr'] for r in gradient_defenses])}" in text.replace("**", "")
     assert f"the replayed update: {span(fedavg)}" in text
+
+
+def test_the_dp_section_states_what_its_result_files_hold():
+    text = " ".join((REPO / "docs" / "audit.md").read_text().split())
+    section = text[text.index("## DP-SGD against ε"):text.index("## Reading")]
+    rows = json.loads((REPO / "docs" / "results" / "audit_dp.json").read_text())["rows"]
+    cosine_run = json.loads((REPO / "docs" / "results" / "audit_dp_cosine.json").read_text())
+    none, clipped, *noisy = rows
+    assert (none["defense"], clipped["strength"]) == ("none", "inf")
+    assert f"reaches {none['psnr']:.2f} dB (SSIM {none['ssim']:.3f}) and no image is recognisable" in section
+    assert none["iip"] == 0
+    assert f"falls to {noisy[0]['utility_cosine']:.3f}, the labels fall to 4 of 8" in section
+    assert all(r["label_accuracy"] == 0.5 for r in noisy)
+    psnrs = [r["psnr"] for r in noisy]
+    assert f"PSNR stays within {min(psnrs):.2f}–{max(psnrs):.2f} dB" in section
+    [matched] = [r for r in noisy if r["iip"] > 0]
+    assert (f"matched at ε {matched['strength']} (IIP {matched['iip']:.3g}) comes from a gradient whose cosine with "
+            f"the clean one is {matched['utility_cosine']:.3f}") in section
+    assert (f"scores lower, {clipped['psnr']:.2f} dB with SSIM {clipped['ssim']:.3f}: the clipped gradient is far "
+            f"smaller than the clean one (relative error {clipped['utility_relative_error']:.3f} at cosine "
+            f"{clipped['utility_cosine']:.3f})") in section
+    assert clipped["psnr"] < none["psnr"] and clipped["label_accuracy"] == 1.0
+    cosine_none, cosine_clipped = cosine_run["rows"][:2]
+    assert f"{cosine_run['minutes']} minutes" in section and cosine_run["commit"] == \
+        json.loads((REPO / "docs" / "results" / "audit_dp.json").read_text())["commit"]
+    assert f"scores what the undefended one does: {cosine_clipped['psnr']:.2f} and {cosine_none['psnr']:.2f} dB" in section

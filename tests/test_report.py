@@ -105,6 +105,10 @@ def test_audit_plots_show_only_the_figures_that_vary_and_findings_name_the_stron
             _row("quantize", "float16", 12.0), _row("quantize", "int8", 12.0)]
     assert shown_panels(rows, "topk") == ["psnr", "ssim", "utility_cosine"]  # IIP and labels never move
     assert shown_panels(rows, "quantize") == ["psnr"]  # nothing moves: PSNR alone, against its references
+    with_bn = [{**r, "gradient_only_psnr": 10.0 - (r["strength"] == 0.1)} for r in rows]
+    assert shown_panels(with_bn, "topk") == ["psnr", "ssim", "gradient_only_psnr", "utility_cosine"]
+    without_bn = [{**r, "gradient_only_psnr": r["psnr"]} for r in rows]  # the attack had the gradient alone
+    assert shown_panels(without_bn, "topk") == ["psnr", "ssim", "utility_cosine"]
     findings = defense_findings(rows)
     assert findings[0].startswith("Undefended: PSNR 12.0 dB (starting noise 8.0 dB)")
     assert "topk: at its strongest setting (fraction kept 0.1), PSNR 10.0 dB" in findings[1]

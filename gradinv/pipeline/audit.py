@@ -49,7 +49,13 @@ def shown_panels(rows: list[dict], defense: str) -> list[str]:
     """The figures that vary over the defense's points and the undefended one (PSNR at least)."""
     baseline = next(r for r in rows if r["defense"] == "none")
     mine = [r for r in rows if r["defense"] == defense]
-    return [k for k in PANELS if _varies([r.get(k) for r in mine] + [baseline.get(k)])] or ["psnr"]
+    return [k for k in _panels(rows) if _varies([r.get(k) for r in mine] + [baseline.get(k)])] or ["psnr"]
+
+
+def _panels(rows: list[dict]) -> tuple[str, ...]:
+    """PANELS, less the gradient-only PSNR where it is the attack's own (no BN statistics leaked)."""
+    alone_is_the_attack = all(r.get("gradient_only_psnr") in (None, r["psnr"]) for r in rows)
+    return tuple(k for k in PANELS if not (k == "gradient_only_psnr" and alone_is_the_attack))
 
 
 def save_defense_plot(rows: list[dict], defense: str, path: str | Path) -> Path:
@@ -65,7 +71,7 @@ def save_defense_plot(rows: list[dict], defense: str, path: str | Path) -> Path:
     numeric = all(isinstance(r["strength"], (int, float)) for r in mine)
     positions = list(range(len(mine)))
     shown = shown_panels(rows, defense)
-    constant = [f"{heading(k)} {mine[0][k]:.3g}" for k in PANELS if k not in shown and mine[0].get(k) is not None]
+    constant = [f"{heading(k)} {mine[0][k]:.3g}" for k in _panels(rows) if k not in shown and mine[0].get(k) is not None]
     figure, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.1), squeeze=False)
     for axis, key in zip(axes[0], shown):
         values = [r[key] for r in mine]
