@@ -102,6 +102,7 @@ def render_batches(r: dict) -> str:
         ("PSNR, registered consensus", _mean_std(r["consensus_psnr"], " dB")),
         (f"IIP over all {n} images, chosen seed / consensus", f"{_pct(iip['chosen_seed'])} / {_pct(iip['consensus'])}"),
         ("label accuracy over all images", _pct(r["overall_label_accuracy"])),
+        *_gradient_only_rows(r),
         ("inversion time per batch, one worker (one torch thread)",
          f"{r['inversion_seconds_per_batch']['mean']} ± {r['inversion_seconds_per_batch']['std']} s"),
     ]
@@ -111,6 +112,17 @@ def render_batches(r: dict) -> str:
              f"victim was trained, at commit {_short(r['commit'])}; machine: {r['machine']}. Figures: "
              f"[results/batches.json](results/batches.json), {r['recorded_from']}."]
     return "\n".join(lines)
+
+
+def _gradient_only_rows(r: dict) -> list[tuple[str, str]]:
+    """The same batches attacked without their BN statistics (runs since evaluation.gradient_only)."""
+    if "gradient_only_psnr" not in r:
+        return []
+    psnr, gain, ssim = r["gradient_only_psnr"], r["gradient_only_psnr_gain_over_noise"], r["gradient_only_ssim"]
+    return [("PSNR from the gradient alone (the attack without the BN statistics)",
+             f"{_mean_std(psnr, ' dB')} (per batch " + ", ".join(f"{p:.2f}" for p in psnr["per_batch"]) + ")"),
+            ("its gain over the initial noise", f"{gain['mean']:+.2f} ± {gain['std']:.2f} dB"),
+            ("SSIM from the gradient alone", f"{ssim['mean']:.3f} ± {ssim['std']:.3f}")]
 
 
 def render_sweep(r: dict) -> str:

@@ -262,3 +262,11 @@ def test_the_dp_section_states_what_its_result_files_hold():
     assert f"{cosine_run['minutes']} minutes" in section and cosine_run["commit"] == \
         json.loads((REPO / "docs" / "results" / "audit_dp.json").read_text())["commit"]
     assert f"scores what the undefended one does: {cosine_clipped['psnr']:.2f} and {cosine_none['psnr']:.2f} dB" in section
+
+
+def test_the_batches_page_says_how_closely_batch_0_reproduces_the_pipeline_run():
+    text = " ".join((REPO / "docs" / "batches.md").read_text().split())
+    batch_0 = json.loads((REPO / "docs" / "results" / "batches.json").read_text())["psnr"]["per_batch"][0]
+    pipeline = json.loads((REPO / "docs" / "results" / "default.json").read_text())["metrics"]["psnr"]
+    assert "reproduces its figures up to the float rounding of another torch thread count (under a tenth of a dB)" in text
+    assert abs(batch_0 - pipeline) < 0.1
