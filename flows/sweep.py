@@ -64,10 +64,13 @@ def sweep(params_path: str = "params.yaml", root: str = ".") -> dict:
 
 
 def describe(table: dict[str, list]) -> str:
-    lines = ["batch size | PSNR (dB)      | IIP   | label accuracy"]
+    alone = table.get("gradient_only_psnr_mean", [])
+    shown = any(v is not None for v in alone)
+    lines = ["batch size | PSNR (dB)      | IIP   | label accuracy" + (" | PSNR, gradient alone" if shown else "")]
     for i, size in enumerate(table["batch_size"]):
         lines.append(f"{size:10d} | {table['psnr_mean'][i]:6.2f} ± {table['psnr_std'][i]:5.2f} | "
-                     f"{table['overall_iip'][i]:5.1%} | {table['label_accuracy_mean'][i]:.1%}")
+                     f"{table['overall_iip'][i]:5.1%} | {table['label_accuracy_mean'][i]:.1%}"
+                     + (f" | {alone[i]:6.2f} ± {table['gradient_only_psnr_std'][i]:5.2f}" if shown else ""))
     return "\n".join(lines)
 
 

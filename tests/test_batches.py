@@ -54,6 +54,13 @@ def test_sweep_table_groups_rows_by_batch_size():
     assert table["psnr_mean"] == [14.0, 11.0]
     assert table["psnr_std"][1] == pytest.approx(statistics.stdev([10.0, 12.0]))
     assert table["overall_iip"] == [1.0, 0.25]
+    assert table["gradient_only_psnr_mean"] == [None, None]  # no batch was attacked without BN statistics
+    alone = sweep_table([{**r, "gradient_only_psnr": r["psnr"] - 3} for r in rows])
+    assert alone["gradient_only_psnr_mean"] == [11.0, 8.0]
+    from flows.sweep import describe
+
+    assert "gradient alone" not in describe(table)
+    assert describe(alone).splitlines()[1].endswith("|  11.00 ±  0.00")
 
 
 def test_sweep_refuses_batch_sizes_above_the_class_count():

@@ -61,16 +61,24 @@ def save_comparison(rows: dict[str, torch.Tensor], row_psnr: dict[str, torch.Ten
 
 
 def save_sweep_plot(table: dict[str, list], path: str | Path) -> Path:
-    """PSNR, IIP and label accuracy (mean ± std over batches) against batch size."""
+    """PSNR, IIP and label accuracy (mean ± std over batches) against batch size; beside PSNR,
+    the gradient-only attack's where the sweep ran it."""
     plt = pyplot()
     panels = (("psnr", "PSNR of the chosen seed (dB)"), ("iip", "IIP (share of images)"),
               ("label_accuracy", "label accuracy (share)"))
     figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     sizes = table["batch_size"]
+    alone = any(v is not None for v in table.get("gradient_only_psnr_mean", []))
     for axis, (key, title) in zip(axes, panels):
-        means = [float("nan") if v is None else v for v in table[f"{key}_mean"]]
-        stds = [0.0 if v is None else v for v in table[f"{key}_std"]]
-        axis.errorbar(sizes, means, yerr=stds, marker="o", capsize=3)
+        series = [(key, "with the BN statistics" if alone else None)]
+        if key == "psnr" and alone:
+            series.append(("gradient_only_psnr", "from the gradient alone"))
+        for column, label in series:
+            means = [float("nan") if v is None else v for v in table[f"{column}_mean"]]
+            stds = [0.0 if v is None else v for v in table[f"{column}_std"]]
+            axis.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, label=label)
+        if len(series) > 1:
+            axis.legend(fontsize=7)
         axis.set_xscale("log", base=2)
         axis.set_xticks(sizes, [str(s) for s in sizes])
         axis.set_xlabel("batch size")

@@ -152,7 +152,7 @@ def sweep_table(rows: list[dict]) -> dict[str, list]:
         summary = aggregate([r for r in rows if r["batch_size"] == size])
         table["batch_size"].append(size)
         table["batches"].append(summary["batches"])
-        for key in ("psnr", "ssim", "iip", "label_accuracy", "consensus_psnr"):
+        for key in ("psnr", "ssim", "iip", "label_accuracy", "consensus_psnr", f"{GRADIENT_ONLY}_psnr"):
             stats = summary[key] or {}
             table.setdefault(f"{key}_mean", []).append(stats.get("mean"))
             table.setdefault(f"{key}_std", []).append(stats.get("std"))
