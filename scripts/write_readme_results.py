@@ -103,7 +103,7 @@ def render_batches(r: dict) -> str:
         (f"IIP over all {n} images, chosen seed / consensus", f"{_pct(iip['chosen_seed'])} / {_pct(iip['consensus'])}"),
         ("label accuracy over all images", _pct(r["overall_label_accuracy"])),
         *_gradient_only_rows(r),
-        ("inversion time per batch, one worker (one torch thread)",
+        ("inversion time per attack, one worker (one torch thread)",
          f"{r['inversion_seconds_per_batch']['mean']} ± {r['inversion_seconds_per_batch']['std']} s"),
     ]
     lines = [f"| over {r['batches']} batches ({n} images) | mean ± std over batches |", "|---|---|",
