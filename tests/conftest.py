@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 # Prefect keeps results and cache records under PREFECT_HOME: a fresh one per test session.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="gradinv-prefect-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 
