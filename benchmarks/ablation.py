@@ -12,7 +12,6 @@ Writes benchmarks/results/ablation.json and docs/ablation.md.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import DOCS, REPO, RESULTS, machine_line
+from benchmarks.common import DOCS, REPO, RESULTS, argument_parser, machine_line
 from gradinv.attack.consensus import consensus
 from gradinv.attack.inversion import invert
 from gradinv.attack.labels import yin_labels
@@ -50,7 +49,7 @@ def scores(images: torch.Tensor, originals: torch.Tensor) -> tuple[float, float]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("ablation", __doc__)
     parser.add_argument("--root", default=str(REPO), help="a project whose data/sets and data/victim exist")
     parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=300)

@@ -14,7 +14,6 @@ by more than float32 rounding, 2 without a CUDA GPU or Triton."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import Counter
@@ -22,7 +21,7 @@ from collections import Counter
 import torch
 import torchvision
 
-from benchmarks.common import RESULTS, command, machine, write_result
+from benchmarks.common import RESULTS, argument_parser, command, machine, write_result
 from gradinv.engine.bn_elementwise import first_order_terms_composed, output_type, second_order_terms_composed
 
 BATCH, SEEDS, REPEATS = 8, 8, 20
@@ -53,7 +52,7 @@ def median_ms(fn) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("bn_elementwise_check", __doc__)
     parser.add_argument("--out", default=str(RESULTS / "bn_elementwise-cuda.json"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -8,6 +8,7 @@ another benchmark, only this module.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -30,6 +31,11 @@ from gradinv.pipeline.config import build_section
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DOCS = REPO / "docs"
+
+
+def argument_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """Benchmark `name`'s parser: --help describes it with its docstring's whole first paragraph."""
+    return argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=" ".join(doc.split("\n\n")[0].split()))
 
 
 def command(name: str, argv: list[str]) -> str:

@@ -37,7 +37,6 @@ differences a results file recorded (no GPU needed) and rewrites its verdict.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -53,7 +52,7 @@ import torch
 # workspace; set before CUDA starts. It limits the classifier's matmul workspace, nothing else.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-from benchmarks.common import RESULTS, command, machine, problem, write_result  # noqa: E402 (after the cuBLAS setting)
+from benchmarks.common import RESULTS, argument_parser, command, machine, problem, write_result  # noqa: E402 (after the cuBLAS setting)
 from gradinv.attack.inversion import invert  # noqa: E402
 from gradinv.pipeline.config import build_section  # noqa: E402
 
@@ -272,7 +271,7 @@ def judged(check: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("cuda_graph_check", __doc__)
     parser.add_argument("--out", default=str(RESULTS / "cuda_graph.json"))
     parser.add_argument("--short", type=int, default=4, help="iterations of the short timed run")
     parser.add_argument("--long", type=int, default=14, help="iterations of the long timed run")

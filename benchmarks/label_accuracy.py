@@ -30,7 +30,6 @@ there, `--doc` back here.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import platform
@@ -42,7 +41,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from benchmarks.common import DOCS, REPO, RESULTS, command
+from benchmarks.common import DOCS, REPO, RESULTS, argument_parser, command
 from gradinv.attack.labels import count_labels, dummy_posterior, idlg_label, match_bn_statistics, yin_labels
 from gradinv.client.artifacts import GradientArtifact, gradient_meta
 from gradinv.client.data import load_set, normalize, prepare
@@ -277,7 +276,7 @@ def write_results(rows: list, earlier: list, out: Path, device: torch.device, co
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("label_accuracy", __doc__)
     parser.add_argument("--batches", type=int, default=50, help="batches per point, embedded victim")
     parser.add_argument("--resnet50-batches", type=int, default=5, help="batches per point, ResNet-50")
     parser.add_argument("--stages", default="0,1,2,4", help="training epochs of the extra victim snapshots")

@@ -18,7 +18,6 @@ Writes benchmarks/results/low_precision-<device>.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from contextlib import nullcontext
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import RESULTS, command, machine, problem, write_result
+from benchmarks.common import RESULTS, argument_parser, command, machine, problem, write_result
 from gradinv.attack.objective import LOSS_TERMS, Objective
 from gradinv.client.step import train_mode_copy
 from gradinv.engine import attacker_model
@@ -81,7 +80,7 @@ def compare(model, artifact, labels, images, device) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("low_precision_check", __doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/low_precision-<device>.json")
     args = parser.parse_args(argv)

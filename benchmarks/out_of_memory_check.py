@@ -23,7 +23,6 @@ of the script).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -34,7 +33,7 @@ from unittest import mock
 
 import torch
 
-from benchmarks.common import RESULTS, command, machine, problem, write_result
+from benchmarks.common import RESULTS, argument_parser, command, machine, problem, write_result
 from gradinv.attack import inversion
 from gradinv.engine import SeedStep, policy
 from gradinv.pipeline.config import build_section
@@ -84,7 +83,7 @@ def run(model, artifact, labels, settings: dict, engine: dict, simulate: int | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("out_of_memory_check", __doc__)
     parser.add_argument("--out", default=str(RESULTS / "out_of_memory.json"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--arch", default="resnet50")

@@ -9,14 +9,13 @@ and scored by mean PSNR. Writes benchmarks/results/registration.json and docs/re
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import DOCS, REPO, RESULTS, machine_line
+from benchmarks.common import DOCS, REPO, RESULTS, argument_parser, machine_line
 from gradinv.attack.consensus import REGISTRATIONS, consensus, register
 from gradinv.attack.outputs import RECONSTRUCTION_FILE
 from gradinv.client.capture import TRUTH_FILE
@@ -30,7 +29,7 @@ def mean_psnr(images: torch.Tensor, originals: torch.Tensor) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("registration", __doc__)
     parser.add_argument("--root", default=str(REPO))
     args = parser.parse_args()
     root = Path(args.root)

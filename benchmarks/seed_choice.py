@@ -13,7 +13,6 @@ stored under its --name in the results file, beside the runs already there."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -23,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.common import command, machine, write_result
+from benchmarks.common import argument_parser, command, machine, write_result
 from gradinv.attack.inversion import choose_seed, read_labels
 from gradinv.attack.objective import Objective
 from gradinv.attack.outputs import RECONSTRUCTION_FILE
@@ -107,7 +106,7 @@ def summarise(batches: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.seed_choice", description=__doc__.splitlines()[0])
+    parser = argument_parser("seed_choice", __doc__)
     parser.add_argument("run", type=Path, help="a many-batch output folder holding batch-NNN/")
     parser.add_argument("--name", required=True, help="the run's name in the results file")
     parser.add_argument("--out", type=Path, default=Path("docs/results/seed_choice.json"))

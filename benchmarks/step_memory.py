@@ -17,7 +17,6 @@ benchmarks/results/step_memory.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import weakref
@@ -26,7 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from benchmarks.common import RESULTS, command, fake_step, machine, write_result
+from benchmarks.common import RESULTS, argument_parser, command, fake_step, machine, write_result
 from gradinv.engine.policy import explicit_bn_double_backward, plan_step
 from gradinv.pipeline.config import build_section
 
@@ -98,7 +97,7 @@ def defaults_on_cuda(batch: int, seeds: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("step_memory", __doc__)
     parser.add_argument("--out", default=str(RESULTS / "step_memory.json"))
     args = parser.parse_args(argv)
     rows = [{"settings": "defaults", "batch": batch, "seeds": seeds, **defaults_on_cuda(batch, seeds)}

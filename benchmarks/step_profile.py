@@ -17,7 +17,6 @@ they launch): which convolution a costly kernel serves.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import RESULTS, command, machine, problem, write_result
+from benchmarks.common import RESULTS, argument_parser, command, machine, problem, write_result
 from gradinv.attack.inversion import attacker_objective, pixel_box
 from gradinv.engine import SeedStep, plan_step
 from gradinv.engine.policy import tf32_matmuls
@@ -86,7 +85,7 @@ def profiled_steps(model, artifact, labels: list[int], config, engine, steps: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("step_profile", __doc__)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--px", type=int, default=224)

@@ -33,7 +33,6 @@ backward, in float32 and float16). Writes benchmarks/results/step_roofline.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -41,7 +40,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from benchmarks.common import RESULTS, command, fake_step, machine, write_result
+from benchmarks.common import RESULTS, argument_parser, command, fake_step, machine, write_result
 
 # Nominal: HBM bandwidth (bytes/s) and dense TF32 tensor-core rate (FLOP/s), SXM parts.
 GPUS = {"H100": {"bandwidth": 3.35e12, "tf32": 495e12, "half": 989e12},
@@ -166,7 +165,7 @@ def paper_preset_row(precision: str, **modes: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("step_roofline", __doc__)
     parser.add_argument("--out", default=str(RESULTS / "step_roofline.json"))
     args = parser.parse_args(argv)
     rows, heaviest = [], {}

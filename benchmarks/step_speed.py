@@ -56,7 +56,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from benchmarks.common import REPO, RESULTS, command, machine, problem, sync, write_result
+from benchmarks.common import REPO, RESULTS, argument_parser, command, machine, problem, sync, write_result
 from gradinv.attack.inversion import attacker_objective, invert
 from gradinv.attack.objective import Objective, layer_weight, total_variation
 from gradinv.attack.views import draw_view
@@ -363,7 +363,7 @@ def measured_in_rounds(specs: list[dict], rounds: int, measure_one) -> list[dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("step_speed", __doc__)
     parser.add_argument("--suite", choices=list(SUITES), default="cpu")
     parser.add_argument("--device", default=None, help="default: cuda for the gpu suite, cpu otherwise")
     parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/step_speed-<suite>.json)")

@@ -15,7 +15,6 @@ error, and the others still run.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import platform
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO, RESULTS, command, write_result
+from benchmarks.common import REPO, RESULTS, argument_parser, command, write_result
 from gradinv.errors import UserError
 from gradinv.io import read_json
 from gradinv.pipeline.config import load_params
@@ -47,7 +46,7 @@ def run_stage(name: str, params: dict, root: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("tf32_quality", __doc__)
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--work", default="/tmp/tf32_quality", help="scratch folder for the runs' data/")
     parser.add_argument("--out", default=str(RESULTS / "tf32_quality.json"))

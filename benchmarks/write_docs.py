@@ -11,7 +11,6 @@ Reads benchmarks/results/*.json only; measures nothing. Rows of settings the eng
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import DOCS, REPO, RESULTS
+from benchmarks.common import DOCS, REPO, RESULTS, argument_parser
 from gradinv.engine.policy import explicit_bn_double_backward
 from gradinv.pipeline.config import EngineConfig
 
@@ -863,7 +862,7 @@ def documents(results: Path = RESULTS, docs: Path = DOCS) -> dict[Path, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("write_docs", __doc__)
     parser.add_argument("--readme", action="store_true", help="also rewrite the speed table between README.md's markers")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 where a doc differs from the results")
     args = parser.parse_args(argv)

@@ -112,3 +112,23 @@ def test_a_graphed_variant_timed_without_an_eager_twin_gets_a_line_of_its_own():
                     "| 8 | 8 | explicit | convolutions explicit | not run | 0.100 | - | - / 1024 MiB |"]
     unchecked = cuda_graph_section({"machine": {}, "command": "c --skip-check", "speed": speed})  # timed only
     assert "not run by this command (--skip-check)" in unchecked and rows[2] in unchecked.splitlines()
+
+
+BENCHMARKS = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if p.stem not in ("__init__", "common"))
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_a_benchmarks_help_describes_it_in_whole_sentences(name, capsys, monkeypatch):
+    import importlib
+    import runpy
+
+    module = importlib.import_module(f"benchmarks.{name}")
+    monkeypatch.setattr("sys.argv", [name, "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module(f"benchmarks.{name}", run_name="__main__")
+    assert exit_.value.code == 0
+    help_text = capsys.readouterr().out
+    first_paragraph = module.__doc__.split("\n\n")[0].strip()
+    assert help_text.startswith(f"usage: python -m benchmarks.{name}")
+    assert first_paragraph.endswith((".", "?", ":"))
+    assert "".join(first_paragraph.split()) in "".join(help_text.split())  # argparse may wrap at hyphens
