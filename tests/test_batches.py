@@ -277,3 +277,14 @@ def test_the_batches_page_says_how_closely_batch_0_reproduces_the_pipeline_run()
     pipeline = json.loads((REPO / "docs" / "results" / "default.json").read_text())["metrics"]["psnr"]
     assert "reproduces its figures up to the float rounding of another torch thread count (under a tenth of a dB)" in text
     assert abs(batch_0 - pipeline) < 0.1
+
+
+def test_the_sweep_prose_states_what_its_result_file_holds():
+    text = " ".join((REPO / "docs" / "batches.md").read_text().split())
+    rows = {row["batch_size"]: row for row in json.loads((REPO / "docs" / "results" / "sweep.json").read_text())["rows"]}
+    smallest = rows[min(rows)]
+    assert smallest["psnr"]["mean"] == min(row["psnr"]["mean"] for row in rows.values()), "the smallest batch leaked least"
+    assert (f"{smallest['psnr']['mean']:.2f} dB with them, {smallest['gradient_only_psnr']['mean']:.2f} dB from the "
+            "gradient alone") in text
+    assert "at batch size 8 the two batches' PSNR happen to agree to a thousandth of a dB" in text
+    assert rows[8]["psnr"]["std"] < 0.005 and rows[8]["gradient_only_psnr"]["std"] > 0.1
