@@ -37,3 +37,46 @@ def test_registered_consensus_of_shifted_seeds_is_sharper_than_their_mean():
     lazy = psnr(consensus(seeds, "none")[inner], truth[inner]).item()
     registered = psnr(consensus(seeds, "tvl1")[inner], truth[inner]).item()
     assert registered > lazy + 3
+
+
+def test_the_registration_benchmark_scores_each_consensus_over_the_batches(tiny_project, tmp_path, capsys):
+    import json
+    import shutil
+
+    from benchmarks import registration
+    from gradinv.attack.outputs import RECONSTRUCTION_FILE
+    from gradinv.client.capture import TRUTH_FILE
+    from gradinv.io import read_tensors
+    from gradinv.pipeline.folders import INVERT, TRUTH
+
+    run = tmp_path / "run"
+    for name in ("batch-000", "batch-001"):  # a many-batch folder's layout
+        shutil.copytree(tiny_project / INVERT, run / name / "invert")
+        shutil.copytree(tiny_project / TRUTH, run / name / "truth")
+    out, doc = tmp_path / "registration.json", tmp_path / "registration.md"
+    assert registration.main([str(run), "--out", str(out), "--doc", str(doc)]) == 0
+    result = json.loads(out.read_text())
+    seeds = read_tensors(run / "batch-000/invert" / RECONSTRUCTION_FILE, "reconstruction")["seeds"]
+    originals = read_tensors(run / "batch-000/truth" / TRUTH_FILE, "ground truth")["images"].float() / 255
+    batch = result["batches"][0]
+    assert len(result["batches"]) == 2 and len(batch["seeds"]) == len(seeds) >= 2
+    assert batch["consensus"]["none"] == pytest.approx(registration.mean_psnr(seeds.mean(0), originals))
+    summary = result["summary"]
+    assert summary["best_seed"]["mean"] == pytest.approx(max(batch["seeds"]))
+    for method, row in summary["methods"].items():
+        assert row["over_best_seed"]["mean"] == pytest.approx(batch["consensus"][method] - max(batch["seeds"]))
+        assert f"| consensus, {method} | {row['psnr']['mean']:.2f} ± 0.00 |" in doc.read_text()
+    assert "over the 2 batches of" in doc.read_text()
+    assert registration.main([str(tmp_path / "empty")]) == 2
+    assert "no batch-NNN folder" in capsys.readouterr().err
+
+
+def test_the_registration_page_is_what_its_results_file_gives():
+    import json
+
+    from benchmarks.common import DOCS, RESULTS
+    from benchmarks.registration import document
+
+    result = json.loads((RESULTS / "registration.json").read_text())
+    assert result["summary"]["batches"] >= 8
+    assert (DOCS / "registration.md").read_text() == document(result)

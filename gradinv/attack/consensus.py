@@ -3,10 +3,10 @@ averaged (Yin et al. use RANSAC-flow; we use scikit-image's registration, see be
 
 Methods (`inversion.registration`):
 - `none`:        the plain pixel mean ("lazy"); misaligned seeds blur each other.
-- `translation`: a sub-pixel shift by phase correlation; cheap at any size (~3 ms at 224 px).
-- `ilk`:         dense optical flow, iterative Lucas-Kanade (~0.2 s per 224 px pair).
-- `tvl1`:        dense optical flow, TV-L1 (~0.4 s per 224 px pair); the best consensus on the
-                 embedded default (docs/registration.md).
+- `translation`: a sub-pixel shift by phase correlation; cheap at any size.
+- `ilk`:         dense optical flow, iterative Lucas-Kanade.
+- `tvl1`:        dense optical flow, TV-L1; the slowest, and the best consensus over the evaluation
+                 batches (docs/registration.md, with each method's cost).
 Registration estimates the motion on the channel mean and warps every channel with it."""
 
 from __future__ import annotations
