@@ -80,3 +80,43 @@ def test_the_registration_page_is_what_its_results_file_gives():
     result = json.loads((RESULTS / "registration.json").read_text())
     assert result["summary"]["batches"] >= 8
     assert (DOCS / "registration.md").read_text() == document(result)
+
+
+def test_the_ablation_benchmark_changes_only_each_rows_terms(tiny_project, tmp_path):
+    import json
+
+    from benchmarks import ablation
+
+    out, doc = tmp_path / "ablation.json", tmp_path / "ablation.md"
+    argv = ["--root", str(tiny_project), "--params", str(tiny_project / "params.yaml"), "--batches", "2",
+            "--iterations", "4", "--seeds", "2", "--out", str(out), "--doc", str(doc)]
+    assert ablation.main(argv) == 0
+    result = json.loads(out.read_text())
+    configs = [row["config"] for row in result["rows"]]
+    assert [row["row"] for row in result["rows"]] == list(ablation.rows(ablation.at_budget(
+        ablation.load_params(tiny_project / "params.yaml")["inversion"], 4, 2)))
+    assert configs[0]["alpha_bn"] == configs[0]["alpha_tv"] == configs[0]["alpha_group"] == 0.0
+    assert configs[1]["alpha_bn"] > 0 and configs[1]["alpha_group"] == 0.0
+    assert configs[2]["alpha_group"] == configs[3]["alpha_group"] > 0
+    assert (configs[2]["registration"], configs[3]["registration"]) == ("none", "tvl1")
+    for config in configs:  # nothing else differs between rows
+        assert {k: v for k, v in config.items() if k not in ("alpha_tv", "alpha_l2", "alpha_bn", "alpha_group",
+                                                              "registration")} == \
+               {k: v for k, v in configs[0].items() if k not in ("alpha_tv", "alpha_l2", "alpha_bn", "alpha_group",
+                                                                  "registration")}
+        assert config["langevin"] == 0.0 and config["iterations"] == 4 and config["seeds"] == 2
+    first = result["rows"][0]
+    assert len(first["chosen_psnr_per_batch"]) == 2
+    assert first["chosen_psnr"]["mean"] == pytest.approx(sum(first["chosen_psnr_per_batch"]) / 2)
+    assert f"| L_grad only | {first['chosen_psnr']['mean']:.2f} ± {first['chosen_psnr']['std']:.2f} |" in doc.read_text()
+
+
+def test_the_ablation_page_is_what_its_results_file_gives():
+    import json
+
+    from benchmarks.ablation import document
+    from benchmarks.common import DOCS, RESULTS
+
+    result = json.loads((RESULTS / "ablation.json").read_text())
+    assert result["batches"] >= 3
+    assert (DOCS / "ablation.md").read_text() == document(result)
