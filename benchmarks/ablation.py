@@ -14,14 +14,13 @@ Writes benchmarks/results/ablation.json and docs/ablation.md.
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import DOCS, REPO, RESULTS, argument_parser, command, machine_line, write_result
+from benchmarks.common import DOCS, REPO, RESULTS, argument_parser, command, machine_line, mean_std, write_result
 from gradinv.attack.consensus import consensus
 from gradinv.attack.inversion import choose_seed, invert
 from gradinv.attack.labels import yin_labels
@@ -57,10 +56,6 @@ def scores(images: torch.Tensor, originals: torch.Tensor) -> tuple[float, float]
     return psnr(matched, originals).mean().item(), ssim(matched, originals).mean().item()
 
 
-def _mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
 def document(result: dict) -> str:
     group = result["rows"][-1]["config"]
     lines = ["# Ablation (Yin et al. Table 2) on the embedded default", "",
@@ -71,7 +66,7 @@ def document(result: dict) -> str:
              f"{group['gradient_distance']}); group rows: α_group {group['alpha_group']:.4g} from iteration "
              f"{group['group_start']}, consensus refreshed every {group['group_refresh']}; the reported seed: "
              f"`{group['choose']}`.", "",
-             f"| row | reported seed PSNR (dB) | reported seed SSIM | consensus PSNR (dB) | consensus SSIM | paper PSNR (dB) |",
+             "| row | reported seed PSNR (dB) | reported seed SSIM | consensus PSNR (dB) | consensus SSIM | paper PSNR (dB) |",
              "|---|---|---|---|---|---|"]
     for row, paper in zip(result["rows"], PAPER_PSNR):
         lines.append(f"| {row['row']} | {row['chosen_psnr']['mean']:.2f} ± {row['chosen_psnr']['std']:.2f} | "
@@ -126,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"{key}_ssim"].append(s)
         row["seconds"] = time.perf_counter() - start
         row.update({f"{key}_per_batch": row[key] for key in ("chosen_psnr", "chosen_ssim", "consensus_psnr", "consensus_ssim")})
-        row.update({key: _mean_std(row[key]) for key in ("chosen_psnr", "chosen_ssim", "consensus_psnr", "consensus_ssim")})
+        row.update({key: mean_std(row[key]) for key in ("chosen_psnr", "chosen_ssim", "consensus_psnr", "consensus_ssim")})
         results.append(row)
         print(name, {k: round(v["mean"], 3) for k, v in row.items() if isinstance(v, dict) and "mean" in v}, flush=True)
     result = {"machine": machine_line(), "command": command("ablation", argv), "commit": code_version()["commit"],

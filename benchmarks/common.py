@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -36,6 +37,11 @@ DOCS = REPO / "docs"
 def argument_parser(name: str, doc: str) -> argparse.ArgumentParser:
     """Benchmark `name`'s parser: --help describes it with its docstring's whole first paragraph."""
     return argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=" ".join(doc.split("\n\n")[0].split()))
+
+
+def mean_std(values: list[float]) -> dict:
+    """A figure over batches as the results files record it: its mean and sample standard deviation."""
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def command(name: str, argv: list[str]) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import DOCS, RESULTS, argument_parser, command, machine, machine_line, write_result
+from benchmarks.common import DOCS, RESULTS, argument_parser, command, machine, machine_line, mean_std, write_result
 from gradinv.attack.consensus import REGISTRATIONS, consensus, register
 from gradinv.attack.outputs import RECONSTRUCTION_FILE
 from gradinv.client.capture import TRUTH_FILE
@@ -49,22 +49,18 @@ def batch_figures(folder: Path) -> dict:
     return figures
 
 
-def _mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
 def summarise(batches: list[dict]) -> dict:
     """Per method, over batches: the consensus's PSNR, its margin over the batch's best seed, how
     often it beats that seed, and its seconds."""
     best = [max(b["seeds"]) for b in batches]
-    summary = {"batches": len(batches), "best_seed": _mean_std(best),
-               "mean_seed": _mean_std([statistics.mean(b["seeds"]) for b in batches]), "methods": {}}
+    summary = {"batches": len(batches), "best_seed": mean_std(best),
+               "mean_seed": mean_std([statistics.mean(b["seeds"]) for b in batches]), "methods": {}}
     for method in REGISTRATIONS:
         scores = [b["consensus"][method] for b in batches]
-        summary["methods"][method] = {"psnr": _mean_std(scores),
-                                      "over_best_seed": _mean_std([s - top for s, top in zip(scores, best)]),
+        summary["methods"][method] = {"psnr": mean_std(scores),
+                                      "over_best_seed": mean_std([s - top for s, top in zip(scores, best)]),
                                       "beats_best_seed": sum(s > top for s, top in zip(scores, best)),
-                                      "seconds": _mean_std([b["seconds"][method] for b in batches])}
+                                      "seconds": mean_std([b["seconds"][method] for b in batches])}
     summary["best_method"] = max(REGISTRATIONS, key=lambda m: summary["methods"][m]["psnr"]["mean"])
     return summary
 

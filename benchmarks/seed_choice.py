@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.common import argument_parser, command, machine, write_result
+from benchmarks.common import argument_parser, command, machine, mean_std, write_result
 from gradinv.attack.inversion import choose_seed, read_labels
 from gradinv.attack.objective import Objective
 from gradinv.attack.outputs import RECONSTRUCTION_FILE
@@ -82,25 +82,21 @@ def batch_figures(folder: Path, victim_dir: Path) -> dict:
                                                         "grad_share", "alpha_group", "langevin") if k in invert["params"]}}
 
 
-def _mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
 def summarise(batches: list[dict]) -> dict:
     summary = {"batches": len(batches),
-               "best_seed_psnr": _mean_std([max(b["psnr"]) for b in batches]),
-               "consensus_reconstruction": {"psnr": _mean_std([b["consensus_psnr"] for b in batches]),
-                                            "ssim": _mean_std([b["consensus_ssim"] for b in batches]),
-                                            "iip": _mean_std([b["consensus_iip"] for b in batches])},
-               "grad_share_first": _mean_std([b["grad_share_first"] for b in batches]),
-               "grad_share_last": _mean_std([b["grad_share_last"] for b in batches]),
-               "grad_psnr_rank_correlation": _mean_std([b["grad_psnr_rank_correlation"] for b in batches]),
-               "final_grad_relative": _mean_std([v for b in batches for v in b["final_grad_relative"]])}
+               "best_seed_psnr": mean_std([max(b["psnr"]) for b in batches]),
+               "consensus_reconstruction": {"psnr": mean_std([b["consensus_psnr"] for b in batches]),
+                                            "ssim": mean_std([b["consensus_ssim"] for b in batches]),
+                                            "iip": mean_std([b["consensus_iip"] for b in batches])},
+               "grad_share_first": mean_std([b["grad_share_first"] for b in batches]),
+               "grad_share_last": mean_std([b["grad_share_last"] for b in batches]),
+               "grad_psnr_rank_correlation": mean_std([b["grad_psnr_rank_correlation"] for b in batches]),
+               "final_grad_relative": mean_std([v for b in batches for v in b["final_grad_relative"]])}
     for rule in RULES:
         summary[f"{rule}_rule"] = {"picks_best": sum(b["picks"][rule] == b["best_seed"] for b in batches),
-                         "psnr": _mean_std([b["psnr"][b["picks"][rule]] for b in batches]),
-                         "ssim": _mean_std([b["ssim"][b["picks"][rule]] for b in batches]),
-                         "iip": _mean_std([b["iip"][b["picks"][rule]] for b in batches])}
+                         "psnr": mean_std([b["psnr"][b["picks"][rule]] for b in batches]),
+                         "ssim": mean_std([b["ssim"][b["picks"][rule]] for b in batches]),
+                         "iip": mean_std([b["iip"][b["picks"][rule]] for b in batches])}
     return summary
 
 
