@@ -16,9 +16,13 @@ import yaml
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-# Prefect keeps results and cache records under PREFECT_HOME: a fresh one per test session.
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="gradinv-prefect-")
-atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
+# Prefect keeps results and cache records under PREFECT_HOME: a fresh one per test session, and one
+# per process that imports this module (Dask workers), inside the session's so that it goes with it.
+_SESSION_HOME = os.environ.get("GRADINV_TESTS_PREFECT_HOME")
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="gradinv-prefect-", dir=_SESSION_HOME)
+if _SESSION_HOME is None:
+    os.environ["GRADINV_TESTS_PREFECT_HOME"] = os.environ["PREFECT_HOME"]
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 
