@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = dataclasses.replace(params["engine"], device="cpu")
     results = []
     for name, config in rows(base).items():
-        row = {"row": name, "config": dataclasses.asdict(config), "chosen_psnr": [], "chosen_ssim": [],
-               "consensus_psnr": [], "consensus_ssim": []}
+        per_batch = {"chosen_psnr": [], "chosen_ssim": [], "consensus_psnr": [], "consensus_ssim": []}
         start = time.perf_counter()
         for batch in range(args.batches):
             index = draw_batch(pool, params["capture"].batch_size, True, torch.Generator().manual_seed(100 + batch))
@@ -117,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
             originals = images.float() / 255
             for key, picture in (("chosen", pixels[chosen]), ("consensus", fused)):
                 p, s = scores(picture, originals)
-                row[f"{key}_psnr"].append(p)
-                row[f"{key}_ssim"].append(s)
-        row["seconds"] = time.perf_counter() - start
-        row.update({f"{key}_per_batch": row[key] for key in ("chosen_psnr", "chosen_ssim", "consensus_psnr", "consensus_ssim")})
-        row.update({key: mean_std(row[key]) for key in ("chosen_psnr", "chosen_ssim", "consensus_psnr", "consensus_ssim")})
+                per_batch[f"{key}_psnr"].append(p)
+                per_batch[f"{key}_ssim"].append(s)
+        row = {"row": name, "config": dataclasses.asdict(config), "seconds": time.perf_counter() - start,
+               **{key: mean_std(values) for key, values in per_batch.items()},
+               **{f"{key}_per_batch": values for key, values in per_batch.items()}}
         results.append(row)
         print(name, {k: round(v["mean"], 3) for k, v in row.items() if isinstance(v, dict) and "mean" in v}, flush=True)
     result = {"machine": machine_line(), "command": command("ablation", argv), "commit": code_version()["commit"],
