@@ -65,6 +65,18 @@ def _stop(processes: list[subprocess.Popen]) -> None:
             pass
         signal_group(process, signal.SIGKILL)
         process.wait()
+        _wait_until_gone(process.pid)
+
+
+def _wait_until_gone(group: int, seconds: float = 10) -> None:
+    """SIGKILL is delivered asynchronously: the group's other members may outlive the leader briefly."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
 
 
 @contextmanager
